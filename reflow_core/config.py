@@ -1,0 +1,212 @@
+"""Validated configuration for every stage of the ReFlow pipeline.
+
+Every model forbids unknown keys, so a typo in a preset fails before any work starts, with pydantic's
+message naming the field and the allowed values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
+
+ToyName = Literal["8gaussians", "moons", "checkerboard", "circles", "spirals"]
+TimeDist = Literal["uniform", "logit_normal", "u_shape", "exponential"]
+SolverName = Literal["euler", "heun"]
+GridName = Literal["uniform", "rho"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Strict):
+    """Where the data (t = 0 end) comes from. The noise (t = 1 end) is always N(0, I)."""
+
+    name: Literal["toy2d", "digits", "natural32", "cifar10", "imagefolder"] = "toy2d"
+    toy: ToyName = "8gaussians"
+    n_train: int = Field(50_000, ge=16, description="toy: points drawn once; natural32: crops; others: cap")
+    image_size: int = Field(8, ge=4, le=256, description="digits: 8 or 16; imagefolder: resize")
+    path: str | None = Field(None, description="cifar10 / imagefolder: local path or fsspec URL")
+    download: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.name == "digits" and self.image_size not in (8, 16):
+            raise ValueError(f"data.image_size must be 8 or 16 for digits, got {self.image_size}")
+        if self.name == "imagefolder" and not self.path:
+            raise ValueError("data.path is required for data.name='imagefolder'")
+        return self
+
+
+class NetConfig(_Strict):
+    kind: Literal["mlp", "unet"] = "mlp"
+    # MLP (toy 2-D)
+    hidden: int = Field(256, ge=8, le=8192)
+    depth: int = Field(4, ge=1, le=32)
+    # U-Net (images)
+    channels: int = Field(32, ge=8, le=1024)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    attn_resolutions: list[int] = Field(default_factory=lambda: [8])
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    class_cond: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "NetConfig":
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"net.channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """One training run (teacher or reflow); the loss switches are Simple ReFlow's improvements 1-3."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    warmup: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ckpt_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+    amp: bool = Field(False, description="bf16 autocast")
+    time_dist: TimeDist = "uniform"
+    time_dist_param: float | None = Field(None, description="logit_normal: std; u_shape: a; exponential: base")
+    loss: Literal["mse", "pseudo_huber"] = "mse"
+    huber_scale: float = Field(0.00054, gt=0.0, description="pseudo-Huber c = huber_scale * sqrt(d)")
+    loss_norm: bool = Field(False, description="weight 1 / stopgrad(per-sample loss) (Simple ReFlow #1)")
+    hpf: float = Field(0.0, ge=0.0, description="high-pass emphasis of the residual (Simple ReFlow #3), 0 = off")
+    label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="CFG: drop class labels with this probability")
+    max_bad_steps: int = Field(20, ge=1, description="non-finite losses tolerated before training stops")
+
+
+class TeacherConfig(_Strict):
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: str | None = Field(None, description="start from this teacher checkpoint (skips training)")
+
+
+class PairsConfig(_Strict):
+    n_pairs: int = Field(20_000, ge=1, description="backward pairs: noise -> teacher sample")
+    n_forward: int = Field(0, ge=0, description="forward pairs: real data -> inverted noise (Simple ReFlow #5)")
+    shard_size: int = Field(5_000, ge=1)
+    chunk_size: int = Field(1_000, ge=1)
+    batch_size: int = Field(1_000, ge=1)
+    solver: SolverName = "heun"
+    nfe: int = Field(63, ge=1)
+    grid: GridName = "rho"
+    rho: float = Field(1.5, gt=0.0, le=20.0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 1234
+    workers: int = Field(1, ge=1, description="shards simulated concurrently")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PairsConfig":
+        if self.chunk_size > self.shard_size:
+            raise ValueError(f"pairs.chunk_size ({self.chunk_size}) must be <= pairs.shard_size ({self.shard_size})")
+        if self.shard_size % self.chunk_size:
+            raise ValueError(f"pairs.shard_size ({self.shard_size}) must be a multiple of chunk_size ({self.chunk_size})")
+        if self.solver == "heun" and self.nfe % 2 == 0:
+            raise ValueError(f"pairs.nfe must be odd for heun (N steps cost 2N-1 NFE), got {self.nfe}")
+        return self
+
+
+class ReflowConfig(_Strict):
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="reflow dropout (Simple ReFlow #4); None = teacher's")
+    forward_ratio: float = Field(0.0, ge=0.0, le=1.0, description="fraction of each batch drawn from forward pairs")
+
+
+class EvalConfig(_Strict):
+    nfes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    solvers: list[SolverName] = Field(default_factory=lambda: ["euler"])
+    grid: GridName = "uniform"
+    rho: float = Field(1.0, gt=0.0, le=20.0)
+    n_samples: int = Field(2_000, ge=16)
+    straightness_steps: int = Field(64, ge=2)
+    teacher_reference_nfe: int = Field(0, ge=0, description="also evaluate the teacher at this NFE (0 = off)")
+    inception_weights: str | None = Field(None, description="local Inception weights for FID (offline use)")
+    seed: int = 2024
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if not self.nfes or any(n < 1 for n in self.nfes):
+            raise ValueError(f"eval.nfes must be a non-empty list of positive ints, got {self.nfes}")
+        return self
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite under the run root")
+    experiment: str = "reflow"
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("toy2d", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    net: NetConfig = Field(default_factory=NetConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    reflow: ReflowConfig = Field(default_factory=ReflowConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        if self.data.name == "toy2d" and self.net.kind != "mlp":
+            raise ValueError("net.kind must be 'mlp' for data.name='toy2d'")
+        if self.data.name != "toy2d" and self.net.kind != "unet":
+            raise ValueError(f"net.kind must be 'unet' for image data ({self.data.name})")
+        if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:
+            raise ValueError("reflow.forward_ratio > 0 needs pairs.n_forward > 0")
+        return self
+
+    def identity(self) -> dict:
+        """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused."""
+        return self.model_dump(include={"data", "net", "teacher", "pairs"})
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not validate; the message names the field."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineConfig:
+    """Load a preset by name (deployments/presets/NAME.yaml) or by path, apply dotted overrides, validate."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {preset_names()} or give a YAML path")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate(raw, str(path))

@@ -1,0 +1,439 @@
+"""Data (the t = 0 end of the flow): toy 2-D distributions and image datasets, all as float32 tensors.
+
+Every loader is offline except CIFAR-10's optional download:
+
+* ``toy2d``       -- ``cfg.n_train`` points of ``sample_toy(cfg.toy)`` (seeded by ``cfg.seed``), shape (N, 2).
+* ``digits``      -- scikit-learn's bundled 8x8 digits (1797 images), (N, 1, 8, 8) or bilinearly upsampled to 16x16,
+                     labels 0..9.
+* ``natural32``   -- random 32x32 RGB crops (random downscale in [1, 4], random horizontal flip) of scikit-learn's two
+                     bundled photographs (china.jpg, flower.jpg); (N, 3, 32, 32), no labels.
+* ``cifar10``     -- torchvision's CIFAR-10 train split from ``cfg.path`` (local path or fsspec URL, copied to a local
+                     cache when remote) or ``~/.cache/reflow/cifar10``; labels 0..9.
+* ``imagefolder`` -- png/jpg images found recursively under the fsspec URL ``cfg.path``, centre-cropped and resized to
+                     ``cfg.image_size``; labels from immediate subfolders when there are at least two.
+
+Images are always in [-1, 1]. ``n_train`` is the number of points/crops for toy2d/natural32 and a cap otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+
+TOY_NAMES: tuple[str, ...] = ("8gaussians", "moons", "checkerboard", "circles", "spirals")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+DEFAULT_CIFAR10_ROOT = "~/.cache/reflow/cifar10"
+REMOTE_CACHE_ROOT = "~/.cache/reflow/remote"
+
+
+class DataUnavailableError(RuntimeError):
+    """The requested dataset is not on disk and could not be fetched; the message says where to put it."""
+
+
+@dataclass
+class DataSet:
+    """A whole dataset held in memory.
+
+    x: float32; toy (N, 2), images (N, C, H, W) in [-1, 1].  y: long (N,) class labels or None.
+    name: the toy distribution's name for ``kind == "toy"`` (e.g. "8gaussians"), else the dataset name.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    kind: Literal["toy", "image"]
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("toy", "image"):
+            raise ValueError(f"DataSet.kind must be 'toy' or 'image', got {self.kind!r}")
+        if self.y is not None and self.y.shape[0] != self.x.shape[0]:
+            raise ValueError(f"DataSet: {self.x.shape[0]} samples but {self.y.shape[0]} labels")
+        if (self.y is None) != (self.num_classes == 0):
+            raise ValueError("DataSet: num_classes must be 0 exactly when there are no labels")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. (2,) or (3, 32, 32)."""
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------- toy 2-D
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _rand(n: int, generator: torch.Generator | None, *size: int) -> torch.Tensor:
+    return torch.rand(n, *size, generator=generator, device=_gen_device(generator)).cpu()
+
+
+def _randn(n: int, generator: torch.Generator | None, *size: int) -> torch.Tensor:
+    return torch.randn(n, *size, generator=generator, device=_gen_device(generator)).cpu()
+
+
+def _randint(high: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randint(high, (n,), generator=generator, device=_gen_device(generator)).cpu()
+
+
+def _eight_gaussians(n: int, g: torch.Generator | None) -> torch.Tensor:
+    radius, std = 2.0 * math.sqrt(2.0), 0.25  # FFJORD's layout: centres at radius 2.83
+    k = _randint(8, n, g).float()
+    angle = k * (2.0 * math.pi / 8.0)
+    centres = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1) * radius
+    return centres + std * _randn(n, g, 2)
+
+
+def _moons(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # sklearn.make_moons in torch (so the torch generator seeds it), noise 0.1, centred and scaled by 2.
+    upper = _randint(2, n, g).bool()
+    t = _rand(n, g) * math.pi
+    outer = torch.stack([torch.cos(t), torch.sin(t)], dim=1)
+    inner = torch.stack([1.0 - torch.cos(t), 0.5 - torch.sin(t)], dim=1)
+    pts = torch.where(upper[:, None], outer, inner) + 0.1 * _randn(n, g, 2)
+    return (pts - torch.tensor([0.5, 0.25])) * 2.0
+
+
+def _checkerboard(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # FFJORD's checkerboard on [-2, 2]^2: 8 occupied unit squares of the 4x4 board.
+    x1 = _rand(n, g) * 4.0 - 2.0
+    x2 = _rand(n, g) - _randint(2, n, g).float() * 2.0
+    x2 = x2 + torch.floor(x1) % 2
+    return torch.stack([x1, x2], dim=1)
+
+
+def _circles(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # sklearn.make_circles(factor=0.5) in torch: radii 3 and 1.5, noise 0.1.
+    outer = _randint(2, n, g).bool()
+    r = torch.where(outer, torch.tensor(3.0), torch.tensor(1.5))
+    t = _rand(n, g) * (2.0 * math.pi)
+    pts = torch.stack([torch.cos(t), torch.sin(t)], dim=1) * r[:, None]
+    return pts + 0.1 * _randn(n, g, 2)
+
+
+def _spirals(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # FFJORD's two spirals, range about [-4, 4].
+    s = torch.sqrt(_rand(n, g)) * (540.0 * 2.0 * math.pi / 360.0)
+    jitter = _rand(n, g, 2) * 0.5
+    arm = torch.stack([-torch.cos(s) * s, torch.sin(s) * s], dim=1) + jitter
+    sign = torch.where(_randint(2, n, g).bool(), 1.0, -1.0)
+    pts = arm * sign[:, None] + 0.1 * _randn(n, g, 2)
+    return pts / 3.0
+
+
+_TOYS = {
+    "8gaussians": _eight_gaussians,
+    "moons": _moons,
+    "checkerboard": _checkerboard,
+    "circles": _circles,
+    "spirals": _spirals,
+}
+
+
+def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n points (float32, shape (n, 2), on the CPU) of a named toy 2-D distribution."""
+    if name not in _TOYS:
+        raise ValueError(f"unknown toy distribution {name!r}; valid names: {', '.join(TOY_NAMES)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return _TOYS[name](int(n), generator).to(torch.float32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+
+def _uint8_hwc_to_tensor(arr) -> torch.Tensor:
+    """(N, H, W, C) or (H, W, C) uint8 array -> float32 (N, C, H, W) / (C, H, W) in [-1, 1]."""
+    t = torch.as_tensor(arr)
+    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
+    return (t.to(torch.float32) / 127.5 - 1.0).contiguous()
+
+
+def _cap(x: torch.Tensor, y: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if x.shape[0] <= n:
+        return x, y
+    return x[:n].contiguous(), (y[:n].contiguous() if y is not None else None)
+
+
+def _sklearn_datasets_dir() -> str | None:
+    """scikit-learn's ``datasets`` package directory, found without importing scikit-learn (about 2 s)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "datasets")
+
+
+def _digits_arrays():
+    """(images (1797, 8, 8) float 0..16, target (1797,) int): scikit-learn's bundled digits, read directly from its
+    ``digits.csv.gz`` (what ``load_digits`` reads) with ``load_digits`` as the fallback."""
+    import numpy as np
+
+    root = _sklearn_datasets_dir()
+    csv = os.path.join(root, "data", "digits.csv.gz") if root else None
+    if csv and os.path.exists(csv):
+        try:
+            a = np.loadtxt(csv, delimiter=",")
+            if a.ndim == 2 and a.shape[1] == 65:
+                return a[:, :-1].reshape(-1, 8, 8), a[:, -1].astype(np.int64)
+        except Exception:  # noqa: BLE001 -- fall back to the official loader
+            pass
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target
+
+
+def _load_digits(cfg: DataConfig) -> DataSet:
+    images, target = _digits_arrays()
+    x = torch.as_tensor(images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    y = torch.as_tensor(target, dtype=torch.long)
+    if cfg.image_size == 16:
+        x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp(-1.0, 1.0)
+    x, y = _cap(x.contiguous(), y, cfg.n_train)
+    return DataSet(x=x, y=y, kind="image", num_classes=10, name="digits")
+
+
+@lru_cache(maxsize=1)
+def _sample_photos() -> tuple[torch.Tensor, ...]:
+    """china.jpg and flower.jpg (427 x 640 RGB) as (3, H, W) in [-1, 1]: the files ``load_sample_images`` reads,
+    opened directly with Pillow (fast), with ``load_sample_images`` as the fallback."""
+    import numpy as np
+
+    root = _sklearn_datasets_dir()
+    paths = [os.path.join(root, "images", f) for f in ("china.jpg", "flower.jpg")] if root else []
+    if paths and all(os.path.exists(p) for p in paths):
+        try:
+            from PIL import Image
+
+            arrays = []
+            for p in paths:
+                with Image.open(p) as im:
+                    arrays.append(np.array(im.convert("RGB"), dtype=np.uint8))
+            return tuple(_uint8_hwc_to_tensor(a) for a in arrays)
+        except Exception:  # noqa: BLE001 -- fall back to the official loader
+            pass
+    from sklearn.datasets import load_sample_images
+
+    return tuple(_uint8_hwc_to_tensor(np.array(img, dtype=np.uint8)) for img in load_sample_images().images)
+
+
+def _natural32(n: int, seed: int, size: int = 32, levels: int = 25) -> torch.Tensor:
+    """n random size x size crops of the bundled photographs, downscaled by a factor in [1, 4] (quantised to
+    ``levels`` values so each (photo, scale) pyramid level is resized once), randomly flipped."""
+    g = torch.Generator().manual_seed(seed)
+    photos = _sample_photos()
+    scales = torch.linspace(1.0, 4.0, levels)
+    which = torch.randint(len(photos), (n,), generator=g)
+    level = torch.randint(levels, (n,), generator=g)
+    u_top, u_left = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.empty(n, 3, size, size)
+    ar = torch.arange(size)
+    for p, photo in enumerate(photos):
+        for lv in range(levels):
+            idx = torch.nonzero((which == p) & (level == lv)).flatten()
+            if idx.numel() == 0:
+                continue
+            h, w = photo.shape[1:]
+            s = float(scales[lv])
+            hh, ww = max(size, round(h / s)), max(size, round(w / s))
+            img = photo
+            if (hh, ww) != (h, w):
+                img = F.interpolate(photo[None], size=(hh, ww), mode="bilinear", align_corners=False,
+                                    antialias=True)[0]
+            top = (u_top[idx] * (hh - size + 1)).long().clamp_max(hh - size)
+            left = (u_left[idx] * (ww - size + 1)).long().clamp_max(ww - size)
+            rows = (top[:, None] + ar)[:, :, None]  # (k, size, 1)
+            cols = (left[:, None] + ar)[:, None, :]  # (k, 1, size)
+            out[idx] = img[:, rows, cols].permute(1, 0, 2, 3)  # (C, k, size, size) -> (k, C, size, size)
+    out[flip] = out[flip].flip(-1)
+    return out.clamp_(-1.0, 1.0)
+
+
+def _load_natural32(cfg: DataConfig) -> DataSet:
+    return DataSet(x=_natural32(cfg.n_train, cfg.seed), y=None, kind="image", num_classes=0, name="natural32")
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _cifar_root(path: str | None) -> str:
+    """Local directory holding (or to hold) ``cifar-10-batches-py``; remote URLs are copied to a local cache."""
+    if not path:
+        return os.path.expanduser(DEFAULT_CIFAR10_ROOT)
+    import fsspec
+
+    fs, fpath = fsspec.core.url_to_fs(path)
+    if _is_local(fs):
+        return os.path.expanduser(fpath)
+    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+    local_root = os.path.join(os.path.expanduser(REMOTE_CACHE_ROOT), f"cifar10-{digest}")
+    local_batches = os.path.join(local_root, "cifar-10-batches-py")
+    if os.path.isdir(local_batches) and os.listdir(local_batches):
+        return local_root
+    fpath = fpath.rstrip("/")
+    src = fpath if fpath.endswith("cifar-10-batches-py") else f"{fpath}/cifar-10-batches-py"
+    try:
+        if not fs.isdir(src):
+            raise FileNotFoundError(src)
+        os.makedirs(local_root, exist_ok=True)
+        tmp = f"{local_batches}.partial"
+        fs.get(src.rstrip("/") + "/", tmp, recursive=True)
+        os.replace(tmp, local_batches)
+    except Exception as err:  # noqa: BLE001 -- any fsspec/network failure means "unavailable"
+        raise DataUnavailableError(
+            f"could not copy CIFAR-10 from {path!r} (expected a 'cifar-10-batches-py' directory at {src!r}): "
+            f"{type(err).__name__}: {err}. Extract {CIFAR10_URL} there, or set data.path to a local directory."
+        ) from err
+    return local_root
+
+
+def _load_cifar10(cfg: DataConfig) -> DataSet:
+    root = _cifar_root(cfg.path)
+    batches = os.path.join(root, "cifar-10-batches-py")
+    try:
+        from torchvision.datasets import CIFAR10
+
+        ds = CIFAR10(root=root, train=True, download=cfg.download)
+    except Exception as err:  # noqa: BLE001 -- offline download failure or files absent
+        how = "download failed" if cfg.download else "download=False"
+        raise DataUnavailableError(
+            f"CIFAR-10 not found in {root!r} ({how}: {type(err).__name__}: {err}). Download {CIFAR10_URL} "
+            f"and extract it so that the directory {batches!r} exists (containing data_batch_1..5, test_batch, "
+            f"batches.meta), or set data.path to a directory that contains cifar-10-batches-py."
+        ) from err
+    x = _uint8_hwc_to_tensor(ds.data)  # (50000, 32, 32, 3) uint8
+    y = torch.as_tensor(ds.targets, dtype=torch.long)
+    x, y = _cap(x, y, cfg.n_train)
+    return DataSet(x=x, y=y, kind="image", num_classes=10, name="cifar10")
+
+
+def _load_image(fs, path: str, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    with fs.open(path, "rb") as f:
+        img = Image.open(io.BytesIO(f.read()))
+        img = img.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+    import numpy as np
+
+    return _uint8_hwc_to_tensor(np.asarray(img, dtype=np.uint8).copy())
+
+
+def _load_imagefolder(cfg: DataConfig) -> DataSet:
+    import fsspec
+
+    assert cfg.path is not None  # enforced by DataConfig
+    fs, root = fsspec.core.url_to_fs(cfg.path)
+    root = root.rstrip("/")
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        found = []
+    files = sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataUnavailableError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {cfg.path!r} (searched recursively)"
+        )
+    rels = [p[len(root):].lstrip("/") for p in files]
+    in_sub = ["/" in r for r in rels]
+    classes = sorted({r.split("/", 1)[0] for r, s in zip(rels, in_sub) if s})
+    y = None
+    if len(classes) >= 2:
+        if all(in_sub):
+            index = {c: i for i, c in enumerate(classes)}
+            y = torch.tensor([index[r.split("/", 1)[0]] for r in rels], dtype=torch.long)
+        else:
+            warnings.warn(f"{cfg.path}: images both at the top level and in subfolders; loading without labels")
+    if len(files) > cfg.n_train:  # seeded random subset, kept in file order
+        keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_train]
+        keep = keep.sort().values
+        files = [files[i] for i in keep.tolist()]
+        y = y[keep] if y is not None else None
+    x = torch.stack([_load_image(fs, p, cfg.image_size) for p in files])
+    num_classes = len(classes) if y is not None else 0
+    return DataSet(x=x, y=y, kind="image", num_classes=num_classes, name="imagefolder")
+
+
+def load_data(cfg: DataConfig) -> DataSet:
+    """Load (or draw) the whole training set described by ``cfg``."""
+    if cfg.name == "toy2d":
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = sample_toy(cfg.toy, cfg.n_train, g)
+        return DataSet(x=x, y=None, kind="toy", num_classes=0, name=cfg.toy)
+    if cfg.name == "digits":
+        return _load_digits(cfg)
+    if cfg.name == "natural32":
+        return _load_natural32(cfg)
+    if cfg.name == "cifar10":
+        return _load_cifar10(cfg)
+    if cfg.name == "imagefolder":
+        return _load_imagefolder(cfg)
+    raise ValueError(f"unknown dataset {cfg.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+
+def _indices(total: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    if total <= 0:
+        raise ValueError("cannot sample from an empty dataset")
+    dev = _gen_device(generator)
+    if n <= total:
+        return torch.randperm(total, generator=generator, device=dev)[:n].cpu()
+    return torch.randint(total, (n,), generator=generator, device=dev).cpu()
+
+
+def sample_batch(
+    ds: DataSet, n: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n random rows (without replacement when n <= len(ds), else with replacement) and their labels (or None)."""
+    idx = _indices(len(ds), n, generator).to(ds.x.device)
+    x = ds.x[idx]
+    y = ds.y[idx.to(ds.y.device)] if ds.y is not None else None
+    return x, y
+
+
+def real_reference(ds: DataSet, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n real samples for metrics: for toy data FRESH draws from the distribution (not the training set);
+    for images a random subset of the data (with replacement only if n > len(ds))."""
+    if ds.kind == "toy":
+        return sample_toy(ds.name.split("/")[-1], n, generator).to(ds.x.device)
+    return sample_batch(ds, n, generator)[0]
+
+
+__all__ = [
+    "CIFAR10_URL",
+    "DataSet",
+    "DataUnavailableError",
+    "TOY_NAMES",
+    "load_data",
+    "real_reference",
+    "sample_batch",
+    "sample_toy",
+]

@@ -1,0 +1,57 @@
+"""fsspec helpers: every artifact goes through these, so a `file://` and an `s3://` root behave alike."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+
+import fsspec
+
+
+def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(*parts: str) -> str:
+    head, *rest = parts
+    return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest])
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write all-or-nothing: temp file + rename locally; a single PUT on object stores (atomic there)."""
+    fs, path = fs_and_path(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = fs_and_path(url)
+    return fs.cat_file(path)
+
+
+def write_json(url: str, obj) -> None:
+    atomic_write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(url: str):
+    return json.loads(read_bytes(url))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,200 @@
+"""One training loop for the teacher (1-rectified flow) and the reflow fine-tune.
+
+`train()` is a function with keyword arguments (EDM's training_loop style): the CLI, the Prefect task and the tests
+call the same thing. Resume is by construction: rerunning with the same checkpoint directory continues from the
+latest checkpoint (model, EMA, optimizer, step, torch RNG). Batches are drawn by `batches(step)`, a function of the
+step alone, so the data stream after a resume is the one an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import storage
+from .callbacks import Callback, NullCallback
+from .config import TrainConfig
+from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
+from .paths import path_sample, sample_time
+
+
+@dataclass
+class Batch:
+    x_data: torch.Tensor
+    x_noise: torch.Tensor
+    label: torch.Tensor | None = None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted (missing, truncated, wrong hash); the message names the file."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def flow_matching_loss(net: nn.Module, batch: Batch, cfg: TrainConfig, generator: torch.Generator,
+                       hpf: HighPass | None = None) -> torch.Tensor:
+    """Per-sample loss of v_theta(x_t, t) against v = x_noise - x_data, with Simple ReFlow's switches (#1-#3)."""
+    n = batch.x_data.shape[0]
+    t = sample_time(cfg.time_dist, n, generator, cfg.time_dist_param, device=batch.x_data.device)
+    ps = path_sample(batch.x_data, batch.x_noise, t)
+    residual = net(ps.x_t, ps.t, batch.label).float() - ps.v.float()
+    if hpf is not None:
+        residual = hpf(residual)
+    if cfg.loss == "pseudo_huber":
+        per = pseudo_huber(residual, huber_c(cfg.huber_scale, residual[0].numel()))
+    else:
+        per = mse(residual)
+    return normalise(per) if cfg.loss_norm else per
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+def save_checkpoint(ckpt_dir: str, state: dict, keep: int = 2) -> str:
+    """Write ckpt-<step>.pt all-or-nothing, then point latest.json at it (with its sha256)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    name = f"ckpt-{state['step']:07d}.pt"
+    url = storage.join(ckpt_dir, name)
+    storage.atomic_write_bytes(url, data)
+    storage.write_json(storage.join(ckpt_dir, "latest.json"),
+                       {"step": state["step"], "file": name, "sha256": storage.sha256(data), "bytes": len(data)})
+    fs, path = storage.fs_and_path(ckpt_dir)
+    old = sorted(p for p in fs.ls(path, detail=False) if re.search(r"ckpt-\d+\.pt$", p))[:-keep]
+    for p in old:
+        fs.rm(p)
+    return url
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    ptr = storage.join(ckpt_dir, "latest.json")
+    if not storage.exists(ptr):
+        return None
+    try:
+        info = storage.read_json(ptr)
+    except Exception as e:  # a torn pointer is never trusted
+        raise CheckpointError(f"{ptr} is unreadable ({e}); delete {ckpt_dir} to retrain this stage") from None
+    return storage.join(ckpt_dir, info["file"])
+
+
+def load_checkpoint(url: str, verify: bool = True) -> dict:
+    """Load a checkpoint; when a latest.json beside it records a hash, check it first."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {url} does not exist") from None
+    if verify:
+        ptr = storage.join(url.rsplit("/", 1)[0], "latest.json")
+        if storage.exists(ptr):
+            info = storage.read_json(ptr)
+            if url.endswith(info.get("file", "\0")) and storage.sha256(data) != info["sha256"]:
+                raise CheckpointError(f"checkpoint {url} does not match the sha256 in {ptr} (truncated or corrupt); "
+                                      f"delete it and latest.json to resume from scratch, or rerun with --redo-stage")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {url} cannot be read ({type(e).__name__}: {e}); "
+                              f"rerun the stage with --redo-stage") from None
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+def _lr(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def _fault_requested(stage: str, step: int) -> bool:
+    """Fault injection for the resume tests: REFLOW_FAULT_STAGE=<stage> REFLOW_FAULT_AT_STEP=<n>."""
+    return os.environ.get("REFLOW_FAULT_STAGE") == stage and os.environ.get("REFLOW_FAULT_AT_STEP") == str(step)
+
+
+def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, ckpt_dir: str, stage: str = "train",
+          meta: dict | None = None, callback: Callback | None = None, device: torch.device | str = "cpu",
+          ema_init: nn.Module | None = None) -> str:
+    """Train `net` for cfg.steps steps (resuming from ckpt_dir if it holds a checkpoint); returns the final checkpoint.
+
+    batches(step) -> Batch on any device; meta (net config, data shape, ...) is stored in every checkpoint so a
+    checkpoint is loadable on its own (nanoGPT's model_args).
+    """
+    cb = callback or NullCallback()
+    device = torch.device(device)
+    net = net.to(device)
+    ema = copy.deepcopy(ema_init if ema_init is not None else net).to(device).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    step, bad = 0, 0
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = load_checkpoint(latest)
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, bad = state["step"], state.get("bad_steps", 0)
+        torch.set_rng_state(state["rng"])
+        if step >= cfg.steps:
+            return latest
+    cb.on_metrics(stage, step, {"resumed_from_step": float(step)})
+    gen = torch.Generator().manual_seed(cfg.seed)
+    hpf = HighPass(cfg.hpf) if cfg.hpf > 0 else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+    def checkpoint() -> str:
+        return save_checkpoint(ckpt_dir, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                          "step": step, "bad_steps": bad, "rng": torch.get_rng_state(),
+                                          "train_config": cfg.model_dump(), "meta": meta or {}})
+
+    net.train()
+    t0, seen, url = time.perf_counter(), 0, latest
+    while step < cfg.steps:
+        gen.manual_seed(cfg.seed * 1_000_003 + step)  # the step's time draws depend on the step alone
+        b = batches(step)
+        b = Batch(b.x_data.to(device), b.x_noise.to(device), None if b.label is None else b.label.to(device))
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg)
+        with amp:
+            loss = flow_matching_loss(net, b, cfg, gen, hpf).mean()
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            bad += 1
+            cb.on_metrics(stage, step, {"nonfinite_steps": float(bad)})
+            if bad > cfg.max_bad_steps:
+                raise NonFiniteLossError(f"{stage}: {bad} non-finite losses (limit max_bad_steps={cfg.max_bad_steps}) "
+                                         f"at step {step}; lower the learning rate or check the data")
+            step += 1
+            continue
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        opt.step()
+        # EMA with a short-run warm-up (decay grows toward cfg.ema_decay), so small runs get a useful average
+        ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        seen += b.x_data.shape[0]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.perf_counter() - t0
+            cb.on_metrics(stage, step, {"loss": loss.item(), "lr": _lr(step - 1, cfg), "grad_norm": float(gnorm),
+                                        "samples_per_s": seen / max(dt, 1e-9)})
+            t0, seen = time.perf_counter(), 0
+        cb.on_progress(stage, step, cfg.steps)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            url = checkpoint()
+        if _fault_requested(stage, step):
+            checkpoint()
+            raise RuntimeError(f"injected fault in stage {stage!r} at step {step}")
+    return url if url is not None else checkpoint()
