@@ -235,12 +235,13 @@ def _sample_photos() -> tuple[torch.Tensor, ...]:
     return tuple(_uint8_hwc_to_tensor(np.array(img, dtype=np.uint8)) for img in load_sample_images().images)
 
 
-def _natural32(n: int, seed: int, size: int = 32, levels: int = 25) -> torch.Tensor:
-    """n random size x size crops of the bundled photographs, downscaled by a factor in [1, 4] (quantised to
-    ``levels`` values so each (photo, scale) pyramid level is resized once), randomly flipped."""
+def _natural32(n: int, seed: int, size: int = 32, max_scale: float = 4.0, levels: int = 25) -> torch.Tensor:
+    """n random size x size crops of the bundled photographs, each from the photograph downscaled (antialiased) by
+    a random factor in [1, max_scale] (quantised to ``levels`` values, so each (photo, factor) resize is done once),
+    randomly flipped horizontally."""
     g = torch.Generator().manual_seed(seed)
     photos = _sample_photos()
-    scales = torch.linspace(1.0, 4.0, levels)
+    scales = torch.linspace(1.0, max_scale, levels).tolist()
     which = torch.randint(len(photos), (n,), generator=g)
     level = torch.randint(levels, (n,), generator=g)
     u_top, u_left = torch.rand(n, generator=g), torch.rand(n, generator=g)
@@ -248,12 +249,11 @@ def _natural32(n: int, seed: int, size: int = 32, levels: int = 25) -> torch.Ten
     out = torch.empty(n, 3, size, size)
     ar = torch.arange(size)
     for p, photo in enumerate(photos):
-        for lv in range(levels):
+        h, w = photo.shape[1:]
+        for lv, s in enumerate(scales):
             idx = torch.nonzero((which == p) & (level == lv)).flatten()
             if idx.numel() == 0:
                 continue
-            h, w = photo.shape[1:]
-            s = float(scales[lv])
             hh, ww = max(size, round(h / s)), max(size, round(w / s))
             img = photo
             if (hh, ww) != (h, w):
@@ -311,6 +311,12 @@ def _cifar_root(path: str | None) -> str:
 def _load_cifar10(cfg: DataConfig) -> DataSet:
     root = _cifar_root(cfg.path)
     batches = os.path.join(root, "cifar-10-batches-py")
+    if not cfg.download and not os.path.isdir(batches):
+        raise DataUnavailableError(
+            f"CIFAR-10 not found: the directory {batches!r} does not exist (data.download=False). Download "
+            f"{CIFAR10_URL} and extract it into {root!r} so that {batches!r} exists (containing data_batch_1..5, "
+            f"test_batch, batches.meta), or set data.path to a directory that contains cifar-10-batches-py."
+        )
     try:
         from torchvision.datasets import CIFAR10
 

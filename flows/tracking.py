@@ -1,0 +1,347 @@
+"""MLflow tracking for a pipeline run: one parent run per pipeline run, one child run per stage.
+
+This is the only module of the project that imports mlflow. It talks to the tracking store through an explicit
+`mlflow.MlflowClient` (no fluent `mlflow.start_run` global state), so Prefect tasks running in threads can log to
+their own stage's run concurrently.
+
+Resume: the parent run id is kept at `<run dir>/mlflow_run.json`, so a re-run of the same pipeline run logs into
+the same parent run; a stage's child run is found again by its tags (`mlflow.parentRunId`, `reflow.stage`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import fsspec
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from reflow_core import storage
+
+RUN_FILE = "mlflow_run.json"
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "reflow.stage"
+_SECRET = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tracking URI resolution
+
+
+def is_local_root(root: str) -> bool:
+    fs, _ = fsspec.core.url_to_fs(root)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def local_path(root: str) -> Path:
+    """The absolute local path of a local root (`./runs`, `/abs`, `file:///abs`)."""
+    _, path = fsspec.core.url_to_fs(root)
+    return Path(path).resolve()
+
+
+def resolve_tracking_uri(config_uri: str | None, root: str) -> str:
+    """`tracking.mlflow_uri` if set, else `MLFLOW_TRACKING_URI`, else a sqlite store under a local root."""
+    if config_uri:
+        return config_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if is_local_root(root):
+        path = local_path(root)
+        path.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path / 'mlflow.db'}"
+    print(
+        f"warning: run root {root} is remote and neither tracking.mlflow_uri nor MLFLOW_TRACKING_URI is set; "
+        "logging MLflow runs to sqlite:///./mlruns.db on this machine (use a shared `mlflow server` instead)",
+        file=sys.stderr,
+    )
+    return "sqlite:///./mlruns.db"
+
+
+def ui_command(uri: str) -> str:
+    """The command that shows a tracking store in the MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}  (an MLflow server is already serving this store)"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# params
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": value}; lists stay values (logged as their repr)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out.update(flatten(v, key))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def loggable_params(config: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened config as MLflow params: secrets dropped, keys and values cut to MLflow's limits."""
+    params = {}
+    for key, value in flatten(config).items():
+        if _SECRET.search(key):
+            continue
+        params[_clean_key(key)] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return params
+
+
+def _clean_key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", key)[:MAX_ENTITY_KEY_LENGTH]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tracker
+
+
+class MlflowTracker:
+    """Parent run per pipeline run (id persisted under the run dir), child run per stage.
+
+    Thread-safe: tasks for different stages (or shards of one stage) may log concurrently.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, run_dir_url: str, run_name: str | None = None,
+                 artifact_root: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_dir_url = run_dir_url.rstrip("/")
+        self.run_name = run_name or self.run_dir_url.rsplit("/", 1)[-1]
+        self.artifact_root = artifact_root
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self._lock = threading.RLock()
+        self._experiment_id: str | None = None
+        self._parent_id: str | None = None
+        self._children: dict[str, str] = {}
+        self._callbacks: dict[str, MlflowStageCallback] = {}
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+    @property
+    def experiment_id(self) -> str:
+        with self._lock:
+            if self._experiment_id is None:
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    try:
+                        self._experiment_id = self.client.create_experiment(
+                            self.experiment, artifact_location=self._artifact_location())
+                    except MlflowException:  # created concurrently by another process
+                        self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+                else:
+                    self._experiment_id = exp.experiment_id
+            return self._experiment_id
+
+    def _artifact_location(self) -> str | None:
+        """Artifacts next to a local sqlite store; a server (http) or explicit URI decides for itself."""
+        if self.artifact_root:
+            return self.artifact_root
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri[len("sqlite:///"):]).resolve()
+            return (db.parent / "mlartifacts").as_uri()
+        return None
+
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+
+    def parent_run_id(self) -> str:
+        """The pipeline run's parent MLflow run: reused from `<run dir>/mlflow_run.json`, else created."""
+        with self._lock:
+            if self._parent_id is not None:
+                return self._parent_id
+            url = storage.join(self.run_dir_url, RUN_FILE)
+            stored = storage.read_json(url) if storage.exists(url) else {}
+            run_id = stored.get("run_id")
+            if run_id and self._run_exists(run_id):
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=self.run_name,
+                    tags={"reflow.run_dir": self.run_dir_url, "reflow.kind": "pipeline"})
+                run_id = run.info.run_id
+                storage.write_json(url, {"run_id": run_id, "tracking_uri": self.tracking_uri,
+                                         "experiment_id": self.experiment_id, "experiment": self.experiment})
+            self._parent_id = run_id
+            return run_id
+
+    def child_run_id(self, stage: str) -> str:
+        """The stage's child run under the parent: found by tags on resume, else created. Marks it RUNNING."""
+        with self._lock:
+            if stage in self._children:
+                return self._children[stage]
+            parent = self.parent_run_id()
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{STAGE_TAG}` = '{stage}'",
+                order_by=["attributes.start_time ASC"], max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                if found[0].info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+            else:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=stage,
+                    tags={PARENT_TAG: parent, STAGE_TAG: stage, "reflow.run_dir": self.run_dir_url})
+                run_id = run.info.run_id
+            self._children[stage] = run_id
+            return run_id
+
+    def stage_callback(self, stage: str) -> "MlflowStageCallback":
+        """The callback reflow_core reports a stage's events to (one per stage; shared by its shard tasks)."""
+        with self._lock:
+            if stage not in self._callbacks:
+                self._callbacks[stage] = MlflowStageCallback(self, stage, self.child_run_id(stage))
+            return self._callbacks[stage]
+
+    def finish(self, stage: str | None, status: str = "FINISHED") -> None:
+        """Flush a stage's pending metrics and set its terminal status (stage None: the parent run)."""
+        status = status.upper()
+        RunStatus.from_string(status)  # validates
+        with self._lock:
+            if stage is None:
+                self.client.set_terminated(self.parent_run_id(), status=status)
+                return
+            cb = self._callbacks.get(stage)
+            if cb is not None:
+                cb.flush()
+            run_id = self.child_run_id(stage)
+            self.client.set_terminated(run_id, status=status)
+            self._children.pop(stage, None)  # a later use of this stage re-opens the run
+            self._callbacks.pop(stage, None)
+
+    def finish_open(self, status: str) -> None:
+        """Terminate every stage run still open, then the parent (used when the pipeline fails)."""
+        with self._lock:
+            for stage in list(self._children):
+                try:
+                    self.finish(stage, status)
+                except MlflowException:
+                    pass
+            if self._parent_id is not None:
+                self.finish(None, status)
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, config: Mapping[str, Any]) -> dict[str, str]:
+        """Log a (nested) config as flattened params. MLflow params are immutable: a key already logged with another
+        value (a resumed run whose non-identity settings changed) is recorded as tag `reflow.changed.<key>`."""
+        params = loggable_params(config)
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = [RunTag(_clean_key(f"reflow.changed.{k}"), v[:MAX_TAG_VAL_LENGTH])
+                   for k, v in params.items() if k in existing and existing[k] != v]
+        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(changed), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=changed[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        return params
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        ts = _now_ms()
+        batch = [Metric(_clean_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        batch = [RunTag(_clean_key(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items() if not _SECRET.search(k)]
+        if batch:
+            self.client.log_batch(run_id, tags=batch)
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        """Log a local file or an fsspec URL (remote files are downloaded to a temp file first)."""
+        fs, fpath = fsspec.core.url_to_fs(path)
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "file" in protocols or "local" in protocols:
+            self.client.log_artifact(run_id, fpath, artifact_path)
+            return
+        with tempfile.TemporaryDirectory(prefix="reflow-artifact-") as tmp:
+            local = os.path.join(tmp, os.path.basename(fpath.rstrip("/")))
+            fs.get_file(fpath, local)
+            self.client.log_artifact(run_id, local, artifact_path)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, (str, bytes))
+
+
+class MlflowStageCallback:
+    """reflow_core's Callback protocol for one stage's child run.
+
+    Metrics are buffered and written with `log_batch` (every `flush_every` metrics or `flush_seconds`, and on
+    artifacts / finish); progress becomes the metric `<stage>_progress` at most every `progress_every` of the total.
+    """
+
+    def __init__(self, tracker: MlflowTracker, stage: str, run_id: str, flush_every: int = 200,
+                 flush_seconds: float = 10.0, progress_every: float = 0.05):
+        self.tracker = tracker
+        self.stage = stage
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.progress_every = progress_every
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+        self._last_progress: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def on_metrics(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        ts = _now_ms()
+        with self._lock:
+            self._buffer.extend(Metric(_clean_key(k), float(v), ts, int(step))
+                                for k, v in metrics.items() if _is_number(v))
+            due = len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds
+        if due:
+            self.flush()
+
+    def on_artifact(self, stage: str, path: str) -> None:
+        self.flush()
+        self.tracker.log_artifact(self.run_id, path)
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        frac = done / total
+        with self._lock:
+            last = self._last_progress.get(total, -1.0)
+            if frac < 1.0 and frac - last < self.progress_every:
+                return
+            self._last_progress[total] = frac
+            self._buffer.append(Metric(_clean_key(f"{self.stage}_progress"), frac, _now_ms(), int(done)))
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.tracker.client.log_batch(self.run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])

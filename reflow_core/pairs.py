@@ -1,0 +1,833 @@
+"""Coupled (noise, sample) pairs for ReFlow, simulated by the teacher and stored as zarr 3 at any fsspec URL.
+
+Layout of `<root>/<run>/pairs.zarr` (a local path, file://, s3://, ...):
+
+    noise     (N, *shape)  float32 | float16 | uint16 (bfloat16 bits; attrs["storage_dtype"] says so)
+    sample    (N, *shape)  same dtype as noise
+    label     (N,)         int64, -1 = no label
+    direction (N,)         int8, 0 = backward (noise -> teacher sample), 1 = forward (real data -> inverted noise)
+    done/shard-00007.json  completion markers (row range, sha256 of the bytes written), one object per shard
+
+A pair is (noise[i], sample[i]). Rows [0, n_backward) are backward pairs, rows [n_backward, N) forward pairs.
+Arrays are chunked along N only (chunk_size rows, other dims whole); shards are whole numbers of chunks and never
+straddle the two sections, so writers of different shards never touch the same chunk object and can run
+concurrently (threads, processes or machines) against one store. Completion lives in per-shard marker objects,
+written only after the shard's data, so there is no shared attrs document to race on and an interrupted shard is
+simply redone.
+
+Noise and backward labels are drawn per row from generators seeded by (seed, global row), so a row's values depend
+on neither the batch size nor the shard layout. Time convention: t = 0 data, t = 1 noise (`solvers.sample`
+integrates 1 -> 0, `solvers.invert` 0 -> 1).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import torch
+import zarr
+
+from . import solvers
+from .config import PairsConfig
+
+CONVENTION = "t0=data,t1=noise"
+DTYPES = ("float32", "float16", "bfloat16")
+ARRAYS = ("noise", "sample", "label", "direction")
+BACKWARD, FORWARD = 0, 1
+# identity keys of attrs compared when create() finds an existing store (besides the structural ones)
+IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention")
+_MARKER_RE = re.compile(r"shard-(\d+)\.json$")
+_MASK64 = (1 << 64) - 1
+_TAG_NOISE, _TAG_LABEL, _TAG_PERM = 0x6E6F697365, 0x6C6162656C, 0x7065726D
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class PairStoreMismatch(ValueError):
+    """An existing store at the URL was made with different structure or teacher/solver settings."""
+
+
+class PairStoreIncomplete(RuntimeError):
+    """The store still has pending shards (raised by readers that need all of it)."""
+
+
+# --------------------------------------------------------------------------------------------------- seeding
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def row_seed(seed: int, row: int, tag: int = _TAG_NOISE) -> int:
+    """A 63-bit generator seed for one global row: a hash of (seed, row, stream tag)."""
+    return _splitmix64(_splitmix64((seed * 1_000_003 + row) & _MASK64) ^ tag) % (2 ** 63)
+
+
+def _rows_list(rows: range | Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(rows, torch.Tensor):
+        return [int(r) for r in rows.reshape(-1).tolist()]
+    return [int(r) for r in rows]
+
+
+def row_noise(seed: int, rows: range | Sequence[int] | torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """N(0, I) noise of shape (len(rows), *shape), row i drawn from its own generator seeded by (seed, rows[i])."""
+    idx = _rows_list(rows)
+    out = torch.empty((len(idx), *shape), dtype=torch.float32)
+    g = torch.Generator()
+    for i, r in enumerate(idx):
+        g.manual_seed(row_seed(seed, r, _TAG_NOISE))
+        out[i] = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    return out
+
+
+def row_labels(seed: int, rows: range | Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Uniform class labels (long, (len(rows),)), one per global row from its own seeded generator."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    idx = _rows_list(rows)
+    out = torch.empty(len(idx), dtype=torch.long)
+    g = torch.Generator()
+    for i, r in enumerate(idx):
+        g.manual_seed(row_seed(seed, r, _TAG_LABEL))
+        out[i] = torch.randint(num_classes, (1,), generator=g)[0]
+    return out
+
+
+def forward_indices(seed: int, rows: range | Sequence[int] | torch.Tensor, n_data: int) -> torch.Tensor:
+    """Real-data indices for forward-section rows j (0-based within the forward section): perm[j % n_data],
+    perm a permutation of the data set seeded by the store seed."""
+    if n_data < 1:
+        raise ValueError("forward pairs need a non-empty data set")
+    g = torch.Generator().manual_seed(row_seed(seed, 0, _TAG_PERM))
+    perm = torch.randperm(n_data, generator=g)
+    j = torch.tensor(_rows_list(rows), dtype=torch.long)
+    return perm[j % n_data]
+
+
+# --------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int
+    stop: int
+    direction: int  # 0 backward, 1 forward
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def shard_plan(n_backward: int, n_forward: int, shard_size: int) -> list[Shard]:
+    """Backward shards over [0, n_backward), then forward shards over [n_backward, n_backward + n_forward);
+    global, consecutive indices; no shard straddles the two sections."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if n_backward < 0 or n_forward < 0:
+        raise ValueError(f"n_backward and n_forward must be >= 0, got {n_backward}, {n_forward}")
+    plan: list[Shard] = []
+    for base, n, direction in ((0, n_backward, BACKWARD), (n_backward, n_forward, FORWARD)):
+        for s in range(0, n, shard_size):
+            plan.append(Shard(len(plan), base + s, base + min(s + shard_size, n), direction))
+    return plan
+
+
+@dataclass
+class PairBatch:
+    noise: torch.Tensor  # float32 (B, *shape)
+    sample: torch.Tensor  # float32 (B, *shape)
+    label: torch.Tensor  # long (B,), -1 = none
+    direction: torch.Tensor  # long (B,)
+    index: torch.Tensor | None = None  # long (B,) global rows, where known
+
+    def __len__(self) -> int:
+        return int(self.noise.shape[0])
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.noise.to(device), self.sample.to(device), self.label.to(device),
+                         self.direction.to(device), None if self.index is None else self.index.to(device))
+
+
+# --------------------------------------------------------------------------------------------------- url helpers
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def resolve_storage_options(url: str, storage_options: dict | None = None) -> dict:
+    """Copy of storage_options; for s3:// without an explicit endpoint, take one from FSSPEC_S3_ENDPOINT_URL,
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (MinIO, moto, ...)."""
+    opts = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        ck = dict(opts.get("client_kwargs") or {})
+        if "endpoint_url" not in opts and "endpoint_url" not in ck:
+            env = (os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                   or os.environ.get("AWS_ENDPOINT_URL"))
+            if env:
+                ck["endpoint_url"] = env
+                opts["client_kwargs"] = ck
+    return opts
+
+
+def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    x = x.detach().to("cpu")
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).contiguous().numpy()
+
+
+def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    a = np.ascontiguousarray(a)
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(torch.float32)
+    return torch.from_numpy(a).to(torch.float32)
+
+
+class _Hasher:
+    """sha256 per array over the bytes written, in row order (independent of how the rows were split)."""
+
+    def __init__(self):
+        self.h = {k: hashlib.sha256() for k in ARRAYS}
+
+    def update(self, arrays: dict[str, np.ndarray]) -> None:
+        for k in ARRAYS:
+            self.h[k].update(np.ascontiguousarray(arrays[k]).tobytes())
+
+    def digests(self) -> dict[str, str]:
+        d = {k: h.hexdigest() for k, h in self.h.items()}
+        d["all"] = hashlib.sha256("".join(d[k] for k in ARRAYS).encode()).hexdigest()
+        return d
+
+
+# --------------------------------------------------------------------------------------------------- store
+class PairStore:
+    """A pairs.zarr group plus its per-shard completion markers. Safe for concurrent writers of distinct shards."""
+
+    def __init__(self, url: str, group: zarr.Group, fs: fsspec.AbstractFileSystem, root: str):
+        self.url = url.rstrip("/")
+        self._group = group
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self._attrs = dict(group.attrs)
+        self._arrays = {k: group[k] for k in ARRAYS}
+        self._plan = shard_plan(self.n_backward, self.n_forward, self.shard_size)
+
+    # ---- opening
+    @staticmethod
+    def _zarr_store(url: str, storage_options: dict | None, read_only: bool):
+        if _is_local(url):
+            if storage_options:
+                raise ValueError(f"storage_options given for a local pair store {url!r}")
+            return zarr.storage.LocalStore(_local_path(url), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+
+    @staticmethod
+    def _marker_fs(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+        if _is_local(url):
+            return fsspec.filesystem("file"), os.path.abspath(_local_path(url))
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+    @classmethod
+    def exists(cls, url: str, storage_options: dict | None = None) -> bool:
+        opts = resolve_storage_options(url, storage_options)
+        fs, root = cls._marker_fs(url, opts)
+        try:
+            fs.invalidate_cache()
+        except Exception:  # noqa: BLE001 - not every fs caches
+            pass
+        return fs.exists(f"{root.rstrip('/')}/zarr.json")
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, read_only: bool = False) -> "PairStore":
+        opts = resolve_storage_options(url, storage_options)
+        if not cls.exists(url, opts):
+            raise FileNotFoundError(f"no pair store at {url}")
+        store = cls._zarr_store(url, opts, read_only)
+        group = zarr.open_group(store=store, mode="r" if read_only else "r+")
+        missing = [k for k in ARRAYS if k not in group.array_keys()]
+        if missing or group.attrs.get("convention") != CONVENTION:
+            raise ValueError(f"{url} is not a pair store (missing arrays {missing} or convention attr)")
+        fs, root = cls._marker_fs(url, opts)
+        return cls(url, group, fs, root)
+
+    @classmethod
+    def create(cls, url: str, *, shape: Sequence[int], n_backward: int, n_forward: int, chunk_size: int,
+               shard_size: int, dtype: str, attrs: dict, storage_options: dict | None = None) -> "PairStore":
+        """Create the store, or open it if one with the same structure and identity attrs exists (resume).
+
+        Raises PairStoreMismatch if an existing store differs (shape, counts, chunk/shard size, dtype, or any of
+        IDENTITY_ATTRS present in either). Create the store once before starting concurrent writers; they then
+        `open` (or `create`, which opens) it."""
+        shape = [int(s) for s in shape]
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if chunk_size < 1 or shard_size < 1:
+            raise ValueError(f"chunk_size and shard_size must be >= 1, got {chunk_size}, {shard_size}")
+        if shard_size % chunk_size:
+            raise ValueError(f"shard_size ({shard_size}) must be a multiple of chunk_size ({chunk_size})")
+        if n_backward + n_forward < 1:
+            raise ValueError("a pair store needs at least one row")
+        if n_forward > 0 and n_backward % chunk_size:
+            raise ValueError(
+                f"n_backward ({n_backward}) must be a multiple of chunk_size ({chunk_size}) when n_forward > 0, "
+                "so that no zarr chunk holds both backward and forward rows (concurrent shard writers would race "
+                "on it); round n_pairs up to a multiple of chunk_size")
+        structure = {"shape": shape, "n_backward": int(n_backward), "n_forward": int(n_forward),
+                     "chunk_size": int(chunk_size), "shard_size": int(shard_size), "dtype": dtype}
+        wanted = {**dict(attrs), "convention": CONVENTION}
+        opts = resolve_storage_options(url, storage_options)
+        if cls.exists(url, opts):
+            store = cls.open(url, opts)
+            have = store.attrs
+            diff = [k for k, v in structure.items() if have.get(k) != v]
+            diff += [k for k in IDENTITY_ATTRS if (k in wanted or k in have) and have.get(k) != wanted.get(k)]
+            if diff:
+                detail = ", ".join(f"{k}: existing={have.get(k)!r} requested="
+                                   f"{structure.get(k, wanted.get(k))!r}" for k in diff)
+                raise PairStoreMismatch(
+                    f"a different pair store already exists at {url} (differs in {detail}); use a new run name "
+                    "or delete it")
+            return store
+
+        n = n_backward + n_forward
+        zstore = cls._zarr_store(url, opts, read_only=False)
+        group = zarr.open_group(store=zstore, mode="a")
+        storage_dtype = "uint16" if dtype == "bfloat16" else dtype
+        group.attrs.update({
+            **wanted, **structure,
+            "storage_dtype": storage_dtype,
+            "shard_size": int(shard_size),
+            "created_by": wanted.get("created_by", "reflow_core.pairs"),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        for name in ("noise", "sample"):
+            group.create_array(name, shape=(n, *shape), chunks=(chunk_size, *shape), dtype=storage_dtype,
+                               fill_value=0, compressors=None, overwrite=True)
+        group.create_array("label", shape=(n,), chunks=(chunk_size,), dtype="int64", fill_value=-1, overwrite=True)
+        group.create_array("direction", shape=(n,), chunks=(chunk_size,), dtype="int8", fill_value=0,
+                           overwrite=True)
+        fs, root = cls._marker_fs(url, opts)
+        return cls(url, zarr.open_group(store=zstore, mode="r+"), fs, root)
+
+    @classmethod
+    def create_from_config(cls, url: str, cfg: PairsConfig, *, shape: Sequence[int], teacher_hash: str,
+                           extra_attrs: dict | None = None, storage_options: dict | None = None) -> "PairStore":
+        """`create` with the counts, sizes, dtype and solver attrs taken from a PairsConfig."""
+        attrs = {"teacher_hash": teacher_hash, "solver": cfg.solver, "nfe": cfg.nfe, "grid": cfg.grid,
+                 "rho": cfg.rho, "seed": cfg.seed, **(extra_attrs or {})}
+        return cls.create(url, shape=shape, n_backward=cfg.n_pairs, n_forward=cfg.n_forward,
+                          chunk_size=cfg.chunk_size, shard_size=cfg.shard_size, dtype=cfg.dtype, attrs=attrs,
+                          storage_options=storage_options)
+
+    # ---- properties
+    @property
+    def attrs(self) -> dict:
+        return dict(self._attrs)
+
+    @property
+    def n_backward(self) -> int:
+        return int(self._attrs["n_backward"])
+
+    @property
+    def n_forward(self) -> int:
+        return int(self._attrs["n_forward"])
+
+    @property
+    def n(self) -> int:
+        return self.n_backward + self.n_forward
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._attrs["shape"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._attrs["dtype"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self._attrs["chunk_size"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self._attrs["shard_size"])
+
+    @property
+    def plan(self) -> list[Shard]:
+        return list(self._plan)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.n / self.chunk_size)
+
+    def chunk_rows(self, c: int) -> range:
+        if not 0 <= c < self.num_chunks:
+            raise IndexError(f"chunk {c} out of range [0, {self.num_chunks})")
+        return range(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n))
+
+    # ---- markers
+    def _marker_path(self, k: int) -> str:
+        return f"{self._root}/done/shard-{k:05d}.json"
+
+    def done_shards(self) -> set[int]:
+        done_dir = f"{self._root}/done"
+        try:
+            self._fs.invalidate_cache(done_dir)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            names = self._fs.ls(done_dir, detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for name in names:
+            m = _MARKER_RE.search(str(name))
+            if m and int(m.group(1)) < len(self._plan):
+                out.add(int(m.group(1)))
+        return out
+
+    def pending_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [s.index for s in self._plan if s.index not in done]
+
+    def is_complete(self) -> bool:
+        return not self.pending_shards()
+
+    def marker(self, k: int) -> dict | None:
+        try:
+            return json.loads(self._fs.cat_file(self._marker_path(k)))
+        except FileNotFoundError:
+            return None
+
+    def _write_marker(self, shard: Shard, digests: dict[str, str], extra: dict | None = None) -> None:
+        obj = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "direction": shard.direction,
+               "rows": shard.rows, "sha256": digests, "written_at": time.time(), **(extra or {})}
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        path = self._marker_path(shard.index)
+        if isinstance(self._fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self._fs.pipe_file(path, data)  # one PUT: atomic on object stores
+
+    def unmark(self, k: int) -> None:
+        """Delete shard k's marker, so the shard counts as pending (and is redone) again."""
+        try:
+            self._fs.rm_file(self._marker_path(k))
+        except FileNotFoundError:
+            pass
+
+    # ---- writing
+    def _convert(self, start: int, noise, sample, label, direction) -> dict[str, np.ndarray]:
+        n = int(noise.shape[0])
+        if tuple(noise.shape[1:]) != self.shape or tuple(sample.shape) != tuple(noise.shape):
+            raise ValueError(f"noise/sample must have shape (n, *{self.shape}), got {tuple(noise.shape)} and "
+                             f"{tuple(sample.shape)}")
+        if label is None:
+            label = torch.full((n,), -1, dtype=torch.long)
+        if isinstance(direction, int):
+            direction = torch.full((n,), direction, dtype=torch.long)
+        label = torch.as_tensor(label).reshape(-1)
+        direction = torch.as_tensor(direction).reshape(-1)
+        if label.shape[0] != n or direction.shape[0] != n:
+            raise ValueError(f"label/direction must have {n} rows")
+        return {"noise": _to_storage(noise, self.dtype), "sample": _to_storage(sample, self.dtype),
+                "label": label.detach().cpu().to(torch.int64).numpy(),
+                "direction": direction.detach().cpu().to(torch.int8).numpy()}
+
+    def _write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Raw region write (no marker). Callers keep regions chunk-aligned so no two writers share a chunk."""
+        stop = start + int(arrays["noise"].shape[0])
+        for k in ARRAYS:
+            self._arrays[k][start:stop] = arrays[k]
+
+    def write_rows(self, start: int, noise, sample, label=None, direction: int | torch.Tensor = BACKWARD) -> None:
+        """Write rows [start, start + len(noise)) without marking anything done (partial writes, tests)."""
+        self._write_rows(start, self._convert(start, noise, sample, label, direction))
+
+    def write_shard(self, shard: Shard | int, noise, sample, label=None,
+                    direction: int | torch.Tensor | None = None) -> dict[str, str]:
+        """Write a whole shard's rows, then (only after the write returned) its done marker. Returns the digests."""
+        shard = self._plan[shard] if isinstance(shard, int) else shard
+        if shard != self._plan[shard.index]:
+            raise ValueError(f"{shard} is not shard {shard.index} of this store's plan {self._plan[shard.index]}")
+        if int(noise.shape[0]) != shard.rows:
+            raise ValueError(f"shard {shard.index} has {shard.rows} rows, got {int(noise.shape[0])}")
+        arrays = self._convert(shard.start, noise, sample, label, shard.direction if direction is None else direction)
+        self._write_rows(shard.start, arrays)
+        h = _Hasher()
+        h.update(arrays)
+        digests = h.digests()
+        self._write_marker(shard, digests)
+        return digests
+
+    def mark_done(self, shard: Shard, digests: dict[str, str], extra: dict | None = None) -> None:
+        self._write_marker(shard, digests, extra)
+
+    # ---- reading
+    def read_raw(self, rows: slice) -> dict[str, np.ndarray]:
+        """The stored arrays (storage dtypes: bfloat16 as uint16 bits) for a slice of rows."""
+        return {k: self._arrays[k][rows] for k in ARRAYS}
+
+    def _batch(self, raw: dict[str, np.ndarray], index: torch.Tensor) -> PairBatch:
+        return PairBatch(noise=_from_storage(raw["noise"], self.dtype), sample=_from_storage(raw["sample"], self.dtype),
+                         label=torch.from_numpy(np.asarray(raw["label"], dtype=np.int64)),
+                         direction=torch.from_numpy(np.asarray(raw["direction"]).astype(np.int64)), index=index)
+
+    def read(self, rows: slice | range | torch.Tensor | Sequence[int]) -> PairBatch:
+        if isinstance(rows, range) and rows.step == 1:
+            rows = slice(rows.start, rows.stop)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.n)
+            if step != 1:
+                return self.read(torch.arange(start, stop, step))
+            raw = self.read_raw(slice(start, stop))
+            return self._batch(raw, torch.arange(start, max(start, stop)))
+        idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            return self._batch(self.read_raw(slice(0, 0)), idx)
+        if int(idx.min()) < 0 or int(idx.max()) >= self.n:
+            raise IndexError(f"row indices out of range [0, {self.n})")
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        sel = uniq.numpy()
+        raw = {k: self._arrays[k].get_orthogonal_selection((sel,)) for k in ARRAYS}
+        b = self._batch(raw, uniq)
+        return PairBatch(b.noise[inverse], b.sample[inverse], b.label[inverse], b.direction[inverse], idx)
+
+    def read_chunk(self, c: int) -> PairBatch:
+        r = self.chunk_rows(c)
+        return self.read(slice(r.start, r.stop))
+
+    def verify_shard(self, k: int) -> bool:
+        """Recompute the sha256 of shard k's stored bytes and compare with its marker (False if none)."""
+        m = self.marker(k)
+        if m is None:
+            return False
+        s = self._plan[k]
+        h = _Hasher()
+        h.update(self.read_raw(slice(s.start, s.stop)))
+        return h.digests()["all"] == m.get("sha256", {}).get("all")
+
+    def __repr__(self) -> str:
+        return (f"PairStore({self.url!r}, n_backward={self.n_backward}, n_forward={self.n_forward}, "
+                f"shape={self.shape}, dtype={self.dtype})")
+
+
+# --------------------------------------------------------------------------------------------------- simulation
+class _ShardWriter:
+    """One background thread writing chunk-aligned pieces of a shard while the next batch integrates."""
+
+    def __init__(self, store: PairStore, shard: Shard, max_queue: int = 2):
+        self.store, self.shard = store, shard
+        self.q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.hasher = _Hasher()
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_start = shard.start
+        self._pending_rows = 0
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name=f"pairs-writer-{shard.index}", daemon=True)
+        self.thread.start()
+
+    def put(self, start: int, noise, sample, label, direction) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((start, noise, sample, label, direction))
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending_rows:
+            return
+        end = self._pending_start + self._pending_rows
+        c = self.store.chunk_size
+        upto = end if final else self._pending_start + ((end - self._pending_start) // c) * c
+        # shard starts are chunk-aligned, so multiples of c past the start are chunk boundaries
+        if upto <= self._pending_start:
+            return
+        cat = {k: np.concatenate([p[k] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][k]
+               for k in ARRAYS}
+        n_write = upto - self._pending_start
+        self.store._write_rows(self._pending_start, {k: v[:n_write] for k, v in cat.items()})
+        self.written += n_write
+        rest = {k: v[n_write:] for k, v in cat.items()}
+        self._pending_start, self._pending_rows = upto, self._pending_rows - n_write
+        self._pending = [rest] if self._pending_rows else []
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                if self.error is None:
+                    try:
+                        self._flush(final=True)
+                    except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                        self.error = e
+                return
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                start, noise, sample, label, direction = item
+                if start != self._pending_start + self._pending_rows:
+                    raise RuntimeError(f"out-of-order rows: expected {self._pending_start + self._pending_rows}, "
+                                       f"got {start}")
+                arrays = self.store._convert(start, noise, sample, label, direction)
+                self.hasher.update(arrays)
+                self._pending.append(arrays)
+                self._pending_rows += int(noise.shape[0])
+                self._flush(final=False)
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+
+    def finish(self) -> dict[str, str]:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.written != self.shard.rows:
+            raise RuntimeError(f"shard {self.shard.index}: wrote {self.written} rows, expected {self.shard.rows}")
+        return self.hasher.digests()
+
+    def abort(self) -> None:
+        try:
+            self.q.put_nowait(None)
+        except queue.Full:
+            pass
+
+
+def _check_cfg(store: PairStore, cfg: PairsConfig) -> None:
+    a = store.attrs
+    diff = {k: (a[k], getattr(cfg, k)) for k in ("solver", "nfe", "grid", "rho", "seed")
+            if k in a and a[k] != getattr(cfg, k)}
+    if diff:
+        raise PairStoreMismatch(f"pairs config differs from the store at {store.url}: "
+                                + ", ".join(f"{k}: store={s!r} cfg={c!r}" for k, (s, c) in diff.items()))
+
+
+def simulate_shard(store: PairStore, shard: Shard | int, velocity_fn: VelocityFn, *, cfg: PairsConfig,
+                   data_x: torch.Tensor | None = None, data_y: torch.Tensor | None = None, num_classes: int = 0,
+                   device: str | torch.device = "cpu",
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Simulate one shard's pairs and write them; a shard already marked done is skipped.
+
+    Backward shard: per-row noise (and labels if num_classes > 0) integrated 1 -> 0 by `solvers.sample`.
+    Forward shard: real rows data_x[perm[j]] inverted 0 -> 1 by `solvers.invert` (labels data_y[perm[j]]).
+    `velocity_fn(x, t, label)`; label is None for unconditional teachers (num_classes == 0)."""
+    shard = store.plan[shard] if isinstance(shard, int) else shard
+    if shard.index in store.done_shards():
+        return {"shard": shard.index, "skipped": True, "rows": shard.rows}
+    _check_cfg(store, cfg)
+    if shard.direction == FORWARD and data_x is None:
+        raise ValueError(f"shard {shard.index} holds forward pairs: pass data_x (the real data) to simulate_shard")
+    seed = cfg.seed
+    t0 = time.perf_counter()
+    writer = _ShardWriter(store, shard)
+    done = 0
+    try:
+        for b0 in range(shard.start, shard.stop, cfg.batch_size):
+            b1 = min(b0 + cfg.batch_size, shard.stop)
+            rows = range(b0, b1)
+            if shard.direction == BACKWARD:
+                x0 = row_noise(seed, rows, store.shape)
+                labels = row_labels(seed, rows, num_classes) if num_classes > 0 else None
+            else:
+                idx = forward_indices(seed, range(b0 - store.n_backward, b1 - store.n_backward), len(data_x))
+                x0 = data_x[idx].to(torch.float32)
+                labels = data_y[idx].to(torch.long) if data_y is not None else None
+            lab_dev = labels.to(device) if (labels is not None and num_classes > 0) else None
+
+            def v(x, t, _lab=lab_dev):
+                return velocity_fn(x, t, _lab)
+
+            with torch.no_grad():
+                xd = x0.to(device)
+                if shard.direction == BACKWARD:
+                    out = solvers.sample(v, xd, cfg.nfe, cfg.solver, cfg.grid, cfg.rho).float().cpu()
+                    noise, sample = x0, out
+                else:
+                    out = solvers.invert(v, xd, cfg.nfe, cfg.solver, cfg.grid, cfg.rho).float().cpu()
+                    noise, sample = out, x0
+            writer.put(b0, noise, sample, labels, shard.direction)
+            done += b1 - b0
+            if progress is not None:
+                progress(done, shard.rows)
+        digests = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - t0
+    store.mark_done(shard, digests, {"seconds": seconds, "solver": cfg.solver, "nfe": cfg.nfe})
+    return {"shard": shard.index, "rows": shard.rows, "seconds": seconds,
+            "pairs_per_s": shard.rows / max(seconds, 1e-9), "skipped": False}
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+class _Stream:
+    """Endless shuffled rows from a set of chunks: chunk order reshuffled every epoch, buffer_chunks chunks
+    loaded at a time, rows shuffled within the buffer; leftovers carry over so an epoch yields each row once."""
+
+    def __init__(self, store: PairStore, chunks: list[int], generator: torch.Generator, buffer_chunks: int,
+                 pool: ThreadPoolExecutor):
+        self.store, self.chunks, self.g, self.k, self.pool = store, chunks, generator, buffer_chunks, pool
+        self._buf: PairBatch | None = None
+        self._pos = 0
+        self._order: list[int] = []
+        self.epoch = 0
+
+    def _load(self) -> PairBatch:
+        if not self._order:
+            self._order = [self.chunks[i] for i in torch.randperm(len(self.chunks), generator=self.g).tolist()]
+            self.epoch += 1
+        take, self._order = self._order[:self.k], self._order[self.k:]
+        parts = list(self.pool.map(self.store.read_chunk, take))
+        b = _cat(parts)
+        perm = torch.randperm(len(b), generator=self.g)
+        return _index(b, perm)
+
+    def take(self, n: int) -> PairBatch:
+        parts = []
+        while n > 0:
+            if self._buf is None or self._pos >= len(self._buf):
+                self._buf, self._pos = self._load(), 0
+            m = min(n, len(self._buf) - self._pos)
+            parts.append(_index(self._buf, slice(self._pos, self._pos + m)))
+            self._pos += m
+            n -= m
+        return _cat(parts)
+
+
+def _index(b: PairBatch, i) -> PairBatch:
+    return PairBatch(b.noise[i], b.sample[i], b.label[i], b.direction[i], None if b.index is None else b.index[i])
+
+
+def _cat(parts: list[PairBatch]) -> PairBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return PairBatch(torch.cat([p.noise for p in parts]), torch.cat([p.sample for p in parts]),
+                     torch.cat([p.label for p in parts]), torch.cat([p.direction for p in parts]),
+                     torch.cat([p.index for p in parts]))
+
+
+class PairSampler:
+    """Infinite, deterministic (for a fixed seed) random batches of pairs for reflow training.
+
+    A background thread loads `buffer_chunks` whole chunks at a time (chunk order reshuffled each epoch), shuffles
+    rows within the buffer and queues finished batches (`prefetch` buffers ahead). With forward_ratio = r > 0 each
+    batch holds round(r * B) forward rows and B - round(r * B) backward rows, from separate streams; with r = 0
+    only backward pairs are used. Every batch is `PairBatch` (float32 noise/sample, long label/direction/index).
+    """
+
+    def __init__(self, store: PairStore, batch_size: int, *, forward_ratio: float = 0.0, seed: int = 0,
+                 buffer_chunks: int = 8, prefetch: int = 2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= forward_ratio <= 1.0:
+            raise ValueError(f"forward_ratio must be in [0, 1], got {forward_ratio}")
+        pending = store.pending_shards()
+        if pending:
+            raise PairStoreIncomplete(f"pair store {store.url} is incomplete: {len(pending)} of {len(store.plan)} "
+                                      f"shards pending ({pending[:10]}{'...' if len(pending) > 10 else ''}); "
+                                      "finish simulating pairs first")
+        self.store, self.batch_size = store, batch_size
+        self.n_fwd = int(round(forward_ratio * batch_size))
+        self.n_bwd = batch_size - self.n_fwd
+        c = store.chunk_size
+        bwd_chunks = [i for i in range(store.num_chunks) if i * c < store.n_backward]
+        fwd_chunks = [i for i in range(store.num_chunks) if i * c >= store.n_backward]
+        if self.n_fwd and not fwd_chunks:
+            raise ValueError(f"forward_ratio={forward_ratio} but the store at {store.url} has no forward pairs")
+        if self.n_bwd and not bwd_chunks:
+            raise ValueError(f"forward_ratio={forward_ratio} < 1 but the store at {store.url} has no backward pairs")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pairs-read")
+        gb = torch.Generator().manual_seed(row_seed(seed, 0, 0xB))
+        gf = torch.Generator().manual_seed(row_seed(seed, 0, 0xF))
+        self._bwd = _Stream(store, bwd_chunks, gb, max(1, buffer_chunks), self._pool) if self.n_bwd else None
+        self._fwd = _Stream(store, fwd_chunks, gf, max(1, buffer_chunks), self._pool) if self.n_fwd else None
+        per_buffer = max(1, (buffer_chunks * c) // batch_size)
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, prefetch) * per_buffer)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pairs-sampler", daemon=True)
+        self._thread.start()
+
+    def _make(self) -> PairBatch:
+        parts = []
+        if self._bwd is not None:
+            parts.append(self._bwd.take(self.n_bwd))
+        if self._fwd is not None:
+            parts.append(self._fwd.take(self.n_fwd))
+        return _cat(parts)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                b = self._make()
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._q.put(e)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs started by the backward stream (forward stream if backward is unused), counting prefetch."""
+        s = self._bwd or self._fwd
+        return s.epoch
+
+    def __iter__(self) -> Iterator[PairBatch]:
+        return self
+
+    def __next__(self) -> PairBatch:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> "PairSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._stop.set()
+        except Exception:  # noqa: BLE001
+            pass
