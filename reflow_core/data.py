@@ -20,6 +20,7 @@ import hashlib
 import io
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -235,30 +236,42 @@ def _sample_photos() -> tuple[torch.Tensor, ...]:
     return tuple(_uint8_hwc_to_tensor(np.array(img, dtype=np.uint8)) for img in load_sample_images().images)
 
 
+@lru_cache(maxsize=2)
+def _photo_pyramid(size: int, max_scale: float, levels: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """[photo][level]: each photograph downscaled (antialiased) by linspace(1, max_scale, levels) (about 40 MB)."""
+    pyramid = []
+    for photo in _sample_photos():
+        h, w = photo.shape[1:]
+        row = []
+        for s in torch.linspace(1.0, max_scale, levels).tolist():
+            hh, ww = max(size, round(h / s)), max(size, round(w / s))
+            if (hh, ww) == (h, w):
+                row.append(photo)
+            else:
+                row.append(F.interpolate(photo[None], size=(hh, ww), mode="bilinear", align_corners=False,
+                                         antialias=True)[0].contiguous())
+        pyramid.append(tuple(row))
+    return tuple(pyramid)
+
+
 def _natural32(n: int, seed: int, size: int = 32, max_scale: float = 4.0, levels: int = 25) -> torch.Tensor:
     """n random size x size crops of the bundled photographs, each from the photograph downscaled (antialiased) by
     a random factor in [1, max_scale] (quantised to ``levels`` values, so each (photo, factor) resize is done once),
     randomly flipped horizontally."""
     g = torch.Generator().manual_seed(seed)
-    photos = _sample_photos()
-    scales = torch.linspace(1.0, max_scale, levels).tolist()
-    which = torch.randint(len(photos), (n,), generator=g)
+    pyramid = _photo_pyramid(size, max_scale, levels)
+    which = torch.randint(len(pyramid), (n,), generator=g)
     level = torch.randint(levels, (n,), generator=g)
     u_top, u_left = torch.rand(n, generator=g), torch.rand(n, generator=g)
     flip = torch.rand(n, generator=g) < 0.5
     out = torch.empty(n, 3, size, size)
     ar = torch.arange(size)
-    for p, photo in enumerate(photos):
-        h, w = photo.shape[1:]
-        for lv, s in enumerate(scales):
+    for p, row in enumerate(pyramid):
+        for lv, img in enumerate(row):
             idx = torch.nonzero((which == p) & (level == lv)).flatten()
             if idx.numel() == 0:
                 continue
-            hh, ww = max(size, round(h / s)), max(size, round(w / s))
-            img = photo
-            if (hh, ww) != (h, w):
-                img = F.interpolate(photo[None], size=(hh, ww), mode="bilinear", align_corners=False,
-                                    antialias=True)[0]
+            hh, ww = img.shape[1:]
             top = (u_top[idx] * (hh - size + 1)).long().clamp_max(hh - size)
             left = (u_left[idx] * (ww - size + 1)).long().clamp_max(ww - size)
             rows = (top[:, None] + ar)[:, :, None]  # (k, size, 1)
@@ -298,6 +311,7 @@ def _cifar_root(path: str | None) -> str:
             raise FileNotFoundError(src)
         os.makedirs(local_root, exist_ok=True)
         tmp = f"{local_batches}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted copy
         fs.get(src.rstrip("/") + "/", tmp, recursive=True)
         os.replace(tmp, local_batches)
     except Exception as err:  # noqa: BLE001 -- any fsspec/network failure means "unavailable"
@@ -306,6 +320,13 @@ def _cifar_root(path: str | None) -> str:
             f"{type(err).__name__}: {err}. Extract {CIFAR10_URL} there, or set data.path to a local directory."
         ) from err
     return local_root
+
+
+def _open_cifar10(root: str, download: bool):
+    """torchvision's CIFAR-10 train split (an object with ``.data`` (N, 32, 32, 3) uint8 and ``.targets``)."""
+    from torchvision.datasets import CIFAR10
+
+    return CIFAR10(root=root, train=True, download=download)
 
 
 def _load_cifar10(cfg: DataConfig) -> DataSet:
@@ -318,9 +339,7 @@ def _load_cifar10(cfg: DataConfig) -> DataSet:
             f"test_batch, batches.meta), or set data.path to a directory that contains cifar-10-batches-py."
         )
     try:
-        from torchvision.datasets import CIFAR10
-
-        ds = CIFAR10(root=root, train=True, download=cfg.download)
+        ds = _open_cifar10(root, cfg.download)
     except Exception as err:  # noqa: BLE001 -- offline download failure or files absent
         how = "download failed" if cfg.download else "download=False"
         raise DataUnavailableError(

@@ -260,7 +260,12 @@ class PairStore:
             raise FileNotFoundError(f"no pair store at {url}")
         store = cls._zarr_store(url, opts, read_only)
         group = zarr.open_group(store=store, mode="r" if read_only else "r+")
-        missing = [k for k in ARRAYS if k not in group.array_keys()]
+        missing = []
+        for k in ARRAYS:  # look arrays up by name: listing members would trip over the done/ markers folder
+            try:
+                group[k]
+            except KeyError:
+                missing.append(k)
         if missing or group.attrs.get("convention") != CONVENTION:
             raise ValueError(f"{url} is not a pair store (missing arrays {missing} or convention attr)")
         fs, root = cls._marker_fs(url, opts)

@@ -8,6 +8,15 @@ from torch import nn
 from reflow_core.config import NetConfig
 from reflow_core.nets import MLP, UNet, build_net, count_params, set_dropout
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These nets are tiny: intra-op threads only add contention (10x slower on a busy 2-core CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMALL_UNET = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
 
 

@@ -1,0 +1,291 @@
+"""Pair store: plan, per-row seeding, resumable/idempotent simulation, dtypes, and the training sampler (CPU, fast)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reflow_core import solvers
+from reflow_core.config import PairsConfig
+from reflow_core.pairs import (
+    PairBatch, PairSampler, PairStore, PairStoreIncomplete, PairStoreMismatch, Shard, row_labels, row_noise,
+    shard_plan, simulate_shard,
+)
+
+SHAPE = (2,)
+NUM_CLASSES = 3
+
+
+def affine_v(x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    """Elementwise affine field (only + and *): bitwise independent of batch size and layout."""
+    tt = t.reshape(-1, *([1] * (x.dim() - 1)))
+    v = x * (0.5 + 0.3 * tt)
+    if label is not None:
+        v = v + 0.2 * (1.0 - tt) * label.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return v
+
+
+def smooth_v(x, t, label):
+    tt = t.reshape(-1, *([1] * (x.dim() - 1)))
+    return 0.5 * x + 0.3 * torch.tanh(x) * tt
+
+
+def cfg_for(**kw) -> PairsConfig:
+    base = dict(n_pairs=96, n_forward=32, shard_size=32, chunk_size=16, batch_size=20, solver="heun", nfe=7,
+                grid="rho", rho=1.5, dtype="float32", seed=7)
+    base.update(kw)
+    return PairsConfig(**base)
+
+
+def make_store(url, cfg: PairsConfig, shape=SHAPE, teacher_hash="abc") -> PairStore:
+    return PairStore.create_from_config(url, cfg, shape=shape, teacher_hash=teacher_hash)
+
+
+def data(n=40, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g) * 0.5 + 1.0, torch.randint(NUM_CLASSES, (n,), generator=g)
+
+
+def simulate_all(store, cfg, v=affine_v, num_classes=NUM_CLASSES, order=None):
+    x, y = data()
+    out = []
+    for k in (order if order is not None else range(len(store.plan))):
+        out.append(simulate_shard(store, store.plan[k], v, cfg=cfg, data_x=x, data_y=y, num_classes=num_classes))
+    return out
+
+
+def raw_equal(a: PairStore, b: PairStore) -> bool:
+    ra, rb = a.read_raw(slice(0, a.n)), b.read_raw(slice(0, b.n))
+    return all(ra[k].dtype == rb[k].dtype and np.array_equal(ra[k].view(np.uint8), rb[k].view(np.uint8))
+               for k in ra)
+
+
+# ------------------------------------------------------------------------------------------------ plan & seeding
+@pytest.mark.parametrize("nb,nf,s", [(10, 0, 3), (12, 5, 4), (0, 7, 7), (100, 100, 32), (5, 5, 100)])
+def test_shard_plan_covers_each_row_once(nb, nf, s):
+    plan = shard_plan(nb, nf, s)
+    seen = np.zeros(nb + nf, dtype=int)
+    for i, sh in enumerate(plan):
+        assert sh.index == i and 0 < sh.stop - sh.start <= s
+        seen[sh.start:sh.stop] += 1
+        section = 0 if sh.start < nb else 1
+        assert sh.direction == section
+        assert (sh.stop <= nb) if section == 0 else (sh.start >= nb)  # never straddles
+    assert (seen == 1).all()
+    assert [sh.start for sh in plan] == sorted(sh.start for sh in plan)
+
+
+def test_row_noise_and_labels_independent_of_layout():
+    full = row_noise(11, range(0, 20), (3, 2))
+    part = row_noise(11, range(5, 10), (3, 2))
+    assert full.shape == (20, 3, 2) and torch.equal(full[5:10], part)
+    assert torch.equal(row_noise(11, torch.tensor([9, 5]), (3, 2)), full[[9, 5]])
+    assert not torch.equal(row_noise(12, range(5, 10), (3, 2)), part)
+    assert abs(float(row_noise(0, range(4000), (1,)).std()) - 1.0) < 0.05
+    labels = row_labels(11, range(0, 20), 5)
+    assert torch.equal(labels[5:10], row_labels(11, range(5, 10), 5))
+    assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() < 5
+
+
+# ------------------------------------------------------------------------------------------------ simulation
+def test_store_independent_of_batch_size_and_shard_order(tmp_path):
+    a = make_store(str(tmp_path / "a" / "pairs.zarr"), cfg_for(batch_size=7))
+    b = make_store(f"file://{tmp_path}/b/pairs.zarr", cfg_for(batch_size=64))
+    simulate_all(a, cfg_for(batch_size=7))
+    simulate_all(b, cfg_for(batch_size=64), order=[3, 1, 0, 2])
+    assert a.is_complete() and b.is_complete() and a.pending_shards() == []
+    assert raw_equal(a, b)
+    for k in range(len(a.plan)):
+        assert a.marker(k)["sha256"] == b.marker(k)["sha256"]
+        assert a.verify_shard(k) and b.verify_shard(k)
+    batch = a.read(slice(0, a.n))
+    assert (batch.direction[:96] == 0).all() and (batch.direction[96:] == 1).all()
+    assert batch.label.min() >= 0  # all rows labelled (class-conditional)
+
+
+def test_skip_done_and_resimulate_identical(tmp_path):
+    cfg = cfg_for()
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg)
+    seen = []
+    x, y = data()
+    r = simulate_shard(s, s.plan[0], affine_v, cfg=cfg, num_classes=NUM_CLASSES,
+                       progress=lambda d, t: seen.append((d, t)))
+    assert r["shard"] == 0 and r["rows"] == 32 and r["pairs_per_s"] > 0 and not r["skipped"]
+    assert seen[-1] == (32, 32) and len(seen) == math.ceil(32 / cfg.batch_size)
+    assert s.done_shards() == {0} and s.pending_shards() == [1, 2, 3]
+    simulate_all(s, cfg)
+    before = s.read_raw(slice(0, s.n))
+    marker = s.marker(1)["sha256"]
+    assert simulate_shard(s, s.plan[1], affine_v, cfg=cfg, num_classes=NUM_CLASSES)["skipped"] is True
+    # a store re-opened from its URL sees the same state
+    assert PairStore.open(str(tmp_path / "pairs.zarr")).is_complete()
+    s.unmark(1)
+    assert s.pending_shards() == [1] and not s.verify_shard(1)
+    # corrupt the shard's bytes, then redo it: identical bytes again
+    s.write_rows(32, torch.zeros(32, *SHAPE), torch.zeros(32, *SHAPE))
+    r = simulate_shard(s, 1, affine_v, cfg=cfg, num_classes=NUM_CLASSES, data_x=x, data_y=y)
+    assert not r["skipped"]
+    after = s.read_raw(slice(0, s.n))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert s.marker(1)["sha256"] == marker and s.verify_shard(1)
+    s.write_rows(40, torch.ones(2, *SHAPE), torch.ones(2, *SHAPE))
+    assert not s.verify_shard(1)
+
+
+def test_stored_noise_reproduces_stored_sample(tmp_path):
+    cfg = cfg_for(n_forward=0, solver="euler", nfe=6, grid="uniform", rho=1.0)
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg)
+    simulate_all(s, cfg)
+    b = s.read(slice(0, s.n))
+    assert torch.equal(b.noise, row_noise(cfg.seed, range(s.n), SHAPE))
+    assert torch.equal(b.label, row_labels(cfg.seed, range(s.n), NUM_CLASSES))
+    out = solvers.sample(lambda x, t: affine_v(x, t, b.label), b.noise, cfg.nfe, cfg.solver, cfg.grid, cfg.rho)
+    torch.testing.assert_close(out, b.sample, atol=1e-5, rtol=0)
+    # the affine field's exact flow: x0 = x1 * exp(-(0.5 + 0.15)) + label term; euler with 6 steps is close-ish
+    assert (out - b.noise).abs().max() > 0.1  # something happened
+
+
+def test_forward_pairs_invert_the_data(tmp_path):
+    cfg = cfg_for(n_pairs=16, n_forward=48, shard_size=16, chunk_size=8, nfe=63, grid="uniform", rho=1.0)
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg)
+    x, y = data(n=30)
+    for sh in s.plan:
+        simulate_shard(s, sh, smooth_v, cfg=cfg, data_x=x, data_y=y, num_classes=0)
+    f = s.read(slice(16, 64))
+    assert (f.direction == 1).all()
+    # row j uses a permutation of the data set, cycled past its length; labels are the data labels
+    for j in range(48):
+        i = int(((x - f.sample[j]).abs().sum(1) == 0).nonzero()[0])
+        assert f.label[j] == y[i]
+    assert len({tuple(r.tolist()) for r in f.sample[:30]}) == 30  # first 30 rows: each data point once
+    back = solvers.sample(lambda z, t: smooth_v(z, t, None), f.noise, cfg.nfe, cfg.solver, cfg.grid, cfg.rho)
+    torch.testing.assert_close(back, f.sample, atol=1e-3, rtol=0)
+    assert (f.noise - f.sample).abs().mean() > 0.3
+
+
+def test_forward_needs_data_and_aligned_sections(tmp_path):
+    cfg = cfg_for()
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg)
+    with pytest.raises(ValueError, match="data_x"):
+        simulate_shard(s, s.plan[-1], affine_v, cfg=cfg)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        PairStore.create(str(tmp_path / "bad.zarr"), shape=SHAPE, n_backward=20, n_forward=8, chunk_size=16,
+                         shard_size=32, dtype="float32", attrs={"teacher_hash": "x"})
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3), ("float32", 0.0)])
+def test_dtype_roundtrip(tmp_path, dtype, tol):
+    shape = (1, 4, 4)
+    cfg = cfg_for(dtype=dtype, n_forward=0, n_pairs=40)
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg, shape=shape)
+    assert s.attrs["dtype"] == dtype and s.attrs["storage_dtype"] == ("uint16" if dtype == "bfloat16" else dtype)
+    g = torch.Generator().manual_seed(0)
+    for sh in s.plan:
+        noise, sample = torch.randn(sh.rows, *shape, generator=g), torch.randn(sh.rows, *shape, generator=g)
+        s.write_shard(sh, noise, sample, torch.arange(sh.rows), 0)
+        got = s.read(slice(sh.start, sh.stop))
+        assert got.noise.dtype == torch.float32 and got.label.dtype == torch.long
+        assert torch.equal(got.noise, noise.to(getattr(torch, dtype)).float())
+        torch.testing.assert_close(got.sample, sample, atol=tol * 4, rtol=tol)
+        assert torch.equal(got.label, torch.arange(sh.rows)) and s.verify_shard(sh.index)
+    assert s.is_complete()
+    # read by index (unsorted, repeated) matches slices
+    idx = torch.tensor([39, 3, 3, 17])
+    b = s.read(idx)
+    full = s.read(slice(0, 40))
+    assert torch.equal(b.noise, full.noise[idx]) and torch.equal(b.index, idx)
+
+
+def test_create_is_idempotent_and_refuses_mismatch(tmp_path):
+    url = str(tmp_path / "run" / "pairs.zarr")
+    cfg = cfg_for(n_forward=0)
+    s = make_store(url, cfg)
+    simulate_shard(s, 0, affine_v, cfg=cfg, num_classes=NUM_CLASSES)
+    again = make_store(url, cfg)  # same identity: opens, progress kept
+    assert again.done_shards() == {0} and again.n == 96
+    with pytest.raises(PairStoreMismatch) as e:
+        make_store(url, cfg, teacher_hash="other")
+    assert url in str(e.value) and "teacher_hash" in str(e.value)
+    with pytest.raises(PairStoreMismatch, match="chunk_size"):
+        make_store(url, cfg_for(n_forward=0, chunk_size=8))
+    with pytest.raises(PairStoreMismatch, match="nfe"):
+        simulate_shard(s, 1, affine_v, cfg=cfg_for(n_forward=0, nfe=9), num_classes=NUM_CLASSES)
+    with pytest.raises(FileNotFoundError):
+        PairStore.open(str(tmp_path / "nope.zarr"))
+
+
+def test_writer_error_is_raised_and_no_marker(tmp_path, monkeypatch):
+    cfg = cfg_for(n_forward=0, batch_size=8)
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg)
+
+    def boom(start, arrays):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(s, "_write_rows", boom)
+    with pytest.raises(OSError, match="disk full"):
+        simulate_shard(s, 0, affine_v, cfg=cfg, num_classes=NUM_CLASSES)
+    assert s.done_shards() == set()
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory):
+    cfg = cfg_for(n_pairs=96, n_forward=64, batch_size=64)
+    s = make_store(str(tmp_path_factory.mktemp("full") / "pairs.zarr"), cfg)
+    simulate_all(s, cfg)
+    return s
+
+
+def test_sampler_refuses_incomplete_store(tmp_path):
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg_for())
+    with pytest.raises(PairStoreIncomplete, match="pending"):
+        PairSampler(s, 8)
+
+
+def test_sampler_shapes_ratio_and_coverage(full_store):
+    with PairSampler(full_store, 10, forward_ratio=0.3, seed=1, buffer_chunks=2) as sp:
+        fwd_seen, bwd_seen = [], []
+        for _ in range(20):
+            b = next(sp)
+            assert isinstance(b, PairBatch) and b.noise.shape == (10, *SHAPE) and b.sample.shape == (10, *SHAPE)
+            assert b.noise.dtype == torch.float32 and b.label.dtype == torch.long
+            assert int((b.direction == 1).sum()) == 3 and int((b.direction == 0).sum()) == 7
+            fwd_seen += b.index[b.direction == 1].tolist()
+            bwd_seen += b.index[b.direction == 0].tolist()
+        assert all(i >= 96 for i in fwd_seen) and all(i < 96 for i in bwd_seen)
+    # backward-only: one epoch's worth of batches sees every backward row exactly once
+    with PairSampler(full_store, 12, seed=2, buffer_chunks=3) as sp:
+        rows = torch.cat([next(sp).index for _ in range(96 // 12)])
+        assert sorted(rows.tolist()) == list(range(96))
+        # the data matches a direct read
+        b = next(sp)
+        ref = full_store.read(b.index)
+        assert torch.equal(b.noise, ref.noise) and torch.equal(b.sample, ref.sample)
+    # forward-only with a batch size that does not divide the section: still one epoch covers all
+    with PairSampler(full_store, 7, forward_ratio=1.0, seed=3) as sp:
+        rows = torch.cat([next(sp).index for _ in range(math.ceil(64 / 7))])
+        assert set(rows.tolist()) == set(range(96, 160))
+
+
+def test_sampler_deterministic(full_store):
+    def take(seed, n=15):
+        with PairSampler(full_store, 9, forward_ratio=0.5, seed=seed, buffer_chunks=2, prefetch=1) as sp:
+            return [next(sp).index for _ in range(n)]
+    a, b, c = take(5), take(5), take(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_sampler_needs_forward_pairs_for_forward_ratio(tmp_path):
+    cfg = cfg_for(n_forward=0, n_pairs=32)
+    s = make_store(str(tmp_path / "pairs.zarr"), cfg)
+    simulate_all(s, cfg)
+    with pytest.raises(ValueError, match="no forward"):
+        PairSampler(s, 8, forward_ratio=0.5)
+
+
+def test_shard_dataclass_api():
+    sh = Shard(index=2, start=10, stop=15, direction=1)
+    assert sh.rows == 5 and shard_plan(3, 0, 5) == [Shard(0, 0, 3, 0)]

@@ -1,0 +1,138 @@
+"""The trainer: it learns a closed-form velocity, checkpoints atomically, resumes exactly, refuses bad losses."""
+import math
+
+import pytest
+import torch
+
+from reflow_core import storage
+from reflow_core.config import NetConfig, TrainConfig
+from reflow_core.nets import build_net
+from reflow_core.train import (Batch, CheckpointError, NonFiniteLossError, latest_checkpoint, load_checkpoint,
+                               train)
+
+MU, S = torch.tensor([2.0, -1.0]), 0.5
+
+
+def gaussian_batches(seed=0, n=256):
+    def batches(step):
+        g = torch.Generator().manual_seed(seed * 100_003 + step)
+        return Batch(MU + S * torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g))
+    return batches
+
+
+def optimal_velocity(x, t):
+    """E[x_noise - x_data | x_t = x] for x_data ~ N(mu, s^2 I), x_noise ~ N(0, I), independent coupling."""
+    t = t[:, None]
+    var = (1 - t) ** 2 * S ** 2 + t ** 2
+    cov = t - (1 - t) * S ** 2
+    return -MU + cov / var * (x - (1 - t) * MU)
+
+
+def test_mlp_learns_gaussian_optimal_velocity(tmp_path):
+    cfg = TrainConfig(steps=1500, batch_size=256, lr=2e-3, warmup=50, ckpt_every=1500, log_every=500, ema_decay=0.99)
+    net = build_net(NetConfig(kind="mlp", hidden=128, depth=3), (2,))
+    url = train(net=net, batches=gaussian_batches(), cfg=cfg, ckpt_dir=str(tmp_path / "ck"))
+    state = load_checkpoint(url)
+    net.load_state_dict(state["ema"])
+    net.eval()
+    g = torch.Generator().manual_seed(5)
+    t = 0.1 + 0.8 * torch.rand(2000, generator=g)
+    x = (1 - t[:, None]) * (MU + S * torch.randn(2000, 2, generator=g)) + t[:, None] * torch.randn(2000, 2, generator=g)
+    with torch.no_grad():
+        err = (net(x, t) - optimal_velocity(x, t)).norm(dim=1).mean()
+    scale = optimal_velocity(x, t).norm(dim=1).mean()
+    assert err / scale < 0.1, (err, scale)
+
+
+def _cfg(**kw):
+    base = dict(steps=40, batch_size=64, lr=1e-3, warmup=5, ckpt_every=10, log_every=10, ema_decay=0.9)
+    return TrainConfig(**(base | kw))
+
+
+class Recorder:
+    def __init__(self):
+        self.metrics = []
+
+    def on_metrics(self, stage, step, m):
+        self.metrics.append((stage, step, m))
+
+    def on_artifact(self, stage, path):
+        pass
+
+    def on_progress(self, stage, done, total):
+        pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Kill at step 20 (after its checkpoint), rerun: the final weights equal an uninterrupted run's."""
+    def fresh():
+        torch.manual_seed(0)
+        return build_net(NetConfig(kind="mlp", hidden=32, depth=2), (2,))
+
+    ref = load_checkpoint(train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "a")))
+    monkeypatch.setenv("REFLOW_FAULT_STAGE", "train")
+    monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "20")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "b"))
+    monkeypatch.delenv("REFLOW_FAULT_AT_STEP")
+    assert load_checkpoint(latest_checkpoint(str(tmp_path / "b")))["step"] == 20
+    rec = Recorder()
+    out = load_checkpoint(train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "b"),
+                                callback=rec))
+    assert rec.metrics[0][2]["resumed_from_step"] == 20
+    assert out["step"] == 40
+    for k in ref["net"]:
+        assert torch.equal(ref["net"][k], out["net"][k]), k
+        assert torch.equal(ref["ema"][k], out["ema"][k]), k
+
+
+def test_finished_training_is_skipped(tmp_path):
+    d = str(tmp_path / "c")
+    net = build_net(NetConfig(kind="mlp", hidden=16, depth=1), (2,))
+    url = train(net=net, batches=gaussian_batches(), cfg=_cfg(steps=10), ckpt_dir=d)
+    calls = []
+
+    def counting(step):
+        calls.append(step)
+        return gaussian_batches()(step)
+
+    assert train(net=net, batches=counting, cfg=_cfg(steps=10), ckpt_dir=d) == url
+    assert calls == []
+
+
+def test_old_checkpoints_pruned_and_latest_points_to_newest(tmp_path):
+    d = tmp_path / "d"
+    train(net=build_net(NetConfig(kind="mlp", hidden=16, depth=1), (2,)), batches=gaussian_batches(),
+          cfg=_cfg(steps=40, ckpt_every=10), ckpt_dir=str(d))
+    names = sorted(p.name for p in d.glob("ckpt-*.pt"))
+    assert names == ["ckpt-0000030.pt", "ckpt-0000040.pt"]
+    assert storage.read_json(str(d / "latest.json"))["file"] == "ckpt-0000040.pt"
+    assert not list(d.glob("*.tmp-*"))
+
+
+def test_truncated_checkpoint_is_refused_with_its_name(tmp_path):
+    d = tmp_path / "e"
+    url = train(net=build_net(NetConfig(kind="mlp", hidden=16, depth=1), (2,)), batches=gaussian_batches(),
+                cfg=_cfg(steps=10), ckpt_dir=str(d))
+    data = (d / "ckpt-0000010.pt").read_bytes()
+    (d / "ckpt-0000010.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="ckpt-0000010.pt"):
+        load_checkpoint(url)
+
+
+def test_nonfinite_losses_skipped_then_stop(tmp_path):
+    def bad(step):
+        b = gaussian_batches()(step)
+        if step % 2 == 0:
+            b.x_data[0, 0] = math.nan
+        return b
+
+    net = build_net(NetConfig(kind="mlp", hidden=16, depth=1), (2,))
+    rec = Recorder()
+    train(net=net, batches=bad, cfg=_cfg(steps=20, max_bad_steps=15), ckpt_dir=str(tmp_path / "f"), callback=rec)
+    counts = [m["nonfinite_steps"] for _, _, m in rec.metrics if "nonfinite_steps" in m]
+    assert counts[-1] == 10  # every even step skipped and counted
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    with pytest.raises(NonFiniteLossError, match="max_bad_steps"):
+        train(net=build_net(NetConfig(kind="mlp", hidden=16, depth=1), (2,)), batches=bad,
+              cfg=_cfg(steps=40, max_bad_steps=3), ckpt_dir=str(tmp_path / "g"))
