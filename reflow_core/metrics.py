@@ -251,11 +251,11 @@ class DigitFeatureNet(nn.Module):
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
@@ -297,7 +297,7 @@ def _random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> 
 def train_digit_classifier(
     x: torch.Tensor,
     y: torch.Tensor,
-    steps: int = 600,
+    steps: int = 400,
     seed: int = 0,
     *,
     batch_size: int = 128,
@@ -321,8 +321,21 @@ def train_digit_classifier(
     ys = y.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    n = xs.shape[0]
     net.train()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # a net this small gains nothing from intra-op threads, and they thrash badly on a busy machine
+        torch.set_num_threads(1)
+    try:
+        _train_loop(net, opt, sched, xs, ys, steps, batch_size, augment, gen, device)
+    finally:
+        torch.set_num_threads(threads)
+    net.eval()
+    return net
+
+
+def _train_loop(net, opt, sched, xs, ys, steps, batch_size, augment, gen, device):
+    n = xs.shape[0]
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
         xb = xs[idx]
@@ -333,8 +346,6 @@ def train_digit_classifier(
         loss.backward()
         opt.step()
         sched.step()
-    net.eval()
-    return net
 
 
 def load_or_train_digit_classifier(cache_url: str, x: torch.Tensor, y: torch.Tensor, **train_kwargs) -> DigitFeatureNet:
