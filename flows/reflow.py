@@ -30,25 +30,23 @@ STAGES = ("teacher", "pairs", "reflow", "evaluate")
 # idempotency lives in the artifacts (a Prefect cache would hide a deleted or changed artifact).
 
 
-def _run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[Any], Any]) -> Any:
+def _run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[Any], Any],
+               after: Callable[[Any, str], None] | None = None) -> Any:
     """Run one stage against its child run: FINISHED on success, FAILED (and re-raised) on error.
 
-    A stage already finished on disk is still called (reflow_core skips it and returns its output) but with a
-    silent callback, so the child run's history is not touched beyond a `reflow.skipped` tag.
+    `after(output, run_id)` logs the stage's results into the child run before it is closed. A stage already
+    finished on disk is still called (reflow_core skips it and returns its output) but with a silent callback, so
+    the child run's history is not touched beyond a `reflow.skipped` tag.
     """
-    if done:
-        out = call(NullCallback())
-        run_id = tracker.child_run_id(stage)
-        tracker.set_tags(run_id, {"reflow.skipped": "true"})
-        tracker.finish(stage, "FINISHED")
-        return out
     callback = tracker.stage_callback(stage)
     try:
-        out = call(callback)
+        out = call(NullCallback() if done else callback)
+        if after is not None and not done:
+            after(out, callback.run_id)
     except BaseException:
         tracker.finish(stage, "FAILED")
         raise
-    tracker.set_tags(callback.run_id, {"reflow.skipped": "false"})
+    tracker.set_tags(callback.run_id, {"reflow.skipped": str(done).lower()})
     tracker.finish(stage, "FINISHED")
     return out
 
@@ -64,9 +62,9 @@ def train_teacher_task(cfg: PipelineConfig, paths: pipeline.RunPaths, tracker: M
 @task(name="plan-pairs", cache_policy=NO_CACHE)
 def pair_shards_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str,
                      tracker: MlflowTracker) -> list[int]:
-    pending = list(pipeline.pair_shards(cfg, paths, teacher_ckpt))
-    run_id = tracker.child_run_id("pairs")
-    tracker.set_tags(run_id, {"reflow.pending_shards": len(pending), "reflow.teacher_checkpoint": teacher_ckpt})
+    pending = [int(k) for k in pipeline.pair_shards(cfg, paths, teacher_ckpt)]
+    tracker.set_tags(tracker.child_run_id("pairs"), {"reflow.pending_shards": len(pending),
+                                                     "reflow.teacher_checkpoint": teacher_ckpt})
     return pending
 
 
@@ -74,27 +72,24 @@ def pair_shards_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt
       cache_policy=NO_CACHE)
 def simulate_shard_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str, shard: int,
                         tracker: MlflowTracker) -> dict:
-    callback = tracker.stage_callback("pairs")
+    callback = tracker.stage_callback("pairs")  # shared by all shards: one child run for the stage
     result = pipeline.simulate_pair_shard(cfg, paths, teacher_ckpt, shard, callback=callback)
-    if not result.get("skipped"):
-        tracker.log_metrics(callback.run_id, {f"shard_{k}": v for k, v in result.items() if k != "shard"},
-                            step=shard)
+    if "rows" in result:  # reflow_core logs pairs_per_s and shard_seconds itself
+        tracker.log_metrics(callback.run_id, {"shard_rows": result["rows"]}, step=shard)
     return {"shard": shard, **result}
 
 
 @task(name="finish-pairs", cache_policy=NO_CACHE)
 def finish_pairs_task(cfg: PipelineConfig, paths: pipeline.RunPaths, tracker: MlflowTracker,
                       shard_results: list[dict]) -> str:
-    done = [r for r in shard_results if not r.get("skipped")]
-    url = _run_stage(tracker, "pairs", False, lambda cb: pipeline.finish_pairs(cfg, paths))
-    if done:
-        run_id = tracker.child_run_id("pairs")
-        rows = sum(r.get("rows", 0) for r in done)
-        seconds = sum(r.get("seconds", 0.0) for r in done)
-        tracker.log_metrics(run_id, {"rows_simulated": rows, "shard_seconds_total": seconds,
-                                     "shards_simulated": len(done)})
-        tracker.finish("pairs", "FINISHED")
-    return url
+    def after(url: str, run_id: str) -> None:
+        done = [r for r in shard_results if not r.get("skipped")]
+        tracker.log_metrics(run_id, {"shards_simulated": len(done),
+                                     "rows_simulated": sum(r.get("rows", 0) for r in done),
+                                     "simulation_seconds": sum(r.get("seconds", 0.0) for r in done)})
+        tracker.set_tags(run_id, {"reflow.pairs_url": url})
+
+    return _run_stage(tracker, "pairs", False, lambda cb: pipeline.finish_pairs(cfg, paths), after)
 
 
 @task(name="reflow-finetune", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -108,20 +103,17 @@ def reflow_finetune_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str, reflow_ckpt: str,
-                  tracker: MlflowTracker) -> list[dict]:
-    # evaluate always recomputes (it is cheap and its settings are not part of the run's identity)
-    rows = _run_stage(tracker, "evaluate", False,
-                      lambda cb: pipeline.evaluate(cfg, paths, teacher_ckpt, reflow_ckpt, callback=cb))
-    run_id = tracker.child_run_id("evaluate")
-    for row in rows:
-        # one curve per (model, solver, metric) with NFE as the step: MLflow plots quality against NFE
-        prefix = f"{row.get('model')}.{row.get('solver')}"
-        tracker.log_metrics(run_id, {f"{prefix}.{k}": v for k, v in row.items()
-                                     if k not in ("model", "solver", "nfe")}, step=int(row.get("nfe", 0)))
-    if storage.exists(paths.metrics_json):
-        tracker.log_artifact(run_id, paths.metrics_json)
-    tracker.finish("evaluate", "FINISHED")
-    return rows
+                  tracker: MlflowTracker, force: bool = False) -> list[dict]:
+    # reflow_core logs each row as metrics (step = NFE) and metrics.json + plots as artifacts through the callback.
+    # Finished means metrics.json was written with the current eval settings; `force` recomputes anyway.
+    done = not force and paths.stage_done("evaluate")
+
+    def call(cb):
+        if done:
+            return storage.read_json(paths.metrics_json)["rows"]
+        return pipeline.evaluate(cfg, paths, teacher_ckpt, reflow_ckpt, callback=cb)
+
+    return _run_stage(tracker, "evaluate", done, call)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,17 +152,18 @@ def reflow(
     """
     logger = get_run_logger()
     selected = _selected(stages)
+    needed = STAGES[: max(STAGES.index(s) for s in selected) + 1]  # stages whose outputs the selection uses
     overrides = dict(overrides or {})
     if teacher_checkpoint:
         overrides["teacher.checkpoint"] = teacher_checkpoint
     cfg = load_preset(preset, overrides)  # a ConfigError fails the flow here, before any work
     paths = pipeline.prepare_run(cfg, root, run, new=new)
 
-    for stage in STAGES:
-        if stage not in selected and stage != "evaluate" and not (stage == "teacher" and cfg.teacher.checkpoint):
-            if not paths.stage_done(stage):
-                raise ValueError(f"stage {stage!r} is not selected and has not finished under {paths.dir}; "
-                                 f"include it in `stages`")
+    upstream = [s for s in needed if s not in selected and not (s == "teacher" and cfg.teacher.checkpoint)]
+    missing = [s for s in upstream if not paths.stage_done(s)]
+    if missing:
+        raise ValueError(f"stage(s) {missing} are needed by {selected} but have not finished under {paths.dir}; "
+                         "add them to `stages`")
 
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, root)
     tracker = MlflowTracker(uri, cfg.tracking.experiment, paths.dir, run_name=paths.run)
@@ -178,40 +171,42 @@ def reflow(
     tracker.log_params(parent, cfg.model_dump(mode="json"))
     tracker.set_tags(parent, {"reflow.preset": preset, "reflow.run_dir": paths.dir,
                               "reflow.stages": ",".join(selected)})
-    logger.info("run %s: %s (MLflow parent run %s at %s)", paths.run, paths.dir, parent, uri)
+    logger.info("run %s at %s; MLflow parent run %s in %s", paths.run, paths.dir, parent, uri)
 
+    teacher_ckpt = pairs_url = reflow_ckpt = None
+    rows: list[dict] = []
     try:
-        # teacher
         if cfg.teacher.checkpoint:
             teacher_ckpt = cfg.teacher.checkpoint
-            logger.info("using the given teacher checkpoint %s", teacher_ckpt)
-        else:
+            logger.info("teacher: using the given checkpoint %s", teacher_ckpt)
+        else:  # a finished teacher is skipped inside the task
             teacher_ckpt = train_teacher_task(cfg, paths, tracker)
 
-        # pairs: one task per pending shard, at most cfg.pairs.workers at a time
-        if "pairs" in selected and not paths.stage_done("pairs"):
-            pending = pair_shards_task(cfg, paths, teacher_ckpt, tracker)
-            logger.info("pairs: %d pending shard(s), %d worker(s)", len(pending), cfg.pairs.workers)
-            results: list[dict] = []
-            if pending:
-                with ThreadPoolTaskRunner(max_workers=cfg.pairs.workers) as runner:
-                    futures = runner.map(simulate_shard_task, {
-                        "cfg": unmapped(cfg), "paths": unmapped(paths), "teacher_ckpt": unmapped(teacher_ckpt),
-                        "shard": pending, "tracker": unmapped(tracker)})
-                    results = futures.result()  # raises the first shard failure (after its retries)
-            pairs_url = finish_pairs_task(cfg, paths, tracker, results)
-        else:
-            pairs_url = paths.pairs_url
-        logger.info("pairs: %s", pairs_url)
+        if "pairs" in needed:
+            if paths.stage_done("pairs"):
+                pairs_url = paths.pairs_url
+            else:
+                pending = pair_shards_task(cfg, paths, teacher_ckpt, tracker)
+                logger.info("pairs: %d pending shard(s), %d at a time", len(pending), cfg.pairs.workers)
+                results: list[dict] = []
+                if pending:
+                    # a task runner sized by the config: at most cfg.pairs.workers shards in flight
+                    with ThreadPoolTaskRunner(max_workers=cfg.pairs.workers) as runner:
+                        futures = runner.map(simulate_shard_task, {
+                            "cfg": unmapped(cfg), "paths": unmapped(paths),
+                            "teacher_ckpt": unmapped(teacher_ckpt), "shard": pending,
+                            "tracker": unmapped(tracker)})
+                        results = futures.result()  # raises the first failed shard (after its retries)
+                pairs_url = finish_pairs_task(cfg, paths, tracker, results)
+            logger.info("pairs: %s", pairs_url)
 
-        # reflow fine-tune (a finished stage is skipped inside the task)
-        reflow_ckpt = reflow_finetune_task(cfg, paths, teacher_ckpt, tracker)
+        if "reflow" in needed:  # a finished reflow model is skipped inside the task
+            reflow_ckpt = reflow_finetune_task(cfg, paths, teacher_ckpt, tracker)
 
-        # evaluate
-        if "evaluate" in selected:
-            rows = evaluate_task(cfg, paths, teacher_ckpt, reflow_ckpt, tracker)
-        else:
-            rows = storage.read_json(paths.metrics_json) if storage.exists(paths.metrics_json) else []
+        if "evaluate" in selected:  # asked for by name: recompute even if metrics.json is current
+            rows = evaluate_task(cfg, paths, teacher_ckpt, reflow_ckpt, tracker, force=stages is not None)
+        elif storage.exists(paths.metrics_json):
+            rows = storage.read_json(paths.metrics_json)["rows"]
     except BaseException:
         tracker.finish_open("FAILED")
         raise

@@ -311,7 +311,7 @@ class MlflowStageCallback:
         self.progress_every = progress_every
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
-        self._last_progress: dict[int, float] = {}
+        self._last_progress: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def on_metrics(self, stage: str, step: int, metrics: dict[str, float]) -> None:
@@ -331,12 +331,12 @@ class MlflowStageCallback:
         if total <= 0:
             return
         frac = done / total
-        with self._lock:
-            last = self._last_progress.get(total, -1.0)
-            if frac < 1.0 and frac - last < self.progress_every:
+        with self._lock:  # keyed by the reported stage: shards report "pairs/shard3"
+            last = self._last_progress.get(stage, -1.0)
+            if frac < 1.0 and 0.0 <= frac - last < self.progress_every:
                 return
-            self._last_progress[total] = frac
-            self._buffer.append(Metric(_clean_key(f"{self.stage}_progress"), frac, _now_ms(), int(done)))
+            self._last_progress[stage] = frac
+            self._buffer.append(Metric(_clean_key(f"{stage}_progress"), frac, _now_ms(), int(done)))
         self.flush()
 
     def flush(self) -> None:

@@ -166,8 +166,9 @@ class PipelineConfig(_Strict):
         return self
 
     def identity(self) -> dict:
-        """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused."""
-        return self.model_dump(include={"data", "net", "teacher", "pairs"})
+        """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused.
+        (eval and tracking may change: evaluation is redone when its settings differ.)"""
+        return self.model_dump(include={"data", "net", "teacher", "pairs", "reflow"})
 
 
 class ConfigError(ValueError):

@@ -342,11 +342,11 @@ def _plots(cfg, paths, ds, models, noise, label, real, rows, samples, metric, de
         k = min(256, noise.shape[0])
         trajs = {}
         for name, net in models.items():
-            pts = [noise[:k].to(dev)]
-            solvers.euler(velocity(net), noise[:k].to(dev), solvers.time_grid(64),
-                          callback=lambda i, t, x, v: pts.append(x) if i > 0 else None)
-            pts.append(samples[(name, "euler", max(nfes))][:k].to(dev) if ("euler" in cfg.eval.solvers) else pts[-1])
-            trajs[name] = torch.stack([p.cpu() for p in pts])
+            pts = []
+            end = solvers.euler(velocity(net), noise[:k].to(dev), solvers.time_grid(64),
+                                callback=lambda i, t, x, v: pts.append(x.cpu()))
+            pts.append(end.cpu())
+            trajs[name] = torch.stack(pts)
         out.append(plots.trajectory_plot(trajs, real[:2000], storage.join(paths.eval_dir, "trajectories.png")))
         one = {f"{m} (1 NFE)": samples[(m, "euler", 1)] for m in models if (m, "euler", 1) in samples}
         if one:

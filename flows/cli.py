@@ -1,0 +1,179 @@
+"""`reflow` command line: run the pipeline, sample a trained model, open the MLflow UI, list presets.
+
+    reflow run --preset toy2d --root ./runs --run demo --set teacher.train.steps=500 --set eval.nfes=[1,2,4]
+    reflow run --preset toy2d --root ./runs --run demo --stages evaluate
+    reflow sample --root ./runs --run demo --model reflow --nfe 2 --solver euler --n 1000 --out samples.npy
+    reflow ui --root ./runs
+    reflow presets
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from typing import Any
+
+import yaml
+
+from reflow_core.config import ConfigError, load_preset, preset_names
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs -> overrides; values are YAML (`3`, `1e-4`, `true`, `[1, 2]`, `null`, `text`)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: cannot parse {value!r} as YAML ({err})") from None
+        if isinstance(parsed, str) and _FLOAT.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        out[key.strip()] = parsed
+    return out
+
+
+def parse_stages(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = parse_sets(args.set)
+    stages = parse_stages(args.stages)
+    load_preset(args.preset, overrides)  # fail fast with a clear message, before Prefect starts
+    if args.local:
+        from reflow_core import pipeline
+        from reflow_core.callbacks import ConsoleCallback
+
+        if stages or args.new or args.teacher_checkpoint:
+            print("note: --local runs all stages of the run; --stages/--new/--teacher-checkpoint are flow options",
+                  file=sys.stderr)
+        cfg = load_preset(args.preset, overrides)
+        rows = pipeline.run_local(cfg, args.root, args.run, callback=ConsoleCallback(), device=args.device)
+        for row in rows:
+            print(row)
+        return 0
+
+    # No PREFECT_API_URL: Prefect starts a temporary local API server for this process (ephemeral mode). Its
+    # telemetry heartbeat only adds database-lock noise to a short local run, so it is off unless asked for.
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.reflow import reflow
+
+    result = reflow(preset=args.preset, overrides=overrides or None, root=args.root, run=args.run, new=args.new,
+                    stages=stages, teacher_checkpoint=args.teacher_checkpoint)
+    for row in result.get("metrics", []):
+        print(row)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from reflow_core import pipeline
+
+    cfg = _run_config(args.root, args.run)
+    paths = pipeline.prepare_run(cfg, args.root, args.run)
+    x = pipeline.sample_model(paths, args.model, args.nfe, args.solver, args.n, args.seed, args.device)
+    arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.save(out, arr)
+    print(f"saved {arr.shape} samples ({args.model}, {args.solver}, NFE {args.nfe}) to {out}")
+    return 0
+
+
+def _run_config(root: str, run: str):
+    """The validated config stored with an existing run."""
+    from reflow_core import storage
+    from reflow_core.config import validate
+
+    url = storage.join(root, run, "config.json")
+    if not storage.exists(url):
+        raise ConfigError(f"no run {run!r} under {root} ({url} not found)")
+    return validate(storage.read_json(url), url)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from flows.tracking import resolve_tracking_uri, ui_command
+
+    uri = resolve_tracking_uri(args.uri, args.root)
+    cmd = ui_command(uri)
+    print(cmd)
+    if args.print_only or uri.startswith(("http://", "https://")):
+        return 0
+    argv = shlex.split(cmd) + ["--port", str(args.port)]
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")  # the mlflow next to this interpreter
+    if os.path.exists(exe):
+        argv[0] = exe
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reflow", description="ReFlow (rectified flow) pipeline")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run or resume a pipeline (a Prefect flow; --local: plain Python)")
+    r.add_argument("--preset", default="toy2d", help="preset name or YAML path (see `reflow presets`)")
+    r.add_argument("--root", default="./runs", help="root of all runs: a directory or fsspec URL (s3://...)")
+    r.add_argument("--run", default=None, help="run name; reuse it to resume (default: a new name)")
+    r.add_argument("--new", action="store_true", help="refuse to reuse an existing run directory")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")
+    r.add_argument("--stages", default=None, help="comma-separated subset of teacher,pairs,reflow,evaluate")
+    r.add_argument("--teacher-checkpoint", default=None, help="use this teacher checkpoint instead of training")
+    r.add_argument("--local", action="store_true", help="run the stages in this process without Prefect")
+    r.add_argument("--device", default=None, help="--local only: torch device (default: cuda if available)")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("sample", help="draw samples from a trained model of a run")
+    s.add_argument("--root", default="./runs")
+    s.add_argument("--run", required=True)
+    s.add_argument("--model", choices=["teacher", "reflow"], default="reflow")
+    s.add_argument("--nfe", type=int, default=1)
+    s.add_argument("--solver", choices=["euler", "heun"], default="euler")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output .npy file")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_cmd_sample)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on the tracking store of a root")
+    u.add_argument("--root", default="./runs")
+    u.add_argument("--uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI, else the root's sqlite)")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--print-only", action="store_true", help="print the command without starting the UI")
+    u.set_defaults(func=_cmd_ui)
+
+    ps = sub.add_parser("presets", help="list the preset names")
+    ps.set_defaults(func=_cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

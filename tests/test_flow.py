@@ -1,0 +1,261 @@
+"""The Prefect flow end to end with real Prefect (a temporary API server), real MLflow (sqlite in tmp_path) and the
+real reflow_core pipeline on a tiny toy2d configuration; plus resume after an injected fault, and the CLI's
+configuration errors.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows import cli, tracking
+from flows import reflow as reflow_module
+from reflow_core import storage
+from reflow_core.config import ConfigError
+
+STAGES = {"teacher", "pairs", "reflow", "evaluate"}
+
+# small enough for a contended 2-CPU runner; all four stages still do real work
+TINY = {
+    "data.n_train": 2000,
+    "net.hidden": 64, "net.depth": 2,
+    "teacher.train.steps": 200, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 50,
+    "teacher.train.log_every": 20,
+    "pairs.n_pairs": 2000, "pairs.shard_size": 1000, "pairs.chunk_size": 500, "pairs.batch_size": 500,
+    "pairs.nfe": 15, "pairs.workers": 2,
+    "reflow.train.steps": 200, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 50,
+    "reflow.train.log_every": 20,
+    "eval.n_samples": 500, "eval.nfes": [1, 2], "eval.straightness_steps": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect API server (SQLite) for this module's flow runs (no telemetry: offline and quiet)."""
+    old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # read by the server subprocess
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("REFLOW_FAULT_STAGE", raising=False)
+    monkeypatch.delenv("REFLOW_FAULT_AT_STEP", raising=False)
+
+
+def _runs(uri: str, experiment: str = "reflow"):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {uri}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    return client, parents, children
+
+
+def _artifact_names(client: MlflowClient, run_id: str) -> set[str]:
+    return {os.path.basename(a.path) for a in client.list_artifacts(run_id)}
+
+
+def test_flow_logs_parent_and_stage_runs(tmp_path, prefect_api, clean_env):
+    root = str(tmp_path / "runs")
+    t0 = time.perf_counter()
+    result = reflow_module.reflow(preset="toy2d", overrides=TINY, root=root, run="tiny")
+    print(f"flow: {time.perf_counter() - t0:.1f}s")
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"  # default store for a local root
+    assert result["mlflow_tracking_uri"] == uri
+    assert result["ui"] == f"mlflow ui --backend-store-uri {uri}"
+    assert result["run_dir"] == str(tmp_path / "runs" / "tiny")
+    assert storage.exists(result["metrics_json"])
+    assert {(r["model"], r["nfe"]) for r in result["metrics"]} == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
+
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id == result["mlflow_run_id"]
+    assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
+    stored = storage.read_json(storage.join(result["run_dir"], tracking.RUN_FILE))
+    assert stored["run_id"] == parent.info.run_id
+
+    # params: the flattened config, nothing secret-looking
+    params = parent.data.params
+    assert params["pairs.n_pairs"] == "2000" and params["teacher.train.steps"] == "200"
+    assert params["eval.nfes"] == "[1, 2]"
+    assert not [k for k in params if any(s in k.lower() for s in ("secret", "key", "token", "password"))]
+
+    by_stage = {c.info.run_name: c for c in children}
+    assert set(by_stage) == STAGES and len(children) == 4
+    for stage, run in by_stage.items():
+        assert run.data.tags[tracking.PARENT_TAG] == parent.info.run_id
+        assert run.data.tags[tracking.STAGE_TAG] == stage
+        assert run.info.status == "FINISHED", stage
+
+    for stage in ("teacher", "reflow"):
+        loss = client.get_metric_history(by_stage[stage].info.run_id, "loss")
+        assert len(loss) >= 5, (stage, loss)
+        assert sorted(m.step for m in loss)[-1] == 200
+        assert by_stage[stage].data.metrics[f"{stage}_progress"] == 1.0
+    assert "pairs_per_s" in by_stage["pairs"].data.metrics
+    assert by_stage["pairs"].data.metrics["rows_simulated"] == 2000
+
+    arts = _artifact_names(client, by_stage["evaluate"].info.run_id)
+    assert "metrics.json" in arts
+    assert any(a.endswith(".png") for a in arts), arts
+    assert any(k.startswith("reflow_euler_") for k in by_stage["evaluate"].data.metrics)
+
+    # a second call is a no-op resume: every stage is found finished, same parent and children, no new runs
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "runs" / "tiny" / "teacher" / "*.pt"))}
+    again = reflow_module.reflow(preset="toy2d", overrides=TINY, root=root, run="tiny", stages=None)
+    assert again["mlflow_run_id"] == parent.info.run_id
+    _, parents2, children2 = _runs(uri)
+    assert len(parents2) == 1 and len(children2) == 4
+    assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
+
+
+def _stage_files(run_dir):
+    files = glob.glob(os.path.join(run_dir, "teacher", "*")) + glob.glob(os.path.join(run_dir, "pairs.zarr", "done", "*"))
+    return {p: os.path.getmtime(p) for p in files}
+
+
+def test_resume_after_fault_in_reflow_stage(tmp_path, monkeypatch, prefect_api, clean_env):
+    """A fault mid-way through the reflow stage fails the flow; the re-run skips the teacher and the pairs, resumes
+    the reflow training from its checkpoint and logs into the same MLflow parent run."""
+    root = str(tmp_path / "runs")
+    run_dir = str(tmp_path / "runs" / "faulty")
+    # no task-level retry here: the retry would resume and succeed inside the first flow run
+    monkeypatch.setattr(reflow_module, "reflow_finetune_task",
+                        reflow_module.reflow_finetune_task.with_options(retries=0))
+    monkeypatch.setenv("REFLOW_FAULT_STAGE", "reflow")
+    monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "100")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        reflow_module.reflow(preset="toy2d", overrides=TINY, root=root, run="faulty")
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    first_parent = parents[0].info.run_id
+    by_stage = {c.info.run_name: c for c in children}
+    assert by_stage["reflow"].info.status == "FAILED"
+    assert by_stage["teacher"].info.status == "FINISHED" and by_stage["pairs"].info.status == "FINISHED"
+    assert "evaluate" not in by_stage
+    before = _stage_files(run_dir)
+    assert any("/done/" in p for p in before) and any(p.endswith(".pt") for p in before)
+
+    monkeypatch.delenv("REFLOW_FAULT_STAGE")
+    monkeypatch.delenv("REFLOW_FAULT_AT_STEP")
+    result = reflow_module.reflow(preset="toy2d", overrides=TINY, root=root, run="faulty")
+
+    assert result["mlflow_run_id"] == first_parent
+    assert _stage_files(run_dir) == before  # teacher checkpoints and pair shard markers untouched
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_stage = {c.info.run_name: c for c in children}
+    assert set(by_stage) == STAGES and len(children) == 4  # the reflow child run was reused, not duplicated
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert by_stage["teacher"].data.tags.get("reflow.skipped") == "true"
+    resumed = client.get_metric_history(by_stage["reflow"].info.run_id, "resumed_from_step")
+    assert max(m.value for m in resumed) == 100.0, resumed
+    loss_steps = sorted(m.step for m in client.get_metric_history(by_stage["reflow"].info.run_id, "loss"))
+    assert loss_steps[0] <= 100 < loss_steps[-1] == 200
+
+
+def test_invalid_config_fails_before_any_work(tmp_path, prefect_api, clean_env):
+    root = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="chunk_size"):
+        reflow_module.reflow(preset="toy2d", overrides={**TINY, "pairs.chunk_size": 3000}, root=str(root), run="bad")
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_subset_needs_finished_upstream(tmp_path, prefect_api, clean_env):
+    with pytest.raises(ValueError, match="needed by"):
+        reflow_module.reflow(preset="toy2d", overrides=TINY, root=str(tmp_path / "runs"), run="s",
+                             stages=["evaluate"])
+
+
+# --- no Prefect needed below -----------------------------------------------------------------------------------
+
+def test_cli_config_error_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--preset", "toy2d", "--root", str(tmp_path), "--set", "pairs.nfe=4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "pairs" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--preset", "no-such-preset", "--root", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_cli_set_values_are_yaml():
+    assert cli.parse_sets(["a.b=3", "c=1e-4", "d=true", "e=[1, 2]", "f=null", "g=moons"]) == {
+        "a.b": 3, "c": 1e-4, "d": True, "e": [1, 2], "f": None, "g": "moons"}
+    assert cli.parse_stages("teacher, pairs") == ["teacher", "pairs"]
+    with pytest.raises(ConfigError):
+        cli.parse_sets(["novalue"])
+
+
+def test_cli_presets_and_ui(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["presets"]) == 0
+    assert "toy2d" in capsys.readouterr().out.split()
+    assert cli.main(["ui", "--root", str(tmp_path), "--print-only"]) == 0
+    assert capsys.readouterr().out.strip() == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_tracking_uri_resolution_and_params(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri("http://mlflow:5000", str(tmp_path)) == "http://mlflow:5000"
+    assert tracking.resolve_tracking_uri(None, f"file://{tmp_path}") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.resolve_tracking_uri(None, "s3://bucket/reflow") == "sqlite:///./mlruns.db"
+    assert "warning" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
+    assert tracking.resolve_tracking_uri(None, str(tmp_path)) == "sqlite:////elsewhere.db"
+
+    params = tracking.loggable_params({"a": {"b": 1, "api_key": "x", "aws_secret": "y"}, "Token": "z",
+                                       "long": "v" * 10_000, "lst": [1, 2]})
+    assert params == {"a.b": "1", "long": "v" * 6000, "lst": "[1, 2]"}
+
+
+def test_tracker_reuses_parent_and_stage_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = str(tmp_path / "run")
+    t1 = tracking.MlflowTracker(uri, "exp", run_dir)
+    parent = t1.parent_run_id()
+    cb = t1.stage_callback("teacher")
+    for step in range(1, 6):
+        cb.on_metrics("teacher", step, {"loss": 1.0 / step})
+    cb.on_progress("teacher", 5, 5)
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG")
+    cb.on_artifact("teacher", str(png))
+    t1.finish("teacher", "FAILED")
+
+    t2 = tracking.MlflowTracker(uri, "exp", run_dir)  # a resumed pipeline in a new process
+    assert t2.parent_run_id() == parent
+    assert t2.child_run_id("teacher") == cb.run_id
+    t2.finish("teacher", "FINISHED")
+    t2.finish(None, "FINISHED")
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(cb.run_id, "loss")] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    assert client.get_run(cb.run_id).data.metrics["teacher_progress"] == 1.0
+    assert _artifact_names(client, cb.run_id) == {"plot.png"}
+    assert client.get_run(cb.run_id).info.status == "FINISHED"
+
+    # a stored id that this tracking store does not know is replaced by a new parent run
+    other = tracking.MlflowTracker(f"sqlite:///{tmp_path / 'other.db'}", "exp", run_dir)
+    new_parent = other.parent_run_id()
+    assert new_parent != parent
+    assert json.loads((tmp_path / "run" / tracking.RUN_FILE).read_text())["run_id"] == new_parent
