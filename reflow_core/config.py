@@ -20,7 +20,8 @@ GridName = Literal["uniform", "rho"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # NaN / inf are never a valid setting (an inf huber_scale or rho would pass a `gt=0` bound)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -84,6 +85,10 @@ class TrainConfig(_Strict):
     hpf: float = Field(0.0, ge=0.0, description="high-pass emphasis of the residual (Simple ReFlow #3), 0 = off")
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="CFG: drop class labels with this probability")
     max_bad_steps: int = Field(20, ge=1, description="non-finite losses tolerated before training stops")
+    compile: bool = Field(False, description="torch.compile the forward pass (eager fallback with a warning)")
+    channels_last: bool = Field(False, description="NHWC memory format for image nets (ignored for MLPs)")
+    nproc: int = Field(1, ge=1, le=64, description="processes (GPUs) per stage; > 1 launches torchrun with DDP; "
+                                                  "batch_size is per process")
 
 
 class TeacherConfig(_Strict):
@@ -104,6 +109,17 @@ class PairsConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 1234
     workers: int = Field(1, ge=1, description="shards simulated concurrently")
+    amp: bool = Field(False, description="bf16 autocast for the teacher's velocity (state x stays float32)")
+    compile: bool = Field(False, description="torch.compile the teacher for sampling (eager fallback with a warning)")
+    cuda_graph: bool = Field(False, description="replay each velocity evaluation from a CUDA graph (CUDA only)")
+    engine: Literal["threads", "dask"] = Field(
+        "threads", description="shard fan-out in the Prefect flow: threads on this machine (one GPU per worker, "
+        "round-robin) or a Dask cluster through prefect-dask (pip install -e '.[dask]')")
+    dask_address: str | None = Field(
+        None, description="engine='dask': scheduler address (tcp://host:8786); None = a LocalCluster of `workers` "
+        "processes with one thread each. Credentials never go here: workers read them from their environment")
+    zarr_shards: bool = Field(False, description="zarr 3 sharding codec: one object per pair shard holding its chunks")
+    compress: bool = Field(False, description="zstd-compress noise/sample chunks (random floats barely compress)")
 
     @model_validator(mode="after")
     def _check(self) -> "PairsConfig":
@@ -129,14 +145,45 @@ class EvalConfig(_Strict):
     rho: float = Field(1.0, gt=0.0, le=20.0)
     n_samples: int = Field(2_000, ge=16)
     straightness_steps: int = Field(64, ge=2)
-    teacher_reference_nfe: int = Field(0, ge=0, description="also evaluate the teacher at this NFE (0 = off)")
     inception_weights: str | None = Field(None, description="local Inception weights for FID (offline use)")
     seed: int = 2024
+    models: list[Literal["teacher", "reflow"]] = Field(default_factory=lambda: ["teacher", "reflow"],
+                                                       description="which models to evaluate")
+    # per-NFE grids (Simple ReFlow #7): `rhos` from reflow_core.tuning.search_rho, or a user's own `times`
+    rhos: list[float] | None = Field(None, description="one rho per entry of nfes (grid='rho'); overrides rho")
+    times: list[float] | None = Field(None, description="a user grid 1 -> 0 (strictly decreasing, both ends "
+                                                        "included); every (solver, NFE) must then take "
+                                                        "len(times) - 1 steps")
+    # guidance: v = v_guide + w (v_cond - v_guide); a guided velocity costs 2 network evaluations
+    guidance: Literal["none", "cfg", "autoguidance"] = Field(
+        "none", description="cfg: guide = same net with the null label; autoguidance: guide = a weaker checkpoint")
+    guidance_weight: float = Field(1.0, ge=0.0, le=20.0, description="w; 1 = the conditional model, 0 = the guide")
+    guide_checkpoint: str | None = Field(None, description="autoguidance's weaker model; default: teacher/guide.pt "
+                                                           "(teacher EMA at 1/4 of training)")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
         if not self.nfes or any(n < 1 for n in self.nfes):
             raise ValueError(f"eval.nfes must be a non-empty list of positive ints, got {self.nfes}")
+        if not self.models:
+            raise ValueError("eval.models must name at least one of 'teacher', 'reflow'")
+        if self.rhos is not None:
+            if len(self.rhos) != len(self.nfes) or any(not 0.0 < r <= 20.0 for r in self.rhos):
+                raise ValueError(f"eval.rhos must hold one rho in (0, 20] per entry of eval.nfes {self.nfes}, "
+                                 f"got {self.rhos}")
+            if self.grid != "rho":
+                raise ValueError("eval.rhos needs eval.grid='rho'")
+        if self.times is not None:
+            t = self.times
+            if len(t) < 2 or t[0] != 1.0 or t[-1] != 0.0 or any(b >= a for a, b in zip(t, t[1:])):
+                raise ValueError(f"eval.times must run strictly down from 1.0 to 0.0, got {t}")
+            per = 2 if self.guidance != "none" else 1
+            steps = len(t) - 1
+            for s in self.solvers:
+                want = per * (steps if s == "euler" else 2 * steps - 1)
+                bad = [n for n in self.nfes if n != want]
+                if bad:
+                    raise ValueError(f"eval.times has {steps} steps, so {s} costs {want} NFE; eval.nfes has {bad}")
         return self
 
 
@@ -201,13 +248,52 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineCon
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {preset_names()} or give a YAML path")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is {node!r}, not a section")
         node[leaf] = value
     return validate(raw, str(path))
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from the models so the reference cannot drift from the code."""
+    out = ["# Configuration reference", "",
+           "Generated by `python -m reflow_core.config > docs/configuration.md` (a test checks it is current).",
+           "Presets live in `deployments/presets/*.yaml`; override any field with `--set section.field=value`.", ""]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows, subs = [], []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                subs.append((ann, f"{prefix}{name}."))
+                continue
+            bounds = [f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
+                      if getattr(m, k, None) is not None]
+            default = f.default_factory() if f.default_factory is not None else f.default
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            typ = typ.replace("|", "\\|")  # a pipe inside a table cell must be escaped, even in code
+            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {', '.join(bounds)} | "
+                        f"{(f.description or '').replace('|', '/')} |")
+        if rows:
+            out.extend([f"## `{prefix.rstrip('.') or 'pipeline'}` ({model.__name__})", "",
+                        "| field | type | default | range | meaning |", "|---|---|---|---|---|", *rows, ""])
+        for sub, p in subs:
+            walk(sub, p)
+
+    walk(PipelineConfig, "")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -15,12 +15,12 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from . import metrics, plots, solvers, storage
+from . import accel, distributed, metrics, plots, solvers, storage
 from .callbacks import Callback, NullCallback
 from .config import ConfigError, PipelineConfig
 from .data import DataSet, load_data, real_reference, sample_batch
 from .nets import build_net, set_dropout
-from .pairs import PairSampler, PairStore, simulate_shard
+from .pairs import PairSampler, PairStore, PairStoreMismatch, simulate_shard
 from .train import Batch, CheckpointError, latest_checkpoint, load_checkpoint, train
 
 STAGES = ("teacher", "pairs", "reflow", "evaluate")
@@ -48,7 +48,7 @@ class RunPaths:
                    storage.join(d, "eval", "metrics.json"))
 
     def config(self) -> PipelineConfig:
-        return PipelineConfig.model_validate(storage.read_json(self.config_json))
+        return read_run_config(self.config_json)
 
     def stage_done(self, stage: str) -> bool:
         cfg = self.config()
@@ -62,6 +62,39 @@ class RunPaths:
             return storage.exists(self.metrics_json) and \
                 storage.read_json(self.metrics_json).get("eval_config") == cfg.eval.model_dump()
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+
+
+def read_run_config(url: str) -> PipelineConfig:
+    """A run's config.json, validated; a truncated/corrupt or invalid file is a ConfigError naming it."""
+    from .config import validate
+    try:
+        raw = storage.read_json(url)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{url} is not valid JSON (truncated or corrupt: {e}); restore it, or delete it to have "
+                          "`reflow run` write it again from the preset and --set options the run was started "
+                          "with (or use another --run NAME)") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{url}: top level must be a JSON object; restore or delete it")
+    return validate(raw, url)
+
+
+def reset_stage(paths: "RunPaths", stage: str) -> list[str]:
+    """Delete the artifacts of `stage` and of every later stage (--redo-stage STAGE), so the next run redoes them.
+
+    A given teacher checkpoint (teacher.checkpoint) is never touched: only what lives under the run directory.
+    Returns the URLs removed."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    owned = {"teacher": [paths.teacher_dir], "pairs": [paths.pairs_url], "reflow": [paths.reflow_dir],
+             "evaluate": [paths.eval_dir]}
+    removed = []
+    for s in STAGES[STAGES.index(stage):]:
+        for url in owned[s]:
+            fs, path = storage.fs_and_path(url)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+                removed.append(url)
+    return removed
 
 
 def _final(ckpt_dir: str, steps: int) -> bool:
@@ -88,7 +121,7 @@ def prepare_run(cfg: PipelineConfig, root: str, run: str | None = None, *, new: 
     run = run or cfg.name
     paths = RunPaths.of(root, run)
     if storage.exists(paths.config_json):
-        old = PipelineConfig.model_validate(storage.read_json(paths.config_json))
+        old = read_run_config(paths.config_json)
         changes = _diff(old.identity(), cfg.identity())
         if changes and not new:
             raise ConfigError(f"run {paths.dir} exists with a different configuration:\n  " + "\n  ".join(changes)
@@ -156,6 +189,8 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths, callback: Callback | Non
     if cfg.teacher.checkpoint:
         load_checkpoint(cfg.teacher.checkpoint)  # fail now, clearly, if it is unusable
         return cfg.teacher.checkpoint
+    if cfg.teacher.train.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this function
+        return distributed.launch_torchrun(cfg.teacher.train.nproc, "teacher", cfg.model_dump_json(), paths.dir)
     ds, tc = dataset(cfg), cfg.teacher.train
     y = ds.y if cfg.net.class_cond else None
 
@@ -166,8 +201,46 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths, callback: Callback | Non
         return Batch(ds.x[idx], torch.randn((tc.batch_size, *ds.shape), generator=g), label)
 
     net = build_net(cfg.net, ds.shape, ds.num_classes)
+    _guide_snapshot(cfg, paths, lambda c: train(net=net, batches=batches, cfg=c, ckpt_dir=paths.teacher_dir,
+                                                stage="teacher", meta=_meta(cfg, ds), callback=callback,
+                                                device=default_device(device)))
     return train(net=net, batches=batches, cfg=tc, ckpt_dir=paths.teacher_dir, stage="teacher",
                  meta=_meta(cfg, ds), callback=callback, device=default_device(device))
+
+
+GUIDE_FILE = "guide.pt"
+
+
+def _guide_snapshot(cfg: PipelineConfig, paths: RunPaths, train_to) -> None:
+    """AutoGuidance's weaker model: keep the teacher's EMA at 1/4 of training as teacher/guide.pt.
+
+    Trains to step steps // 4 first (train() resumes, so the full run continues from there with the same optimizer,
+    EMA, RNG and batches as an uninterrupted one), then copies that checkpoint's EMA. Skipped when the snapshot
+    exists or the teacher is already past that step (then give eval.guide_checkpoint explicitly)."""
+    tc = cfg.teacher.train
+    guide_url, guide_step = storage.join(paths.teacher_dir, GUIDE_FILE), max(1, tc.steps // 4)
+    if guide_step >= tc.steps or storage.exists(guide_url):
+        return
+    latest = latest_checkpoint(paths.teacher_dir)
+    if latest is not None and load_checkpoint(latest)["step"] > guide_step:
+        return
+    import io
+    state = load_checkpoint(train_to(tc.model_copy(update={"steps": guide_step})))
+    buf = io.BytesIO()
+    torch.save({"ema": state["ema"], "net": state["ema"], "step": state["step"], "meta": state["meta"],
+                "train_config": state["train_config"]}, buf)
+    storage.atomic_write_bytes(guide_url, buf.getvalue())
+
+
+def guide_checkpoint(cfg: PipelineConfig, teacher_ckpt: str) -> str:
+    """eval.guide_checkpoint, else guide.pt beside the teacher checkpoint (written by train_teacher)."""
+    if cfg.eval.guide_checkpoint:
+        return cfg.eval.guide_checkpoint
+    url = storage.join(teacher_ckpt.rsplit("/", 1)[0], GUIDE_FILE)
+    if not storage.exists(url):
+        raise ConfigError(f"eval.guidance='autoguidance' needs a weaker model: no {url} (teacher trained before the "
+                          f"guide snapshot existed, or given as teacher.checkpoint); set eval.guide_checkpoint")
+    return url
 
 
 # --- stage 2: pairs ------------------------------------------------------------------------------------------------
@@ -180,13 +253,26 @@ def open_pair_store(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str) -> 
     pc, ds = cfg.pairs, dataset(cfg)
     attrs = {"teacher_hash": _teacher_hash(teacher_ckpt), "teacher_checkpoint": teacher_ckpt, "solver": pc.solver,
              "nfe": pc.nfe, "grid": pc.grid, "rho": pc.rho, "seed": pc.seed}
-    return PairStore.create(paths.pairs_url, shape=tuple(ds.shape), n_backward=pc.n_pairs, n_forward=pc.n_forward,
-                            chunk_size=pc.chunk_size, shard_size=pc.shard_size, dtype=pc.dtype, attrs=attrs)
+    try:
+        return PairStore.create(paths.pairs_url, shape=tuple(ds.shape), n_backward=pc.n_pairs,
+                                n_forward=pc.n_forward, chunk_size=pc.chunk_size, shard_size=pc.shard_size,
+                                dtype=pc.dtype, attrs=attrs, zarr_shards=pc.zarr_shards, compress=pc.compress)
+    except PairStoreMismatch as e:  # e.g. teacher.checkpoint now holds another teacher: never mix its pairs in
+        raise PairStoreMismatch(f"{e}\nrerun with --redo-stage pairs to simulate them again") from None
 
 
 def pair_shards(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str) -> list[int]:
     """Create the store if needed (refusing one written by another teacher); return the shards still to do."""
     return open_pair_store(cfg, paths, teacher_ckpt).pending_shards()
+
+
+def shard_device(shard: int, device=None) -> torch.device:
+    """The device for pair shard k: the given one; else cuda:{k % n_gpus} when GPUs are visible (shards running
+    concurrently on one machine spread over its GPUs; a Dask worker limited to one GPU sees only cuda:0); else cpu."""
+    if device is not None:
+        return torch.device(device)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(f"cuda:{shard % n}") if n else torch.device("cpu")
 
 
 def simulate_pair_shard(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str, shard: int,
@@ -196,12 +282,21 @@ def simulate_pair_shard(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str,
     sh = store.plan[shard]
     if shard in store.done_shards():
         return {"shard": shard, "skipped": True}
-    dev = default_device(device)
+    dev = shard_device(shard, device)
     net = load_model(teacher_ckpt, device=dev)
-    ds = dataset(cfg)
+    ds, pc = dataset(cfg), cfg.pairs
+    if pc.compile:
+        x = torch.randn((min(pc.batch_size, sh.rows), *ds.shape), device=dev)
+        lab = torch.zeros(x.shape[0], dtype=torch.long, device=dev) if cfg.net.class_cond else None
+        with accel.autocast(dev, pc.amp):
+            net = accel.prepare_model(net, compile=True, example=(x, torch.ones(x.shape[0], device=dev), lab))
 
-    def v(x, t, label):
-        return net(x, t, label).float()
+    def v(x, t, label):  # bf16 velocity when pairs.amp; the solver keeps x in float32
+        with accel.autocast(dev, pc.amp, cache_enabled=False):
+            return net(x, t, label).float()
+
+    if pc.cuda_graph:
+        v = accel.GraphedVelocity(v)
 
     out = simulate_shard(store, sh, v, cfg=cfg.pairs, data_x=ds.x, data_y=ds.y if cfg.net.class_cond else None,
                          num_classes=ds.num_classes if cfg.net.class_cond else 0, device=dev,
@@ -211,11 +306,39 @@ def simulate_pair_shard(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str,
     return out
 
 
-def finish_pairs(cfg: PipelineConfig, paths: RunPaths) -> str:
+class PairStoreCorrupt(RuntimeError):
+    """Stored pairs whose bytes no longer match the sha256 in their shard's done marker."""
+
+
+def verify_pairs(store: PairStore, shards: list[int] | None = None) -> list[str]:
+    """Re-hash every (or the given) finished shard against its marker; the problems found, one line each."""
+    bad = []
+    for k in (range(len(store.plan)) if shards is None else shards):
+        sh = store.plan[k]
+        chunks = f"chunks {sh.start // store.chunk_size}..{(sh.stop - 1) // store.chunk_size}"
+        try:
+            ok = store.verify_shard(k)
+        except Exception as e:  # noqa: BLE001 - a truncated chunk object fails to decode
+            bad.append(f"shard {k} (rows [{sh.start}, {sh.stop}), {chunks}): unreadable ({type(e).__name__}: {e})")
+            continue
+        if not ok:
+            bad.append(f"shard {k} (rows [{sh.start}, {sh.stop}), {chunks}): "
+                       + ("no done marker" if store.marker(k) is None else "sha256 differs from its done marker"))
+    return bad
+
+
+def finish_pairs(cfg: PipelineConfig, paths: RunPaths, verify: bool = True) -> str:
+    """The pair store's URL once every shard is done; verify=True also re-hashes every shard against its marker
+    (a truncated or corrupt chunk is caught here, before training reads it)."""
     store = PairStore.open(paths.pairs_url)
     missing = store.pending_shards()
     if missing:
         raise RuntimeError(f"pair store {paths.pairs_url} is missing shards {missing}; rerun the pairs stage")
+    if verify:
+        bad = verify_pairs(store)
+        if bad:
+            raise PairStoreCorrupt(f"pair store {paths.pairs_url} failed verification:\n  " + "\n  ".join(bad)
+                                   + "\nrerun with --redo-stage pairs (reflow run ... --redo-stage pairs)")
     return paths.pairs_url
 
 
@@ -227,7 +350,7 @@ def simulate_pairs(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str, call
     for i, k in enumerate(pending):
         simulate_pair_shard(cfg, paths, teacher_ckpt, k, cb, device)
         cb.on_progress("pairs", i + 1, len(pending))
-    return finish_pairs(cfg, paths)
+    return finish_pairs(cfg, paths, verify=False)  # verified before training, in reflow_finetune
 
 
 # --- stage 3: reflow -----------------------------------------------------------------------------------------------
@@ -235,17 +358,21 @@ def simulate_pairs(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str, call
 def reflow_finetune(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str, callback: Callback | None = None,
                     device=None) -> str:
     """2-rectified flow: regress the straight line between each stored (noise, sample) pair, from the teacher's EMA."""
-    store = PairStore.open(finish_pairs(cfg, paths))
+    store = PairStore.open(finish_pairs(cfg, paths, verify=not paths.stage_done("reflow")))
     if store.attrs.get("teacher_hash") != _teacher_hash(teacher_ckpt):
         raise RuntimeError(f"pairs at {paths.pairs_url} were made by another teacher than {teacher_ckpt}; "
                            f"refusing to mix them (rerun with --redo-stage pairs)")
     rc, ds = cfg.reflow.train, dataset(cfg)
+    if cfg.reflow.train.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this function
+        return distributed.launch_torchrun(cfg.reflow.train.nproc, "reflow", cfg.model_dump_json(), paths.dir,
+                                           teacher=teacher_ckpt)
     net = load_model(teacher_ckpt, ema=True).train()
     if cfg.reflow.dropout is not None:
         set_dropout(net, cfg.reflow.dropout)
     start = latest_checkpoint(paths.reflow_dir)
     start_step = load_checkpoint(start)["step"] if start else 0
-    sampler = PairSampler(store, rc.batch_size, forward_ratio=cfg.reflow.forward_ratio, seed=rc.seed + start_step)
+    sampler = PairSampler(store, rc.batch_size, forward_ratio=cfg.reflow.forward_ratio, seed=rc.seed + start_step
+                          + 1_000_003 * distributed.rank())  # DDP: each rank its own pair stream
     class_cond = cfg.net.class_cond
 
     def batches(step: int) -> Batch:
@@ -270,16 +397,65 @@ def eval_noise(shape: tuple, n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
+def guided_velocity(net: nn.Module, label: torch.Tensor | None, guidance: str = "none", weight: float = 1.0,
+                    guide: nn.Module | None = None) -> solvers.Velocity:
+    """The velocity to integrate: net itself, or v = v_guide + w (v_cond - v_guide) (two network calls each).
+
+    cfg: v_guide = the same net with the null label (net.null_label), v_cond = net with `label`;
+    autoguidance: v_guide = the weaker `guide` net with the same label."""
+    if guidance == "none":
+        return velocity(net, label)
+    if guidance == "cfg":
+        if getattr(net, "label_emb", None) is None or label is None:
+            raise ConfigError("eval.guidance='cfg' needs a class-conditional net (net.class_cond: true) and labels")
+        null = torch.full_like(label, int(net.null_label))
+        return solvers.guided(velocity(net, label), velocity(net, null), weight)
+    if guidance == "autoguidance":
+        if guide is None:
+            raise ConfigError("eval.guidance='autoguidance' needs a guide network (eval.guide_checkpoint)")
+        return solvers.guided(velocity(net, label), velocity(guide, label), weight)
+    raise ValueError(f"unknown guidance {guidance!r}; choose 'none', 'cfg' or 'autoguidance'")
+
+
 @torch.no_grad()
 def generate(net: nn.Module, noise: torch.Tensor, nfe: int, solver: str, grid: str = "uniform", rho: float = 1.0,
-             label: torch.Tensor | None = None, batch_size: int = 1000, device=None) -> torch.Tensor:
+             label: torch.Tensor | None = None, batch_size: int = 1000, device=None, *, times: list[float] | None = None,
+             guidance: str = "none", guidance_weight: float = 1.0, guide: nn.Module | None = None,
+             return_nfe: bool = False):
+    """Samples from `noise` with `nfe` *network* evaluations per sample (guided: the solver gets nfe / 2 velocity
+    evaluations, each calling two networks). return_nfe=True also returns the network evaluations counted on the
+    first batch (a check of the accounting, not a formula)."""
     dev = default_device(device)
-    out = []
+    guided = guidance != "none"
+    n_solver = solvers.solver_nfe_for_budget(solver, nfe, guided)
+    if n_solver is None:
+        raise ValueError(f"{nfe} NFE cannot be spent exactly by {solver}{' with guidance (2 NFE a velocity)' if guided else ''}")
+    out, counted = [], None
     for i in range(0, noise.shape[0], batch_size):
         lab = None if label is None else label[i:i + batch_size].to(dev)
-        x = solvers.sample(velocity(net, lab), noise[i:i + batch_size].to(dev), nfe, solver, grid, rho)
+        counter = _CountingNet(net)
+        gcount = _CountingNet(guide) if guide is not None else None
+        v = guided_velocity(counter, lab, guidance, guidance_weight, gcount)
+        x = solvers.sample(v, noise[i:i + batch_size].to(dev), n_solver, solver, grid, rho, times)
+        if counted is None:
+            counted = counter.calls + (gcount.calls if gcount is not None else 0)
         out.append(x.cpu())
-    return torch.cat(out)
+    x = torch.cat(out)
+    return (x, counted) if return_nfe else x
+
+
+class _CountingNet(nn.Module):
+    """Counts forward calls of a network (one per batch evaluation); passes null_label/label_emb through."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.calls = net, 0
+        self.null_label = getattr(net, "null_label", None)
+        self.label_emb = getattr(net, "label_emb", None)
+
+    def forward(self, x, t, label=None):
+        self.calls += 1
+        return self.net(x, t, label)
 
 
 def _labels(ds: DataSet, class_cond: bool, n: int, seed: int) -> torch.Tensor | None:
@@ -292,25 +468,38 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str, reflow_ckp
              callback: Callback | None = None, device=None) -> list[dict]:
     """Quality per (model, solver, NFE) from the same noise, straightness per model; metrics.json and plots."""
     cb, ec, ds, dev = callback or NullCallback(), cfg.eval, dataset(cfg), default_device(device)
-    models = {"teacher": load_model(teacher_ckpt, device=dev), "reflow": load_model(reflow_ckpt, device=dev)}
+    ckpts = {"teacher": teacher_ckpt, "reflow": reflow_ckpt}
+    models = {m: load_model(ckpts[m], device=dev) for m in ("teacher", "reflow") if m in ec.models}
+    guided = ec.guidance != "none"
+    guide = load_model(guide_checkpoint(cfg, teacher_ckpt), device=dev) if ec.guidance == "autoguidance" else None
     noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
     label = _labels(ds, cfg.net.class_cond, ec.n_samples, ec.seed)
     real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(ec.seed + 2))
     quality = _quality_fn(cfg, ds, paths, real)
-    combos = [(s, n) for s in ec.solvers for n in ec.nfes if s == "euler" or n % 2 == 1]
+    # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
+    # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
+    rho_of = dict(zip(ec.nfes, ec.rhos)) if ec.rhos is not None else {}
+    combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
     rows, samples, total = [], {}, len(models) * len(combos)
     for name, net in models.items():
         s = metrics.straightness(lambda x, t: velocity(net, None if label is None else label.to(dev))(x, t),
                                  noise.to(dev), steps=ec.straightness_steps)
         for solver, nfe in combos:
             t0 = time.perf_counter()
-            x = generate(net, noise, nfe, solver, ec.grid, ec.rho, label, device=dev)
+            rho = rho_of.get(nfe, ec.rho)
+            x, counted = generate(net, noise, nfe, solver, ec.grid, rho, label, device=dev, times=ec.times,
+                                  guidance=ec.guidance, guidance_weight=ec.guidance_weight, guide=guide,
+                                  return_nfe=True)
+            assert counted == nfe, (solver, nfe, counted)  # the accounting is measured, not assumed
             row = {"model": name, "nfe": nfe, "solver": solver, "straightness": float(s), **quality(x),
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "steps": solvers.steps_for_nfe(
+                       solver, solvers.solver_nfe_for_budget(solver, nfe, guided)),
+                   "grid": "list" if ec.times else ec.grid, "rho": rho, "guidance": ec.guidance,
+                   "guidance_weight": ec.guidance_weight if guided else 1.0}
             rows.append(row)
             samples[(name, solver, nfe)] = x
             cb.on_metrics("evaluate", nfe, {f"{name}_{solver}_{k}": v for k, v in row.items()
-                                            if isinstance(v, float) and k != "seconds"})
+                                            if isinstance(v, float) and k not in ("seconds", "rho", "guidance_weight")})
             cb.on_progress("evaluate", len(rows), total)
     metric = "sliced_w2" if ds.kind == "toy" else ("fd_digits" if ds.name == "digits" else "fid")
     storage.write_json(paths.metrics_json, {"rows": rows, "metric": metric, "eval_config": ec.model_dump(),
@@ -376,8 +565,11 @@ def model_checkpoint(paths: RunPaths, model: str) -> str:
 
 
 def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, seed: int, device=None,
-                 label: int | None = None) -> torch.Tensor:
-    """n samples in data space (toy: (n, 2); images: (n, C, H, W) in [-1, 1]), from noise seeded by `seed`."""
+                 label: int | None = None, *, guidance: str | None = None, guidance_weight: float | None = None,
+                 grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
+    """n samples in data space (toy: (n, 2); images: (n, C, H, W) in [-1, 1]), from noise seeded by `seed`.
+
+    nfe counts network evaluations; guidance (default: the run's eval.guidance / guidance_weight) costs 2 a step."""
     dev = default_device(device)
     net = load_model(model_checkpoint(paths, model), device=dev)
     cfg = paths.config()
@@ -385,14 +577,23 @@ def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, see
     lab = None
     if cfg.net.class_cond:
         lab = torch.full((n,), label) if label is not None else _labels(ds, True, n, seed)
-    x = generate(net, eval_noise(ds.shape, n, seed), nfe, solver, label=lab, device=dev)
+    g = cfg.eval.guidance if guidance is None else guidance
+    w = cfg.eval.guidance_weight if guidance_weight is None else guidance_weight
+    guide = None
+    if g == "autoguidance":
+        guide = load_model(guide_checkpoint(cfg, model_checkpoint(paths, "teacher")), device=dev)
+    x = generate(net, eval_noise(ds.shape, n, seed), nfe, solver, grid, rho, label=lab, device=dev,
+                 guidance=g, guidance_weight=w, guide=guide)
     return x.clamp(-1, 1) if ds.kind == "image" else x
 
 
 def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: Callback | None = None,
-              device=None, new: bool = False) -> list[dict]:
-    """All four stages in this process, in order, each skipped when its artifacts say it is done."""
+              device=None, new: bool = False, redo_stages: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """All four stages in this process, in order, each skipped when its artifacts say it is done.
+    redo_stages: delete these stages' artifacts (and later stages') first (`reset_stage`)."""
     paths = prepare_run(cfg, root, run, new=new)
+    for stage in redo_stages:
+        reset_stage(paths, stage)
     teacher = train_teacher(cfg, paths, callback, device)
     simulate_pairs(cfg, paths, teacher, callback, device)
     reflow = reflow_finetune(cfg, paths, teacher, callback, device)
