@@ -76,3 +76,14 @@ def sample_time(kind: str, n: int, generator: torch.Generator | None = None, par
     else:
         raise ValueError(f"unknown time distribution {kind!r}; choose one of {TIME_DISTS}")
     return t.clamp(0.0, 1.0).to(torch.float32).to(device)
+
+
+def from_original_rf(v_rf):
+    """The one adapter for the original Rectified Flow code's convention (t = 0 noise, t = 1 data, v = data - noise).
+
+    Its x at time s is ours at t = 1 - s, and its velocity is the negative of ours, so
+    v_ours(x, t) = -v_rf(x, 1 - t). Wrap an imported model (or a pair generator) with this once, at the boundary.
+    """
+    def v(x: torch.Tensor, t: torch.Tensor, *args) -> torch.Tensor:
+        return -v_rf(x, 1 - t, *args)
+    return v
