@@ -2,6 +2,7 @@
 
     reflow run --preset toy2d --root ./runs --run demo --set teacher.train.steps=500 --set eval.nfes=[1,2,4]
     reflow run --preset toy2d --root ./runs --run demo --stages evaluate
+    reflow run --preset toy2d --root ./runs --run demo --redo-stage pairs
     reflow sample --root ./runs --run demo --model reflow --nfe 2 --solver euler --n 1000 --out samples.npy
     reflow ui --root ./runs
     reflow presets
@@ -58,7 +59,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print("note: --local runs all stages of the run; --stages/--new/--teacher-checkpoint are flow options",
                   file=sys.stderr)
         cfg = load_preset(args.preset, overrides)
-        rows = pipeline.run_local(cfg, args.root, args.run, callback=ConsoleCallback(), device=args.device)
+        rows = pipeline.run_local(cfg, args.root, args.run, callback=ConsoleCallback(), device=args.device,
+                                  redo_stages=args.redo_stage or ())
         for row in rows:
             print(row)
         return 0
@@ -70,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.reflow import reflow
 
     result = reflow(preset=args.preset, overrides=overrides or None, root=args.root, run=args.run, new=args.new,
-                    stages=stages, teacher_checkpoint=args.teacher_checkpoint)
+                    stages=stages, teacher_checkpoint=args.teacher_checkpoint, redo_stages=args.redo_stage or None)
     for row in result.get("metrics", []):
         print(row)
     return 0
@@ -95,12 +97,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _run_config(root: str, run: str):
     """The validated config stored with an existing run."""
     from reflow_core import storage
-    from reflow_core.config import validate
+    from reflow_core.pipeline import read_run_config
 
     url = storage.join(root, run, "config.json")
     if not storage.exists(url):
         raise ConfigError(f"no run {run!r} under {root} ({url} not found)")
-    return validate(storage.read_json(url), url)
+    return read_run_config(url)  # truncated / invalid JSON: a ConfigError naming the file
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")
     r.add_argument("--stages", default=None, help="comma-separated subset of teacher,pairs,reflow,evaluate")
     r.add_argument("--teacher-checkpoint", default=None, help="use this teacher checkpoint instead of training")
+    r.add_argument("--redo-stage", action="append", choices=["teacher", "pairs", "reflow", "evaluate"],
+                   metavar="STAGE", help="delete this stage's artifacts (and those of later stages) first, so they "
+                   "are redone: teacher, pairs, reflow or evaluate (repeatable)")
     r.add_argument("--local", action="store_true", help="run the stages in this process without Prefect")
     r.add_argument("--device", default=None, help="--local only: torch device (default: cuda if available)")
     r.set_defaults(func=_cmd_run)

@@ -11,6 +11,7 @@ its latest checkpoint, and MLflow logging continues in the same parent run.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -76,7 +77,29 @@ def simulate_shard_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_c
     result = pipeline.simulate_pair_shard(cfg, paths, teacher_ckpt, shard, callback=callback)
     if "rows" in result:  # reflow_core logs pairs_per_s and shard_seconds itself
         tracker.log_metrics(callback.run_id, {"shard_rows": result["rows"]}, step=shard)
+    callback.flush()  # in a Dask worker process nobody else flushes this process's buffer
     return {"shard": shard, **result}
+
+
+def pair_task_runner(cfg: PipelineConfig):
+    """(task runner, context for the submissions) of the pair-shard fan-out: `pairs.workers` threads, or with
+    engine='dask' a DaskTaskRunner (prefect-dask): a LocalCluster of `workers` processes with one thread each, or
+    the cluster at `pairs.dask_address`, where each shard asks for one `GPU` resource when CUDA is available
+    (start workers with `dask worker ADDRESS --nthreads 1 --resources GPU=1`, one per GPU)."""
+    pc = cfg.pairs
+    if pc.engine == "threads":
+        return ThreadPoolTaskRunner(max_workers=pc.workers), contextlib.nullcontext()
+    try:
+        import dask
+        from prefect_dask import DaskTaskRunner
+    except ImportError as e:
+        raise ImportError("pairs.engine='dask' needs prefect-dask: pip install -e '.[dask]'") from e
+    if pc.dask_address:
+        import torch
+        gpu = dask.annotate(resources={"GPU": 1}) if torch.cuda.is_available() else contextlib.nullcontext()
+        return DaskTaskRunner(address=pc.dask_address), gpu
+    return DaskTaskRunner(cluster_kwargs={"n_workers": pc.workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None}), contextlib.nullcontext()
 
 
 @task(name="finish-pairs", cache_policy=NO_CACHE)
@@ -89,7 +112,8 @@ def finish_pairs_task(cfg: PipelineConfig, paths: pipeline.RunPaths, tracker: Ml
                                      "simulation_seconds": sum(r.get("seconds", 0.0) for r in done)})
         tracker.set_tags(run_id, {"reflow.pairs_url": url})
 
-    return _run_stage(tracker, "pairs", False, lambda cb: pipeline.finish_pairs(cfg, paths), after)
+    # the shard hashes are checked once, before training reads the pairs (reflow_finetune)
+    return _run_stage(tracker, "pairs", False, lambda cb: pipeline.finish_pairs(cfg, paths, verify=False), after)
 
 
 @task(name="reflow-finetune", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -138,6 +162,7 @@ def reflow(
     new: bool = False,
     stages: list[str] | None = None,
     teacher_checkpoint: str | None = None,
+    redo_stages: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a ReFlow pipeline.
 
@@ -149,6 +174,8 @@ def reflow(
         new: refuse to reuse an existing run directory (a fresh run).
         stages: run only these stages (the others must already be finished under this run).
         teacher_checkpoint: start from this teacher checkpoint instead of training one.
+        redo_stages: delete these stages' artifacts (and those of every later stage) before running, so they are
+            redone (e.g. ["pairs"] after a corrupt pair store); their MLflow child runs are reused.
     """
     logger = get_run_logger()
     selected = _selected(stages)
@@ -158,6 +185,8 @@ def reflow(
         overrides["teacher.checkpoint"] = teacher_checkpoint
     cfg = load_preset(preset, overrides)  # a ConfigError fails the flow here, before any work
     paths = pipeline.prepare_run(cfg, root, run, new=new)
+    for stage in _selected(redo_stages) if redo_stages else []:
+        logger.info("redo: removed %s", pipeline.reset_stage(paths, stage))
 
     upstream = [s for s in needed if s not in selected and not (s == "teacher" and cfg.teacher.checkpoint)]
     missing = [s for s in upstream if not paths.stage_done(s)]
@@ -190,8 +219,9 @@ def reflow(
                 logger.info("pairs: %d pending shard(s), %d at a time", len(pending), cfg.pairs.workers)
                 results: list[dict] = []
                 if pending:
-                    # a task runner sized by the config: at most cfg.pairs.workers shards in flight
-                    with ThreadPoolTaskRunner(max_workers=cfg.pairs.workers) as runner:
+                    # sized by the config: at most cfg.pairs.workers shards in flight (threads or Dask workers)
+                    runner, annotations = pair_task_runner(cfg)
+                    with runner, annotations:
                         futures = runner.map(simulate_shard_task, {
                             "cfg": unmapped(cfg), "paths": unmapped(paths),
                             "teacher_ckpt": unmapped(teacher_ckpt), "shard": pending,

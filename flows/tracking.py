@@ -139,6 +139,18 @@ class MlflowTracker:
         self._children: dict[str, str] = {}
         self._callbacks: dict[str, MlflowStageCallback] = {}
 
+    def __getstate__(self) -> dict:
+        # picklable for process-based task runners (prefect-dask): settings and run ids travel; the client, the
+        # lock and the per-process metric buffers are made anew on the other side
+        state = {k: v for k, v in self.__dict__.items() if k not in ("client", "_lock")}
+        state["_callbacks"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        self._lock = threading.RLock()
+
     # -- runs ---------------------------------------------------------------------------------------------------
     @property
     def experiment_id(self) -> str:

@@ -126,7 +126,7 @@ class PairsConfig(_Strict):
         if self.chunk_size > self.shard_size:
             raise ValueError(f"pairs.chunk_size ({self.chunk_size}) must be <= pairs.shard_size ({self.shard_size})")
         if self.shard_size % self.chunk_size:
-            raise ValueError(f"pairs.shard_size ({self.shard_size}) must be a multiple of chunk_size ({self.chunk_size})")
+            raise ValueError(f"pairs.shard_size ({self.shard_size}) must be a multiple of pairs.chunk_size ({self.chunk_size})")
         if self.solver == "heun" and self.nfe % 2 == 0:
             raise ValueError(f"pairs.nfe must be odd for heun (N steps cost 2N-1 NFE), got {self.nfe}")
         return self
@@ -207,7 +207,7 @@ class PipelineConfig(_Strict):
         if self.data.name == "toy2d" and self.net.kind != "mlp":
             raise ValueError("net.kind must be 'mlp' for data.name='toy2d'")
         if self.data.name != "toy2d" and self.net.kind != "unet":
-            raise ValueError(f"net.kind must be 'unet' for image data ({self.data.name})")
+            raise ValueError(f"net.kind must be 'unet' for image data (data.name={self.data.name!r})")
         if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:
             raise ValueError("reflow.forward_ratio > 0 needs pairs.n_forward > 0")
         return self

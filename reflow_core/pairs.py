@@ -64,6 +64,40 @@ class PairStoreIncomplete(RuntimeError):
     """The store still has pending shards (raised by readers that need all of it)."""
 
 
+class PairWriteError(RuntimeError):
+    """A write to the pair store kept failing (disk full, object store unavailable) after its retries."""
+
+
+# writes of array regions and markers are retried on storage errors: WRITE_TRIES attempts, sleeping
+# WRITE_BACKOFF_S * 2**i between them (0.5, 1, 2 s), then PairWriteError
+WRITE_TRIES = 4
+WRITE_BACKOFF_S = 0.5
+
+
+def _retryable(err: BaseException) -> bool:
+    """Storage errors worth retrying: OSError (ENOSPC, EIO, connection resets, fsspec/s3fs errors mapped to
+    OSError) and botocore-style ClientError / EndpointConnectionError, found by class name (no botocore import)."""
+    if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(names & {"ClientError", "BotoCoreError", "EndpointConnectionError", "ConnectionError"})
+
+
+def _with_retries(fn: Callable[[], None], url: str, what: str) -> None:
+    for attempt in range(WRITE_TRIES):
+        try:
+            fn()
+            return
+        except Exception as err:  # noqa: BLE001 - filtered by _retryable
+            if not _retryable(err):
+                raise
+            if attempt == WRITE_TRIES - 1:
+                raise PairWriteError(f"writing {what} of the pair store {url} failed after {WRITE_TRIES} tries "
+                                     f"({type(err).__name__}: {err}); the shard has no done marker and is redone on "
+                                     "the next run (free disk space / check the object store, then rerun)") from err
+            time.sleep(WRITE_BACKOFF_S * 2 ** attempt)
+
+
 # --------------------------------------------------------------------------------------------------- seeding
 def _splitmix64(z: int) -> int:
     z = (z + 0x9E3779B97F4A7C15) & _MASK64
@@ -273,12 +307,20 @@ class PairStore:
 
     @classmethod
     def create(cls, url: str, *, shape: Sequence[int], n_backward: int, n_forward: int, chunk_size: int,
-               shard_size: int, dtype: str, attrs: dict, storage_options: dict | None = None) -> "PairStore":
+               shard_size: int, dtype: str, attrs: dict, storage_options: dict | None = None,
+               zarr_shards: bool = False, compress: bool = False) -> "PairStore":
         """Create the store, or open it if one with the same structure and identity attrs exists (resume).
 
         Raises PairStoreMismatch if an existing store differs (shape, counts, chunk/shard size, dtype, or any of
         IDENTITY_ATTRS present in either). Create the store once before starting concurrent writers; they then
-        `open` (or `create`, which opens) it."""
+        `open` (or `create`, which opens) it.
+
+        zarr_shards: noise/sample use zarr 3's sharding codec with one shard object per pair shard (shard_size
+        rows, chunk_size-row inner chunks): n / shard_size objects instead of n / chunk_size, same values. A pair
+        shard is then written in one piece (a partial write of a zarr shard rewrites the whole object), and the
+        backward/forward boundary must fall on a shard boundary so no two writers share an object.
+        compress: zstd (level 1) on noise/sample chunks. Both are layout choices of a new store only: an existing
+        store keeps its own (values read back identical either way)."""
         shape = [int(s) for s in shape]
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -293,6 +335,10 @@ class PairStore:
                 f"n_backward ({n_backward}) must be a multiple of chunk_size ({chunk_size}) when n_forward > 0, "
                 "so that no zarr chunk holds both backward and forward rows (concurrent shard writers would race "
                 "on it); round n_pairs up to a multiple of chunk_size")
+        if zarr_shards and n_forward > 0 and n_backward % shard_size:
+            raise ValueError(
+                f"zarr_shards needs n_backward ({n_backward}) to be a multiple of shard_size ({shard_size}) when "
+                "n_forward > 0 (the last backward and first forward pair shards would share one zarr shard object)")
         structure = {"shape": shape, "n_backward": int(n_backward), "n_forward": int(n_forward),
                      "chunk_size": int(chunk_size), "shard_size": int(shard_size), "dtype": dtype}
         wanted = {**dict(attrs), "convention": CONVENTION}
@@ -318,12 +364,16 @@ class PairStore:
             **wanted, **structure,
             "storage_dtype": storage_dtype,
             "shard_size": int(shard_size),
+            "zarr_shards": bool(zarr_shards),
+            "compress": bool(compress),
             "created_by": wanted.get("created_by", "reflow_core.pairs"),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
+        compressors = [zarr.codecs.ZstdCodec(level=1)] if compress else None
+        shards = (int(shard_size), *shape) if zarr_shards else None
         for name in ("noise", "sample"):
-            group.create_array(name, shape=(n, *shape), chunks=(chunk_size, *shape), dtype=storage_dtype,
-                               fill_value=0, compressors=None, overwrite=True)
+            group.create_array(name, shape=(n, *shape), chunks=(chunk_size, *shape), shards=shards,
+                               dtype=storage_dtype, fill_value=0, compressors=compressors, overwrite=True)
         group.create_array("label", shape=(n,), chunks=(chunk_size,), dtype="int64", fill_value=-1, overwrite=True)
         group.create_array("direction", shape=(n,), chunks=(chunk_size,), dtype="int8", fill_value=0,
                            overwrite=True)
@@ -338,7 +388,7 @@ class PairStore:
                  "rho": cfg.rho, "seed": cfg.seed, **(extra_attrs or {})}
         return cls.create(url, shape=shape, n_backward=cfg.n_pairs, n_forward=cfg.n_forward,
                           chunk_size=cfg.chunk_size, shard_size=cfg.shard_size, dtype=cfg.dtype, attrs=attrs,
-                          storage_options=storage_options)
+                          storage_options=storage_options, zarr_shards=cfg.zarr_shards, compress=cfg.compress)
 
     # ---- properties
     @property
@@ -427,7 +477,10 @@ class PairStore:
         obj = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "direction": shard.direction,
                "rows": shard.rows, "sha256": digests, "written_at": time.time(), **(extra or {})}
         data = json.dumps(obj, indent=2, sort_keys=True).encode()
-        path = self._marker_path(shard.index)
+        _with_retries(lambda: self._put_marker(self._marker_path(shard.index), data), self.url,
+                      f"shard {shard.index} done marker")
+
+    def _put_marker(self, path: str, data: bytes) -> None:
         if isinstance(self._fs, LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -467,8 +520,11 @@ class PairStore:
     def _write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Raw region write (no marker). Callers keep regions chunk-aligned so no two writers share a chunk."""
         stop = start + int(arrays["noise"].shape[0])
+        shard = next((s.index for s in self._plan if s.start <= start < s.stop), None)
         for k in ARRAYS:
-            self._arrays[k][start:stop] = arrays[k]
+            def write(k=k):
+                self._arrays[k][start:stop] = arrays[k]
+            _with_retries(write, self.url, f"shard {shard} array {k!r} rows [{start}, {stop})")
 
     def write_rows(self, start: int, noise, sample, label=None, direction: int | torch.Tensor = BACKWARD) -> None:
         """Write rows [start, start + len(noise)) without marking anything done (partial writes, tests)."""
@@ -566,6 +622,8 @@ class _ShardWriter:
     def _flush(self, final: bool) -> None:
         if not self._pending_rows:
             return
+        if not final and self.store.attrs.get("zarr_shards"):
+            return  # one zarr shard object per pair shard: write it once, at the end
         end = self._pending_start + self._pending_rows
         c = self.store.chunk_size
         upto = end if final else self._pending_start + ((end - self._pending_start) // c) * c

@@ -137,3 +137,28 @@ def guided(v_cond: Velocity, v_guide: Velocity, w: float) -> Velocity:
         a, b = v_cond(x, t), v_guide(x, t)
         return b + w * (a - b)
     return fn
+
+
+# --- NFE accounting with guidance -----------------------------------------------------------------------------------
+# `nfe` everywhere in metrics means *network* evaluations. A guided velocity calls two networks (the conditional
+# one and the guide), so a guided Euler step costs 2 NFE and guided Heun with N steps costs 2 (2N - 1).
+
+def network_nfe(solver: str, steps: int, guided: bool = False) -> int:
+    """Network evaluations of `steps` solver steps (x2 when every velocity is guided)."""
+    return nfe_for_steps(solver, steps) * (2 if guided else 1)
+
+
+def solver_nfe_for_budget(solver: str, nfe: int, guided: bool = False) -> int | None:
+    """The solver's velocity-evaluation count for a budget of `nfe` network evaluations, or None when the budget
+    cannot be met exactly (guided: odd budgets; heun: an even number of velocity evaluations)."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    per = 2 if guided else 1
+    if nfe % per:
+        return None
+    n = nfe // per
+    if solver == "heun" and n % 2 == 0:
+        return None
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    return n

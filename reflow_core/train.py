@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import storage
+from . import accel, distributed, storage
 from .callbacks import Callback, NullCallback
 from .config import TrainConfig
 from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
@@ -78,7 +78,9 @@ def save_checkpoint(ckpt_dir: str, state: dict, keep: int = 2) -> str:
     storage.write_json(storage.join(ckpt_dir, "latest.json"),
                        {"step": state["step"], "file": name, "sha256": storage.sha256(data), "bytes": len(data)})
     fs, path = storage.fs_and_path(ckpt_dir)
-    old = sorted(p for p in fs.ls(path, detail=False) if re.search(r"ckpt-\d+\.pt$", p))[:-keep]
+    names = fs.ls(path, detail=False)
+    old = sorted(p for p in names if re.search(r"ckpt-\d+\.pt$", p))[:-keep]
+    old += [p for p in names if re.search(r"\.tmp-[0-9a-f]{8}$", p)]  # left by a writer killed mid-write
     for p in old:
         fs.rm(p)
     return url
@@ -134,8 +136,9 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
     batches(step) -> Batch on any device; meta (net config, data shape, ...) is stored in every checkpoint so a
     checkpoint is loadable on its own (nanoGPT's model_args).
     """
-    cb = callback or NullCallback()
-    device = torch.device(device)
+    dinfo = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: DDP; otherwise a no-op
+    cb = callback if (callback is not None and dinfo.is_main) else NullCallback()  # rank 0 reports
+    device = distributed.device_for(dinfo, torch.device(device))
     net = net.to(device)
     ema = copy.deepcopy(ema_init if ema_init is not None else net).to(device).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -156,22 +159,46 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
     def checkpoint() -> str:
-        return save_checkpoint(ckpt_dir, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                          "step": step, "bad_steps": bad, "rng": torch.get_rng_state(),
-                                          "train_config": cfg.model_dump(), "meta": meta or {}})
+        # always from `net` (the plain module), never from the DDP/compiled wrapper: its keys load anywhere
+        url = storage.join(ckpt_dir, f"ckpt-{step:07d}.pt")
+        if dinfo.is_main:
+            url = save_checkpoint(ckpt_dir, {"net": net.state_dict(), "ema": ema.state_dict(),
+                                             "opt": opt.state_dict(), "step": step, "bad_steps": bad,
+                                             "rng": torch.get_rng_state(), "train_config": cfg.model_dump(),
+                                             "meta": meta or {}})
+        distributed.barrier(dinfo)
+        return url
+
+    # The module the forward pass calls: channels_last / DDP / torch.compile wrappers around `net`, which keeps the
+    # parameters (optimizer, EMA, clipping and checkpoints all use `net`). Built at the first step, probing the
+    # compiled module on that step's shapes (falls back to eager with a warning when compilation fails).
+    fwd: nn.Module | None = None
+
+    def forward_module(b: Batch) -> nn.Module:
+        base = distributed.wrap_ddp(accel.prepare_model(net, channels_last=cfg.channels_last), dinfo, device)
+        if not cfg.compile:
+            return base
+        t = torch.full((b.x_data.shape[0],), 0.5, device=device)
+        with amp:
+            return accel.prepare_model(base, compile=True, example=(b.x_data, t, b.label), probe_backward=True)
 
     net.train()
     t0, seen, url = time.perf_counter(), 0, latest
     while step < cfg.steps:
-        gen.manual_seed(cfg.seed * 1_000_003 + step)  # the step's time draws depend on the step alone
-        b = batches(step)
-        b = Batch(b.x_data.to(device), b.x_noise.to(device), None if b.label is None else b.label.to(device))
+        key = distributed.batch_key(step, dinfo)  # = step in one process; distinct per (step, rank) under DDP
+        gen.manual_seed(cfg.seed * 1_000_003 + key)  # the step's time draws depend on (step, rank) alone
+        b = batches(key)
+        mf = torch.channels_last if (cfg.channels_last and b.x_data.dim() == 4) else torch.contiguous_format
+        b = Batch(b.x_data.to(device, memory_format=mf), b.x_noise.to(device, memory_format=mf),
+                  None if b.label is None else b.label.to(device))
+        if fwd is None:
+            fwd = forward_module(b)
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         with amp:
-            loss = flow_matching_loss(net, b, cfg, gen, hpf).mean()
+            loss = flow_matching_loss(fwd, b, cfg, gen, hpf).mean()
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not distributed.all_finite(loss, dinfo):
             bad += 1
             cb.on_metrics(stage, step, {"nonfinite_steps": float(bad)})
             if bad > cfg.max_bad_steps:

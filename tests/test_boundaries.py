@@ -41,3 +41,10 @@ def test_original_rf_adapter_generates_in_our_convention():
     s = torch.full((6,), 0.25)
     rf_point = s[:, None] * x_data + (1 - s[:, None]) * x_noise
     assert torch.allclose(paths.interpolate(x_data, x_noise, 1 - s), rf_point)
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the pydantic models; regenerate it when a field changes."""
+    from reflow_core.config import reference_markdown
+    assert (ROOT / "docs" / "configuration.md").read_text().strip() == reference_markdown().strip(), \
+        "run: python -m reflow_core.config > docs/configuration.md"

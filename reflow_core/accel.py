@@ -1,0 +1,257 @@
+"""Speed knobs in one place: channels_last, torch.compile (with an eager fallback), bf16 autocast, CUDA graphs for
+fixed-shape sampling, and a batch-size probe. Every knob is off by default and every CUDA path is guarded, so the
+same code runs (and is tested) on a CPU.
+
+Numerics of bf16 sampling: only the *velocity* is computed under bf16 autocast (convs/matmuls on tensor cores);
+the ODE state x is kept and accumulated in float32 (see `autocast_velocity`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import solvers
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "reduce-overhead", "max-autotune")
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """torch.compile was asked for but is unavailable or failed; the eager module is used instead."""
+
+
+def _is_image_net(net: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in net.modules())
+
+
+def _probe(module: nn.Module, example: Sequence, backward: bool) -> None:
+    """One call (optionally forward + backward) with the RNG forked, so a probe never shifts the training stream."""
+    devices = [example[0].device.index or 0] if example and example[0].is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        if backward:
+            out = module(*example)
+            out.float().sum().backward()
+            for p in module.parameters():
+                p.grad = None
+        else:
+            with torch.no_grad():
+                module(*example)
+
+
+def prepare_model(net: nn.Module, *, channels_last: bool = False, compile: bool = False,
+                  mode: str = "max-autotune-no-cudagraphs", example: Sequence | None = None,
+                  probe_backward: bool = False, dynamic: bool | None = False,
+                  backend: str | None = None) -> nn.Module:
+    """Return the module to *call* (the forward pass); `net` itself keeps its parameters and its state_dict keys.
+
+    channels_last: converts conv weights to NHWC (in place on `net`) when the net has 2-D convolutions (4-D image
+        nets); ignored for MLPs. Inputs are converted by the caller or by the conv itself (PyTorch propagates it).
+    compile: torch.compile(net, mode=mode). The default mode autotunes Triton kernels but leaves CUDA graphs to us
+        (`CapturedSampler`): inductor's own graphs ("reduce-overhead") cannot live inside an outer capture.
+        With `example` (a tuple of call arguments) the compiled module is probed once (forward, or forward +
+        backward when probe_backward); any failure there, or torch.compile missing, logs a
+        CompileFallbackWarning and returns the eager module. Without `example` compilation is lazy (first call).
+
+    backend: torch.compile's backend, default $REFLOW_COMPILE_BACKEND or "inductor" ("aot_eager" traces the same
+        graphs without generating kernels: the tests use it to check the wrapping cheaply on a CPU).
+
+    Checkpoints must be written from `net`, never from the returned module: a compiled module's state_dict keys
+    carry an `_orig_mod.` prefix.
+    """
+    if channels_last and _is_image_net(net):
+        net = net.to(memory_format=torch.channels_last)
+    if not compile:
+        return net
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES}")
+    if not hasattr(torch, "compile"):
+        warnings.warn("torch.compile is unavailable in this torch build; running eager", CompileFallbackWarning,
+                      stacklevel=2)
+        return net
+    try:
+        backend = backend or os.environ.get("REFLOW_COMPILE_BACKEND", "inductor")
+        kw = {"mode": mode} if backend == "inductor" else {}
+        compiled = torch.compile(net, backend=backend, dynamic=dynamic, **kw)
+        if example is not None:
+            _probe(compiled, example, probe_backward)
+        return compiled
+    except Exception as e:  # inductor missing a compiler, an unsupported op, ...: eager still gives right answers
+        msg = f"torch.compile(mode={mode!r}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); running eager"
+        log.warning(msg)
+        warnings.warn(msg, CompileFallbackWarning, stacklevel=2)
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()
+        return net
+
+
+def autocast(device: torch.device | str, enabled: bool = True, cache_enabled: bool = True):
+    """bf16 autocast on `device` (cuda or cpu); a no-op context when disabled. Use cache_enabled=False for code
+    that is captured into a CUDA graph (autocast's weight-cast cache must not outlive the capture)."""
+    dev = torch.device(device)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache_enabled)
+
+
+def autocast_velocity(net: Callable, device: torch.device | str, amp: bool,
+                      label: torch.Tensor | None = None) -> solvers.Velocity:
+    """The solver's (x, t) -> v view of `net`, with the network in bf16 when amp and the result in float32.
+
+    Why the state stays float32: an Euler/Heun update is x + h * v with |h| ~ 1/NFE. bf16 has an 8-bit mantissa
+    (relative spacing 2^-8 ~ 0.004), so with x ~ N(0, 1) an increment h * v of a few 1e-3 would be rounded
+    away or badly quantised at every step, and the error compounds over the NFE steps. The expensive part is the
+    network (convolutions and attention, bf16 on tensor cores); the update is elementwise and costs nothing in
+    fp32. So v is computed in bf16, cast to fp32, and x is accumulated in fp32.
+    """
+    ctx = autocast(device, amp, cache_enabled=False)  # safe inside CUDA-graph capture
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with ctx:
+            out = net(x, t, label)
+        return out.float()
+    return v
+
+
+# --- CUDA graphs -----------------------------------------------------------------------------------------------------
+
+def cuda_graphs_available(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and hasattr(torch.cuda, "CUDAGraph")
+
+
+def _warmup(fn: Callable[[], object], iters: int = 3) -> None:
+    """Warm-up on a side stream, as torch.cuda.graphs requires (compilation, cuDNN autotuning, allocator)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(iters):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+
+
+class CapturedSampler:
+    """Fixed-step Euler/Heun generation (t = 1 -> 0) for one batch shape, replayed from a CUDA graph.
+
+    On CUDA (and graph=True) the whole NFE loop is captured once into a single graph (`per_step=False`) or one
+    graph per velocity evaluation (`per_step=True`, less memory for the captured activations); a call copies the
+    noise (and labels) into static buffers and replays. Anywhere else it is exactly `solvers.integrate` with the
+    same velocity, so CPU results are bit-identical to the plain sampler.
+
+    `net(x, t, label)`; amp computes the velocity in bf16 and accumulates x in fp32 (see autocast_velocity).
+    """
+
+    def __init__(self, net: Callable, shape: Sequence[int], nfe: int, solver: str = "euler", grid: str = "uniform",
+                 rho: float = 1.0, *, device: torch.device | str = "cpu", amp: bool = False, graph: bool = True,
+                 label: bool = False, per_step: bool = False, warmup_iters: int = 2):
+        self.net, self.shape, self.nfe, self.solver = net, tuple(int(s) for s in shape), nfe, solver
+        self.grid = solvers.time_grid(solvers.steps_for_nfe(solver, nfe), grid, rho)
+        self.device, self.amp, self.has_label, self.per_step = torch.device(device), amp, label, per_step
+        self.use_graph = graph and cuda_graphs_available(self.device)
+        self.warmup_iters = warmup_iters
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.captured = False
+
+    def _velocity(self, label: torch.Tensor | None) -> solvers.Velocity:
+        return autocast_velocity(self.net, self.device, self.amp, label)
+
+    def _capture(self) -> None:
+        dev = self.device
+        self._x = torch.randn(self.shape, device=dev)
+        self._lab = torch.zeros(self.shape[0], dtype=torch.long, device=dev) if self.has_label else None
+        v = self._velocity(self._lab)
+        if self.per_step:
+            # one graph for one evaluation; the solver loop stays in Python and calls the graphed velocity
+            self._gv = GraphedVelocity(lambda x, t, _l: v(x, t), warmup_iters=self.warmup_iters)
+            self.captured = True
+            return
+        _warmup(lambda: solvers.integrate(v, self._x, self.grid, self.solver), self.warmup_iters)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = solvers.integrate(v, self._x, self.grid, self.solver)
+        self.captured = True
+
+    @torch.no_grad()
+    def __call__(self, noise: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        if tuple(noise.shape) != self.shape:
+            raise ValueError(f"CapturedSampler was built for shape {self.shape}, got {tuple(noise.shape)}")
+        if (label is not None) != self.has_label:
+            raise ValueError(f"CapturedSampler(label={self.has_label}) called with label={'set' if label is not None else None}")
+        if not self.use_graph:
+            return solvers.integrate(self._velocity(label), noise.to(self.device, torch.float32), self.grid,
+                                     self.solver)
+        if not self.captured:
+            self._capture()
+        self._x.copy_(noise)
+        if label is not None:
+            self._lab.copy_(label)
+        if self.per_step:
+            lab = self._lab
+            return solvers.integrate(lambda x, t: self._gv(x, t, lab), self._x, self.grid, self.solver)
+        self._graph.replay()
+        return self._out.clone()
+
+
+class GraphedVelocity:
+    """`fn(x, t, label)` replayed from a CUDA graph per input shape (one graph per (shape, label?) key).
+
+    Used by the pair simulation, whose solver loop lives in pairs.simulate_shard: each evaluation copies x, t,
+    label into static buffers and replays. Off CUDA it is `fn` itself. The returned tensor is a static buffer
+    that the next call overwrites, which is safe for the fixed-step solvers (they consume v before the next call)
+    but it is cloned anyway for callers that keep it."""
+
+    def __init__(self, fn: Callable, warmup_iters: int = 2, max_graphs: int = 8):
+        self.fn, self.warmup_iters, self.max_graphs = fn, warmup_iters, max_graphs
+        self._graphs: dict = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        if not cuda_graphs_available(x.device):
+            return self.fn(x, t, label)
+        key = (tuple(x.shape), x.dtype, None if label is None else tuple(label.shape))
+        g = self._graphs.get(key)
+        if g is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.fn(x, t, label)
+            sx, st = x.clone(), t.clone()
+            sl = None if label is None else label.clone()
+            _warmup(lambda: self.fn(sx, st, sl), self.warmup_iters)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(sx, st, sl)
+            g = self._graphs[key] = (graph, sx, st, sl, out)
+        graph, sx, st, sl, out = g
+        sx.copy_(x)
+        st.copy_(t)
+        if sl is not None:
+            sl.copy_(label)
+        graph.replay()
+        return out.clone()
+
+
+# --- batch size ------------------------------------------------------------------------------------------------------
+
+def find_max_batch(fn: Callable[[int], object], start: int, limit: int, device: torch.device | str | None = None) -> int:
+    """Largest batch in {start, 2 start, 4 start, ...} <= limit for which fn(batch) runs without CUDA OOM.
+
+    On a CPU (or when CUDA is unavailable) nothing is probed and `start` (the configured value) is returned.
+    Raises if even `start` does not fit."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return start
+    best, b = None, start
+    while b <= limit:
+        try:
+            fn(b)
+            torch.cuda.synchronize(dev)
+            best = b
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        b *= 2
+    if best is None:
+        raise RuntimeError(f"find_max_batch: even batch {start} does not fit in GPU memory")
+    return best

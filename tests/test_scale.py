@@ -1,0 +1,252 @@
+"""Pair simulation at scale (issue 5): the Prefect flow's shard fan-out on a Dask LocalCluster of worker processes,
+a whole toy2d pipeline on an s3:// root (moto server on 127.0.0.1), a worker process killed with SIGKILL mid-shard
+and resumed, no credential in anything written, and the zarr layout switches (sharding codec, compression)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from reflow_core import pipeline
+from reflow_core.config import load_preset
+from reflow_core.pairs import PairStore, simulate_shard
+
+TINY = {
+    "data.n_train": 1000,
+    "net.hidden": 32, "net.depth": 2,
+    "teacher.train.steps": 60, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 30,
+    "teacher.train.log_every": 20,
+    "pairs.n_pairs": 2000, "pairs.shard_size": 500, "pairs.chunk_size": 250, "pairs.batch_size": 250,
+    "pairs.nfe": 9, "pairs.workers": 2,
+    "reflow.train.steps": 60, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 30,
+    "reflow.train.log_every": 20,
+    "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
+}
+
+
+def assert_same_store(a: PairStore, b: PairStore) -> None:
+    """Bit-for-bit equal arrays and equal per-shard digests."""
+    assert a.n == b.n and a.plan == b.plan
+    ra, rb = a.read_raw(slice(0, a.n)), b.read_raw(slice(0, b.n))
+    for k in ra:
+        assert ra[k].dtype == rb[k].dtype and np.array_equal(ra[k].view(np.uint8), rb[k].view(np.uint8)), k
+    for k in range(len(a.plan)):
+        assert a.marker(k)["sha256"] == b.marker(k)["sha256"], k
+
+
+# --------------------------------------------------------------------------------------------------- (a) dask
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+    old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
+
+
+def test_pair_task_runner_choice():
+    pytest.importorskip("prefect_dask")
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.reflow import pair_task_runner
+    runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.workers": 3}))
+    assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
+    runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.engine": "dask", "pairs.workers": 2}))
+    assert isinstance(runner, DaskTaskRunner) and runner.address is None
+    assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["threads_per_worker"] == 1
+    runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.engine": "dask",
+                                                        "pairs.dask_address": "tcp://10.0.0.1:8786"}))
+    assert runner.address == "tcp://10.0.0.1:8786"
+    assert pipeline.shard_device(5, "cpu") == torch.device("cpu")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert pipeline.shard_device(5) == (torch.device(f"cuda:{5 % n}") if n else torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_dask_engine_matches_threads_bit_for_bit(tmp_path, prefect_api, monkeypatch):
+    pytest.importorskip("prefect_dask")
+    from flows.reflow import reflow
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = str(tmp_path / "runs")
+    t0 = time.perf_counter()
+    out = reflow(preset="toy2d", overrides={**TINY, "pairs.engine": "dask"}, root=root, run="dask",
+                 stages=["teacher", "pairs"])
+    t_dask = time.perf_counter() - t0
+    teacher = out["teacher_checkpoint"]
+    dask_store = PairStore.open(pipeline.RunPaths.of(root, "dask").pairs_url)
+    assert dask_store.is_complete() and len(dask_store.plan) == 4
+    assert all(dask_store.verify_shard(k) for k in range(4))
+
+    # the same config on the threads engine (run in-process, shard by shard: what each thread task calls)
+    t0 = time.perf_counter()
+    cfg = load_preset("toy2d", {**TINY, "pairs.engine": "threads", "teacher.checkpoint": teacher})
+    tpaths = pipeline.prepare_run(cfg, root, "threads")
+    pipeline.simulate_pairs(cfg, tpaths, teacher, device="cpu")
+    t_threads = time.perf_counter() - t0
+    threads_store = PairStore.open(pipeline.RunPaths.of(root, "threads").pairs_url)
+    assert threads_store.attrs["teacher_hash"] == dask_store.attrs["teacher_hash"]
+    assert_same_store(dask_store, threads_store)
+    print(f"dask flow (teacher + pairs) {t_dask:.1f}s, threads engine (pairs) {t_threads:.1f}s")
+
+
+# --------------------------------------------------------------------------------------------------- (b, c) s3
+@pytest.fixture(scope="module")
+def s3_pipeline(moto_s3, tmp_path_factory):
+    """A whole toy2d pipeline with an s3://reflow-scale/runs root."""
+    moto_s3["client"].create_bucket(Bucket="reflow-scale")
+    root = "s3://reflow-scale/runs"
+    cfg = load_preset("toy2d", TINY)
+    t0 = time.perf_counter()
+    rows = pipeline.run_local(cfg, root, "toy", device="cpu")
+    print(f"s3 pipeline {time.perf_counter() - t0:.1f}s")
+    return {"root": root, "cfg": cfg, "rows": rows, "paths": pipeline.RunPaths.of(root, "toy"), **moto_s3}
+
+
+def _keys(client, bucket: str, prefix: str = "") -> list[str]:
+    keys, token = [], None
+    while True:
+        kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        r = client.list_objects_v2(**kw)
+        keys += [o["Key"] for o in r.get("Contents", [])]
+        if not r.get("IsTruncated"):
+            return keys
+        token = r["NextContinuationToken"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_whole_pipeline_on_s3_root(s3_pipeline):
+    keys = set(_keys(s3_pipeline["client"], "reflow-scale", "runs/toy/"))
+    assert "runs/toy/config.json" in keys
+    assert "runs/toy/teacher/latest.json" in keys and "runs/toy/reflow/latest.json" in keys
+    assert any(k.startswith("runs/toy/teacher/ckpt-") and k.endswith(".pt") for k in keys)
+    assert any(k.startswith("runs/toy/reflow/ckpt-") and k.endswith(".pt") for k in keys)
+    assert "runs/toy/pairs.zarr/zarr.json" in keys
+    assert {f"runs/toy/pairs.zarr/done/shard-{k:05d}.json" for k in range(4)} <= keys
+    assert any(k.startswith("runs/toy/pairs.zarr/noise/c/") for k in keys)
+    assert "runs/toy/eval/metrics.json" in keys
+    metrics = json.loads(s3_pipeline["client"].get_object(Bucket="reflow-scale",
+                                                          Key="runs/toy/eval/metrics.json")["Body"].read())
+    assert {(r["model"], r["nfe"]) for r in metrics["rows"]} == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
+    paths = s3_pipeline["paths"]
+    assert all(paths.stage_done(s) for s in pipeline.STAGES)
+    assert PairStore.open(paths.pairs_url).is_complete()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_no_credentials_in_written_objects(s3_pipeline):
+    client, secret, key_id = s3_pipeline["client"], s3_pipeline["secret"], s3_pipeline["key_id"]
+    keys = _keys(client, "reflow-scale")
+    assert len(keys) > 10
+    for k in keys:
+        body = client.get_object(Bucket="reflow-scale", Key=k)["Body"].read()
+        assert secret.encode() not in body and key_id.encode() not in body, k
+    cfg_text = json.dumps(json.loads(client.get_object(Bucket="reflow-scale", Key="runs/toy/config.json")["Body"]
+                                     .read()))
+    assert secret not in cfg_text and key_id not in cfg_text
+    assert not any(w in cfg_text.lower() for w in ("secret", "access_key", "password"))
+
+
+_WORKER = """
+import sys, torch
+torch.set_num_threads(1)
+from reflow_core import pipeline
+from reflow_core.config import PipelineConfig
+cfg = PipelineConfig.model_validate_json(sys.argv[1])
+print(pipeline.simulate_pair_shard(cfg, pipeline.RunPaths.of(sys.argv[2], sys.argv[3]), sys.argv[4], 0,
+                                   device="cpu"), flush=True)
+"""
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_worker_killed_mid_shard_then_resumed(s3_pipeline, tmp_path):
+    client, root = s3_pipeline["client"], s3_pipeline["root"]
+    teacher = pipeline.model_checkpoint(s3_pipeline["paths"], "teacher")
+    # one big shard written in many small chunks, so the worker is still busy when the first chunk lands
+    over = {**TINY, "teacher.checkpoint": teacher, "pairs.n_pairs": 8_000, "pairs.shard_size": 4_000,
+            "pairs.chunk_size": 100, "pairs.batch_size": 400, "pairs.nfe": 15}
+    cfg = load_preset("toy2d", over)
+    paths = pipeline.prepare_run(cfg, root, "killed")
+    assert pipeline.pair_shards(cfg, paths, teacher) == [0, 1]
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, cfg.model_dump_json(), root, "killed", teacher],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+    first = "runs/killed/pairs.zarr/noise/c/0/0"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _keys(client, "reflow-scale", first):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, ("worker ended before it was killed", proc.communicate())
+        assert _keys(client, "reflow-scale", first), "no chunk written within 90 s"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    store = PairStore.open(paths.pairs_url)
+    assert store.marker(0) is None and store.pending_shards() == [0, 1]  # killed mid-shard: nothing marked done
+    written = [k for k in _keys(client, "reflow-scale", "runs/killed/pairs.zarr/noise/c/")]
+    assert 0 < len(written) < 40, len(written)  # partial: some of shard 0's 40 chunks
+
+    t0 = time.perf_counter()
+    pipeline.simulate_pairs(cfg, paths, teacher, device="cpu")  # the resume
+    t_resume = time.perf_counter() - t0
+    resumed = PairStore.open(paths.pairs_url)
+    assert resumed.is_complete()
+
+    ref_paths = pipeline.prepare_run(cfg, str(tmp_path / "runs"), "clean")  # one clean pass, local
+    pipeline.simulate_pairs(cfg, ref_paths, teacher, device="cpu")
+    assert_same_store(resumed, PairStore.open(ref_paths.pairs_url))
+    print(f"killed after {len(written)} noise chunks; resume {t_resume:.1f}s")
+
+
+# --------------------------------------------------------------------------------------------------- zarr layout
+def _velocity(x, t, label):
+    return x * (0.3 + 0.2 * t.reshape(-1, *([1] * (x.dim() - 1))))
+
+
+@pytest.mark.parametrize("layout", [{"zarr_shards": True}, {"compress": True},
+                                    {"zarr_shards": True, "compress": True}])
+def test_zarr_layout_switches_keep_values(tmp_path, layout):
+    from reflow_core.config import PairsConfig
+    base = dict(n_pairs=96, n_forward=32, shard_size=32, chunk_size=8, batch_size=12, solver="euler", nfe=4,
+                grid="uniform", seed=7)
+    x = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    stores = []
+    for i, extra in enumerate(({}, layout)):
+        c = PairsConfig(**base, **extra)
+        s = PairStore.create_from_config(str(tmp_path / f"p{i}.zarr"), c, shape=(3, 4, 4), teacher_hash="t")
+        for sh in s.plan:
+            simulate_shard(s, sh, _velocity, cfg=c, data_x=x)
+        stores.append(PairStore.open(str(tmp_path / f"p{i}.zarr")))
+    assert_same_store(*stores)
+    plain, other = stores
+    assert other.attrs["zarr_shards"] == layout.get("zarr_shards", False)
+    n_files = [sum(len(f) for _, _, f in os.walk(tmp_path / f"p{i}.zarr" / "noise" / "c")) for i in (0, 1)]
+    if layout.get("zarr_shards"):
+        assert n_files[1] == len(other.plan) < n_files[0] == other.num_chunks  # one object per pair shard
+    b = other.read(torch.tensor([5, 90, 3, 127]))
+    assert torch.equal(b.sample, plain.read(torch.tensor([5, 90, 3, 127])).sample)
+
+
+def test_zarr_shards_refuse_shared_boundary(tmp_path):
+    with pytest.raises(ValueError, match="zarr_shards"):
+        PairStore.create(str(tmp_path / "p.zarr"), shape=(2,), n_backward=48, n_forward=16, chunk_size=16,
+                         shard_size=32, dtype="float32", attrs={}, zarr_shards=True)
