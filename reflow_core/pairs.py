@@ -29,18 +29,16 @@ import queue
 import re
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import torch
 import zarr
 
-from . import solvers
+from . import solvers, storage
 from .config import PairsConfig
 
 CONVENTION = "t0=data,t1=noise"
@@ -481,16 +479,7 @@ class PairStore:
                       f"shard {shard.index} done marker")
 
     def _put_marker(self, path: str, data: bytes) -> None:
-        if isinstance(self._fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self._fs.pipe_file(path, data)  # one PUT: atomic on object stores
+        storage.write_atomic(self._fs, path, data)  # temp + rename locally, one PUT on object stores
 
     def unmark(self, k: int) -> None:
         """Delete shard k's marker, so the shard counts as pending (and is redone) again."""

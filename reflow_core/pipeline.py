@@ -8,6 +8,7 @@ Prefect task; `run_local` chains them without Prefect.
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -224,7 +225,6 @@ def _guide_snapshot(cfg: PipelineConfig, paths: RunPaths, train_to) -> None:
     latest = latest_checkpoint(paths.teacher_dir)
     if latest is not None and load_checkpoint(latest)["step"] > guide_step:
         return
-    import io
     state = load_checkpoint(train_to(tc.model_copy(update={"steps": guide_step})))
     buf = io.BytesIO()
     torch.save({"ema": state["ema"], "net": state["ema"], "step": state["step"], "meta": state["meta"],

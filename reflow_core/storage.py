@@ -27,6 +27,11 @@ def exists(url: str) -> bool:
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write all-or-nothing: temp file + rename locally; a single PUT on object stores (atomic there)."""
     fs, path = fs_and_path(url)
+    write_atomic(fs, path, data)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """atomic_write_bytes for a filesystem already in hand (e.g. one opened with storage options)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols or "local" in protocols:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
