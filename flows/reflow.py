@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tracking import MlflowTracker, resolve_tracking_uri, ui_command
 from reflow_core import pipeline, storage
-from reflow_core.callbacks import NullCallback
+from reflow_core.callbacks import ConsoleCallback, MultiCallback, NullCallback
 from reflow_core.config import PipelineConfig, load_preset
 
 STAGES = ("teacher", "pairs", "reflow", "evaluate")
@@ -41,7 +41,8 @@ def _run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[A
     """
     callback = tracker.stage_callback(stage)
     try:
-        out = call(NullCallback() if done else callback)
+        # MLflow gets every event; a terminal also gets a progress bar (tqdm stays silent when not a TTY)
+        out = call(NullCallback() if done else MultiCallback(callback, ConsoleCallback(disable=None)))
         if after is not None and not done:
             after(out, callback.run_id)
     except BaseException:

@@ -29,7 +29,7 @@ class NullCallback:
 class ConsoleCallback(NullCallback):
     """A tqdm bar per stage; metrics go into the bar's postfix."""
 
-    def __init__(self, disable: bool = False):
+    def __init__(self, disable: bool | None = False):  # None: off when the output is not a terminal
         self.bars: dict[str, tqdm] = {}
         self.disable = disable
 
