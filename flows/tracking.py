@@ -159,8 +159,10 @@ class MlflowTracker:
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
                     try:
+                        # experimentKind: open in MLflow 3's "model training" view, not the GenAI one
                         self._experiment_id = self.client.create_experiment(
-                            self.experiment, artifact_location=self._artifact_location())
+                            self.experiment, artifact_location=self._artifact_location(),
+                            tags={"mlflow.experimentKind": "custom_model_development"})
                     except MlflowException:  # created concurrently by another process
                         self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
                 else:
