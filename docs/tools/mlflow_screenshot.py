@@ -53,7 +53,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/#/experiments/{exp}"
         subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        "--user-data-dir=/tmp/reflow-chromium", "--hide-scrollbars", "--window-size=1600,1200",
+                        "--user-data-dir=/tmp/reflow-chromium", "--hide-scrollbars", "--window-size=1400,2000",
                         "--virtual-time-budget=15000", f"--screenshot={Path(a.out).resolve()}", url],
                        check=True, timeout=120, capture_output=True)
         print(a.out, url)
