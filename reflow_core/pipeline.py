@@ -250,13 +250,10 @@ def _teacher_hash(teacher_ckpt: str) -> str:
 
 
 def open_pair_store(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str) -> PairStore:
-    pc, ds = cfg.pairs, dataset(cfg)
-    attrs = {"teacher_hash": _teacher_hash(teacher_ckpt), "teacher_checkpoint": teacher_ckpt, "solver": pc.solver,
-             "nfe": pc.nfe, "grid": pc.grid, "rho": pc.rho, "seed": pc.seed}
     try:
-        return PairStore.create(paths.pairs_url, shape=tuple(ds.shape), n_backward=pc.n_pairs,
-                                n_forward=pc.n_forward, chunk_size=pc.chunk_size, shard_size=pc.shard_size,
-                                dtype=pc.dtype, attrs=attrs, zarr_shards=pc.zarr_shards, compress=pc.compress)
+        return PairStore.create_from_config(paths.pairs_url, cfg.pairs, shape=tuple(dataset(cfg).shape),
+                                            teacher_hash=_teacher_hash(teacher_ckpt),
+                                            extra_attrs={"teacher_checkpoint": teacher_ckpt})
     except PairStoreMismatch as e:  # e.g. teacher.checkpoint now holds another teacher: never mix its pairs in
         raise PairStoreMismatch(f"{e}\nrerun with --redo-stage pairs to simulate them again") from None
 
