@@ -233,6 +233,26 @@ class GraphedVelocity:
 
 # --- batch size ------------------------------------------------------------------------------------------------------
 
+def largest_fitting(fn: Callable[[int], object], start: int, limit: int,
+                    oom: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,),
+                    cleanup: Callable[[], None] = lambda: None) -> int | None:
+    """Largest b in {start, 2 start, 4 start, ...} <= limit for which fn(b) returns without raising one of `oom`
+    (None when even `start` does not fit). The search itself, device-free; `find_max_batch` runs it on a GPU."""
+    if start < 1 or limit < start:
+        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    best, b = None, start
+    while b <= limit:
+        try:
+            fn(b)
+            best = b
+        except oom:
+            break
+        finally:
+            cleanup()
+        b *= 2
+    return best
+
+
 def find_max_batch(fn: Callable[[int], object], start: int, limit: int, device: torch.device | str | None = None) -> int:
     """Largest batch in {start, 2 start, 4 start, ...} <= limit for which fn(batch) runs without CUDA OOM.
 
@@ -241,17 +261,11 @@ def find_max_batch(fn: Callable[[int], object], start: int, limit: int, device: 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" or not torch.cuda.is_available():
         return start
-    best, b = None, start
-    while b <= limit:
-        try:
-            fn(b)
-            torch.cuda.synchronize(dev)
-            best = b
-        except torch.cuda.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
-        b *= 2
+
+    def run(b: int) -> None:
+        fn(b)
+        torch.cuda.synchronize(dev)
+    best = largest_fitting(run, start, limit, cleanup=torch.cuda.empty_cache)
     if best is None:
         raise RuntimeError(f"find_max_batch: even batch {start} does not fit in GPU memory")
     return best

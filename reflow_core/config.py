@@ -102,6 +102,10 @@ class PairsConfig(_Strict):
     shard_size: int = Field(5_000, ge=1)
     chunk_size: int = Field(1_000, ge=1)
     batch_size: int = Field(1_000, ge=1)
+    auto_batch: bool = Field(False, description="on CUDA: double batch_size while one solver step still fits in GPU "
+                             "memory (up to max_batch_size and the shard's rows) and simulate with the largest that "
+                             "fits; off CUDA batch_size is used as is")
+    max_batch_size: int = Field(16_384, ge=1, description="auto_batch's upper bound")
     solver: SolverName = "heun"
     nfe: int = Field(63, ge=1)
     grid: GridName = "rho"
@@ -127,6 +131,9 @@ class PairsConfig(_Strict):
             raise ValueError(f"pairs.chunk_size ({self.chunk_size}) must be <= pairs.shard_size ({self.shard_size})")
         if self.shard_size % self.chunk_size:
             raise ValueError(f"pairs.shard_size ({self.shard_size}) must be a multiple of pairs.chunk_size ({self.chunk_size})")
+        if self.auto_batch and self.max_batch_size < self.batch_size:
+            raise ValueError(f"pairs.max_batch_size ({self.max_batch_size}) must be >= pairs.batch_size "
+                             f"({self.batch_size}) when pairs.auto_batch is on")
         if self.solver == "heun" and self.nfe % 2 == 0:
             raise ValueError(f"pairs.nfe must be odd for heun (N steps cost 2N-1 NFE), got {self.nfe}")
         return self

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import accel, distributed, metrics, plots, solvers, storage
 from .callbacks import Callback, NullCallback
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PairsConfig, PipelineConfig
 from .data import DataSet, load_data, real_reference, sample_batch
 from .nets import build_net, set_dropout
 from .pairs import PairSampler, PairStore, PairStoreMismatch, simulate_shard
@@ -272,6 +272,24 @@ def shard_device(shard: int, device=None) -> torch.device:
     return torch.device(f"cuda:{shard % n}") if n else torch.device("cpu")
 
 
+def pair_batch_size(net: torch.nn.Module, pc: PairsConfig, shape: tuple[int, ...], rows: int, class_cond: bool,
+                    device: torch.device) -> int:
+    """pairs.auto_batch: the largest batch, doubling from pairs.batch_size up to pairs.max_batch_size and the
+    shard's rows, for which one solver step of the teacher (both Heun evaluations, bf16 when pairs.amp) fits in
+    GPU memory; off CUDA, pairs.batch_size as configured (`accel.find_max_batch`)."""
+    limit = min(pc.max_batch_size, rows)
+    if limit <= pc.batch_size:
+        return limit
+
+    @torch.no_grad()
+    def one_step(b: int) -> None:
+        x = torch.randn((b, *shape), device=device)
+        lab = torch.zeros(b, dtype=torch.long, device=device) if class_cond else None
+        v = accel.autocast_velocity(net, device, pc.amp, lab)
+        solvers.integrate(v, x, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), pc.solver)
+    return accel.find_max_batch(one_step, pc.batch_size, limit, device)
+
+
 def simulate_pair_shard(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str, shard: int,
                         callback: Callback | None = None, device=None) -> dict:
     cb = callback or NullCallback()
@@ -282,6 +300,10 @@ def simulate_pair_shard(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str,
     dev = shard_device(shard, device)
     net = load_model(teacher_ckpt, device=dev)
     ds, pc = dataset(cfg), cfg.pairs
+    if pc.auto_batch:  # before compiling: the compiled module is specialised to the batch it is probed with
+        pc = pc.model_copy(update={"batch_size": pair_batch_size(net, pc, ds.shape, sh.rows, cfg.net.class_cond,
+                                                                  dev)})
+        cb.on_metrics("pairs", shard, {"batch_size": float(pc.batch_size)})
     if pc.compile:
         x = torch.randn((min(pc.batch_size, sh.rows), *ds.shape), device=dev)
         lab = torch.zeros(x.shape[0], dtype=torch.long, device=dev) if cfg.net.class_cond else None
@@ -295,7 +317,7 @@ def simulate_pair_shard(cfg: PipelineConfig, paths: RunPaths, teacher_ckpt: str,
     if pc.cuda_graph:
         v = accel.GraphedVelocity(v)
 
-    out = simulate_shard(store, sh, v, cfg=cfg.pairs, data_x=ds.x, data_y=ds.y if cfg.net.class_cond else None,
+    out = simulate_shard(store, sh, v, cfg=pc, data_x=ds.x, data_y=ds.y if cfg.net.class_cond else None,
                          num_classes=ds.num_classes if cfg.net.class_cond else 0, device=dev,
                          progress=lambda done, total: cb.on_progress(f"pairs/shard{shard}", done, total))
     if "pairs_per_s" in out:

@@ -161,3 +161,32 @@ def test_train_channels_last_unet(tmp_path):
     fresh = UNet(3, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
     fresh.load_state_dict(state["net"])
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_largest_fitting_doubles_until_the_first_oom():
+    calls, cleaned = [], []
+
+    def fn(b):
+        calls.append(b)
+        if b > 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    assert accel.largest_fitting(fn, 64, 4096, cleanup=lambda: cleaned.append(1)) == 256
+    assert calls == [64, 128, 256, 512] and len(cleaned) == 4  # stops at the first OOM; cleans up after each probe
+    assert accel.largest_fitting(fn, 512, 4096) is None  # even the start does not fit
+    calls.clear()
+    assert accel.largest_fitting(fn, 10, 100) == 80 and max(calls) <= 100  # never probes past the limit
+    with pytest.raises(RuntimeError, match="not an OOM"):  # any other error is a bug, not a size limit
+        accel.largest_fitting(lambda b: (_ for _ in ()).throw(RuntimeError("not an OOM")), 1, 8)
+    with pytest.raises(ValueError, match="start"):
+        accel.largest_fitting(fn, 0, 8)
+
+
+def test_pair_auto_batch_off_cuda_keeps_the_configured_batch():
+    from reflow_core.config import ConfigError, PairsConfig, load_preset
+    from reflow_core.pipeline import pair_batch_size
+    net = MLP(dim=2, hidden=16, depth=2)
+    pc = PairsConfig(batch_size=100, auto_batch=True, max_batch_size=1000)
+    assert pair_batch_size(net, pc, (2,), rows=500, class_cond=False, device=torch.device("cpu")) == 100
+    assert pair_batch_size(net, pc, (2,), rows=50, class_cond=False, device=torch.device("cpu")) == 50
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        load_preset("toy2d", {"pairs.auto_batch": True, "pairs.batch_size": 2000, "pairs.max_batch_size": 1000})
