@@ -48,3 +48,23 @@ def test_configuration_reference_is_current():
     from reflow_core.config import reference_markdown
     assert (ROOT / "docs" / "configuration.md").read_text().strip() == reference_markdown().strip(), \
         "run: python -m reflow_core.config > docs/configuration.md"
+
+
+def test_gpu_benchmark_imports_only_what_the_gpu_machine_can_hold():
+    """The lent GPU machine has torch, numpy, fsspec, pyyaml, tqdm, matplotlib, and receives pydantic and zarr as
+    carried wheels (benchmarks/device_wheels.sh); nothing of the orchestration stack may be pulled in."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu; "
+            "import reflow_core.pipeline, reflow_core.pairs, reflow_core.metrics, reflow_core.plots, reflow_core.accel; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                                text=True).stdout.split())
+    assert "gpu" in loaded and "zarr" in loaded and "pydantic" in loaded
+    forbidden = {"prefect", "mlflow", "s3fs", "aiobotocore", "botocore", "boto3", "dask", "distributed",
+                 "torch_fidelity", "torchvision", "moto", "prefect_dask", "sklearn"}
+    assert not loaded & forbidden, loaded & forbidden
+    carried = {"pydantic", "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions", "zarr",
+               "numcodecs", "donfig", "google_crc32c"}
+    wheels = (ROOT / "benchmarks" / "device_wheels.sh").read_text()
+    assert all(m.replace("_", "-") in wheels for m in carried)

@@ -1,0 +1,24 @@
+"""The benchmark scripts run end to end at a tiny size and print consistent results (their speed is not tested:
+ratios are measured on purpose-sized runs and recorded in docs/performance.md)."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_runs_on_cpu_and_profiles(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+    res = gpu.main(["--quick", "--channels", "8", "--size", "16", "--batch", "2", "--train-batch", "2", "--nfe", "3",
+                    "--reps", "1", "--profile", str(tmp_path / "prof"), "--json", str(tmp_path / "r.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text())
+    assert res["pairs_speedup"] == res["pairs_per_s_ours"] / res["pairs_per_s_plain"] > 0
+    assert res["mfu"] is None and res["peak_mem_GB"] is None and res["cuda_graph"] is False  # a CPU run
+    assert 0 < res["sampler_rel_err_vs_fp32"] < 3e-2  # bf16 velocity, fp32 state
+    for which in ("ours", "plain"):
+        p = res["profile"][which]
+        assert abs(p["matmul_conv"] + p["attention"] + p["other"] - 1) < 1e-3 and p["matmul_conv"] > 0.2
+        assert 0 < p["busy"] <= 1.05 and p["top"]
+        assert "Self CPU" in (tmp_path / "prof" / f"profile_{which}.txt").read_text()
