@@ -196,9 +196,10 @@ def reflow(
                          "add them to `stages`")
 
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, root)
-    tracker = MlflowTracker(uri, cfg.tracking.experiment, paths.dir, run_name=paths.run)
+    params = cfg.model_dump(mode="json")
+    tracker = MlflowTracker(uri, cfg.tracking.experiment, paths.dir, run_name=paths.run, params=params)
     parent = tracker.parent_run_id()
-    tracker.log_params(parent, cfg.model_dump(mode="json"))
+    tracker.log_params(parent, params)
     tracker.set_tags(parent, {"reflow.preset": preset, "reflow.run_dir": paths.dir,
                               "reflow.stages": ",".join(selected)})
     logger.info("run %s at %s; MLflow parent run %s in %s", paths.run, paths.dir, parent, uri)

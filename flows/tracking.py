@@ -126,8 +126,11 @@ class MlflowTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_dir_url: str, run_name: str | None = None,
-                 artifact_root: str | None = None):
+                 artifact_root: str | None = None, params: Mapping[str, Any] | None = None):
+        """params: the (nested) config, logged on every stage run as well as the parent, so MLflow's compare view
+        of stage runs (teacher vs teacher, reflow vs reflow) shows the settings that differ."""
         self.tracking_uri = tracking_uri
+        self.params = dict(params) if params else None
         self.experiment = experiment
         self.run_dir_url = run_dir_url.rstrip("/")
         self.run_name = run_name or self.run_dir_url.rsplit("/", 1)[-1]
@@ -224,6 +227,8 @@ class MlflowTracker:
                     self.experiment_id, run_name=stage,
                     tags={PARENT_TAG: parent, STAGE_TAG: stage, "reflow.run_dir": self.run_dir_url})
                 run_id = run.info.run_id
+            if self.params:
+                self.log_params(run_id, self.params)
             self._children[stage] = run_id
             return run_id
 

@@ -103,6 +103,7 @@ def test_flow_logs_parent_and_stage_runs(tmp_path, prefect_api, clean_env):
         assert run.data.tags[tracking.PARENT_TAG] == parent.info.run_id
         assert run.data.tags[tracking.STAGE_TAG] == stage
         assert run.info.status == "FINISHED", stage
+        assert run.data.params == params, stage  # the compare view of stage runs shows their settings
 
     for stage in ("teacher", "reflow"):
         loss = client.get_metric_history(by_stage[stage].info.run_id, "loss")
