@@ -221,8 +221,27 @@ class PipelineConfig(_Strict):
 
     def identity(self) -> dict:
         """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused.
-        (eval and tracking may change: evaluation is redone when its settings differ.)"""
-        return self.model_dump(include={"data", "net", "teacher", "pairs", "reflow"})
+        (eval and tracking may change: evaluation is redone when its settings differ; so may the EXECUTION_ONLY
+        settings, which change how fast or where a stage runs, e.g. a resume on other workers.)"""
+        ident = self.model_dump(include={"data", "net", "teacher", "pairs", "reflow"})
+        for dotted, keys in EXECUTION_ONLY.items():
+            section = ident
+            for part in dotted.split("."):
+                section = section[part]
+            for k in keys:
+                section.pop(k)
+        return ident
+
+
+_TRAIN_EXECUTION = frozenset({"compile", "channels_last", "log_every", "max_bad_steps"})
+# Settings a run may be reopened with changed: they decide speed and placement, not the artifacts. Pairs are seeded
+# per row, so the pair store does not depend on the batch, the workers or the engine (tests/test_pairs.py).
+EXECUTION_ONLY: dict[str, frozenset[str]] = {
+    "pairs": frozenset({"batch_size", "auto_batch", "max_batch_size", "workers", "compile", "cuda_graph", "engine",
+                        "dask_address"}),
+    "teacher.train": _TRAIN_EXECUTION,
+    "reflow.train": _TRAIN_EXECUTION,
+}
 
 
 class ConfigError(ValueError):

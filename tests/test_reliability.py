@@ -392,6 +392,19 @@ def test_changed_identity_refused_and_new_run(tmp_path, change, expect):
     assert pipeline.prepare_run(load_preset("toy2d", TINY | {"eval.n_samples": 300}), root, "r").run == "r"
 
 
+def test_execution_settings_may_change_on_resume(tmp_path):
+    """A failed run resumed elsewhere (other workers, a Dask cluster, compile on, a bigger pair batch) keeps its
+    name and artifacts; config.json then records the new settings."""
+    root = str(tmp_path)
+    pipeline.prepare_run(load_preset("toy2d", TINY), root, "r")
+    moved = load_preset("toy2d", TINY | {"pairs.workers": 4, "pairs.engine": "dask", "pairs.batch_size": 1000,
+                                         "pairs.auto_batch": True, "pairs.compile": True,
+                                         "reflow.train.compile": True, "teacher.train.log_every": 7})
+    paths = pipeline.prepare_run(moved, root, "r")
+    assert paths.run == "r"
+    assert pipeline.read_run_config(paths.config_json).pairs.engine == "dask"
+
+
 def test_pairs_of_another_teacher_are_never_mixed_in(tmp_path):
     """teacher.checkpoint is part of the run's identity by path; if the file at that path is replaced by another
     teacher, the pair store (keyed by the teacher's sha256) refuses to be resumed or trained on."""
