@@ -1,7 +1,6 @@
 """The benchmark scripts run end to end at a tiny size and print consistent results (their speed is not tested:
 ratios are measured on purpose-sized runs and recorded in docs/performance.md)."""
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
