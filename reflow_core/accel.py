@@ -234,10 +234,9 @@ class GraphedVelocity:
 # --- batch size ------------------------------------------------------------------------------------------------------
 
 def largest_fitting(fn: Callable[[int], object], start: int, limit: int,
-                    oom: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,),
                     cleanup: Callable[[], None] = lambda: None) -> int | None:
-    """Largest b in {start, 2 start, 4 start, ...} <= limit for which fn(b) returns without raising one of `oom`
-    (None when even `start` does not fit). The search itself, device-free; `find_max_batch` runs it on a GPU."""
+    """Largest b in {start, 2 start, 4 start, ...} <= limit for which fn(b) returns without a CUDA OOM (None when
+    even `start` does not fit). The search itself, device-free; `find_max_batch` runs it on a GPU."""
     if start < 1 or limit < start:
         raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
     best, b = None, start
@@ -245,7 +244,7 @@ def largest_fitting(fn: Callable[[int], object], start: int, limit: int,
         try:
             fn(b)
             best = b
-        except oom:
+        except torch.cuda.OutOfMemoryError:
             break
         finally:
             cleanup()
