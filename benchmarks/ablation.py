@@ -33,8 +33,10 @@ import torch  # noqa: E402
 
 from reflow_core import solvers  # noqa: E402
 from reflow_core.config import PipelineConfig, load_preset  # noqa: E402
-from reflow_core.pipeline import (RunPaths, dataset, eval_noise, evaluate, guided_velocity, load_model,  # noqa: E402
+from reflow_core import checkpoint  # noqa: E402
+from reflow_core.pipeline import (RunPaths, dataset, eval_noise, evaluate,  # noqa: E402
                                   prepare_run, reflow_finetune, simulate_pairs, train_teacher, _labels)
+from reflow_core.velocity import velocity_model_from_state  # noqa: E402
 from reflow_core.tuning import search_rho  # noqa: E402
 
 RHOS = (1.0, 0.75, 1.5, 2.0, 3.0, 5.0)
@@ -98,9 +100,9 @@ def tune(cfg: PipelineConfig, ckpt: str, solver: str, nfes: list[int], guidance:
     n = min(128, ec.n_samples)
     noise = eval_noise(ds.shape, n, ec.seed + 1000)
     label = _labels(ds, cfg.net.class_cond, n, ec.seed + 1000)
-    net = load_model(ckpt)
-    guide = load_model(guide_ckpt) if guide_ckpt else None
-    v = guided_velocity(net, label, guidance, w, guide)
+    net = velocity_model_from_state(checkpoint.load(ckpt))
+    guide = velocity_model_from_state(checkpoint.load(guide_ckpt)) if guide_ckpt else None
+    v = net.solver_velocity(label, guidance=guidance, weight=w, guide=guide)
     x_ref = solvers.sample(v, noise, 31, "heun", "uniform")
     rhos, detail = [], {}
     for nfe in nfes:

@@ -34,6 +34,7 @@ from reflow_core import accel, solvers  # noqa: E402
 from reflow_core.config import TrainConfig, load_preset  # noqa: E402
 from reflow_core.nets import build_net, count_params  # noqa: E402
 from reflow_core.train import Batch, flow_matching_loss  # noqa: E402
+from reflow_core.velocity import VelocityModel  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by substring of torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -177,7 +178,7 @@ def main(argv=None) -> dict:
     rows = []
 
     # (1) pairs/s: plain fp32 eager loop vs ours
-    plain_v = accel.autocast_velocity(net, device, amp=False)
+    plain_v = VelocityModel(net).solver_velocity()
     t_plain = timed(lambda: solvers.sample(plain_v, noise, nfe, "heun", "rho", 7.0), device, 1, reps)
     fast_net = net
     if use_compile or cuda:
@@ -187,8 +188,8 @@ def main(argv=None) -> dict:
             fast_net = accel.prepare_model(net, channels_last=cuda, compile=use_compile, mode=a.compile_mode,
                                            example=example)
     use_compile = isinstance(fast_net, torch._dynamo.eval_frame.OptimizedModule)  # False after a fallback
-    sampler = accel.CapturedSampler(fast_net, noise.shape, nfe, "heun", "rho", 7.0, device=device, amp=True,
-                                    graph=cuda)
+    sampler = accel.CapturedSampler(VelocityModel(fast_net, amp=True).solver_velocity(), noise.shape, nfe, "heun",
+                                    "rho", 7.0, device=device, graph=cuda)
     noise_in = noise.contiguous(memory_format=torch.channels_last) if cuda else noise
     t_fast = timed(lambda: sampler(noise_in), device, 2, reps)
     ref = solvers.sample(plain_v, noise, nfe, "heun", "rho", 7.0)

@@ -8,8 +8,10 @@
       saves .npy files at the end (and torchdiffeq's fixed-step 'euler' odeint when installed);
       sim_speedup = ours / plain loop.
 (ii)  PairStore.write_shard throughput (random data) in MB/s.
-(iii) PairSampler read throughput (MB/s, batches/s) vs the samples/s a real reflow training step of the same net at
-      the same batch size consumes; read_over_demand = sampler samples/s / trainer samples/s.
+(iii) PairSampler read throughput (MB/s, batches/s of `batch(step)` for steps 0, 1, ...) in stream mode (windows of
+      chunks read from the store, prefetched) vs the samples/s a real reflow training step of the same net at the
+      same batch size consumes; read_over_demand = sampler samples/s / trainer samples/s. The memory mode (whole
+      store in RAM) is reported too (read_memory_*).
 
 The last line is `RESULT {json}`.
 """
@@ -60,7 +62,7 @@ def bench_sim(net, n, batch, nfe, device, tmp) -> dict:
     store = PairStore.create_from_config(os.path.join(tmp, "sim.zarr"), cfg, shape=SHAPE, teacher_hash="bench")
     _sync(device)
     t0 = time.perf_counter()
-    simulate_shard(store, 0, v, cfg=cfg, device=device)
+    simulate_shard(store, 0, lambda label: (lambda x, t: v(x, t, label)), cfg=cfg, device=device)
     _sync(device)
     out["ours"] = n / (time.perf_counter() - t0)
 
@@ -116,13 +118,15 @@ def bench_write(n, chunk, tmp) -> dict:
     return {"MBps": mb / dt, "MB": mb, "seconds": dt, "store": store}
 
 
-def bench_read(store, batch, n_batches) -> dict:
+def bench_read(store, batch, n_batches, mode="stream") -> dict:
     per_batch_mb = batch * (2 * int(np.prod(SHAPE)) * 4 + 9) / 1e6
-    with PairSampler(store, batch, seed=0, buffer_chunks=8, prefetch=2) as sp:
-        next(sp)  # thread start, first buffer
+    budget = 0 if mode == "stream" else 2 * 2 ** 30
+    with PairSampler(store, batch, seed=0, window_chunks=8, prefetch=True, ram_budget_bytes=budget) as sp:
+        assert sp.mode == mode
+        sp.batch(0)  # first window (stream) / nothing more to load (memory)
         t0 = time.perf_counter()
-        for _ in range(n_batches):
-            b = next(sp)
+        for step in range(1, n_batches + 1):
+            b = sp.batch(step)
         dt = time.perf_counter() - t0
     assert b.noise.shape == (batch, *SHAPE)
     return {"MBps": per_batch_mb * n_batches / dt, "batches_per_s": n_batches / dt,
@@ -167,7 +171,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sim = bench_sim(net, sim_n, sim_b, nfe, device, tmp)
         wr = bench_write(write_n, chunk, tmp)
-        rd = bench_read(wr.pop("store"), sim_b, read_batches)
+        store = wr.pop("store")
+        rd = bench_read(store, sim_b, read_batches, "stream")
+        rd_mem = bench_read(store, sim_b, read_batches, "memory")
     tr = bench_train(net, sim_b, train_steps, device)
 
     res = {
@@ -177,6 +183,7 @@ def main() -> None:
         "sim_speedup_vs_torchdiffeq": None if sim["torchdiffeq"] is None else round(sim["ours"] / sim["torchdiffeq"], 3),
         "write_MBps": round(wr["MBps"], 1), "read_MBps": round(rd["MBps"], 1),
         "read_batches_per_s": round(rd["batches_per_s"], 1), "read_samples_per_s": round(rd["samples_per_s"], 1),
+        "read_memory_MBps": round(rd_mem["MBps"], 1), "read_memory_batches_per_s": round(rd_mem["batches_per_s"], 1),
         "train_samples_per_s": round(tr["samples_per_s"], 1),
         "read_over_demand": round(rd["samples_per_s"] / tr["samples_per_s"], 2),
         "quick": args.quick, "device": str(device), "nfe": nfe, "solver": "euler", "batch": sim_b,
@@ -190,7 +197,9 @@ def main() -> None:
          else f"{res['torchdiffeq_pairs_per_s']:.1f} pairs/s"),
         ("sim_speedup (ours / plain)", f"{res['sim_speedup']:.3f}x"),
         ("store write (write_shard, float32)", f"{res['write_MBps']:.1f} MB/s"),
-        ("sampler read (PairSampler)", f"{res['read_MBps']:.1f} MB/s, {res['read_batches_per_s']:.1f} batches/s"),
+        ("sampler read (PairSampler, stream)", f"{res['read_MBps']:.1f} MB/s, {res['read_batches_per_s']:.1f} batches/s"),
+        ("sampler read (PairSampler, memory)",
+         f"{res['read_memory_MBps']:.1f} MB/s, {res['read_memory_batches_per_s']:.1f} batches/s"),
         ("trainer demand (reflow step, same net/batch)", f"{res['train_samples_per_s']:.1f} samples/s"),
         ("read_over_demand", f"{res['read_over_demand']:.1f}x"),
     ]

@@ -4,6 +4,7 @@
     reflow run --preset toy2d --root ./runs --run demo --stages evaluate
     reflow run --preset toy2d --root ./runs --run demo --redo-stage pairs
     reflow sample --root ./runs --run demo --model reflow --nfe 2 --solver euler --n 1000 --out samples.npy
+    reflow plan --preset digits_3rf
     reflow ui --root ./runs
     reflow presets
 """
@@ -50,17 +51,16 @@ def parse_stages(text: str | None) -> list[str] | None:
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     stages = parse_stages(args.stages)
-    load_preset(args.preset, overrides)  # fail fast with a clear message, before Prefect starts
+    cfg = load_preset(args.preset, overrides)  # fail fast with a clear message, before Prefect starts
+    _check_stage_names(cfg, (stages or []) + (args.redo_stage or []))
     if args.local:
-        from reflow_core import pipeline
+        from reflow_core import stages as st
         from reflow_core.callbacks import ConsoleCallback
 
-        if stages or args.new or args.teacher_checkpoint:
-            print("note: --local runs all stages of the run; --stages/--new/--teacher-checkpoint are flow options",
-                  file=sys.stderr)
-        cfg = load_preset(args.preset, overrides)
-        rows = pipeline.run_local(cfg, args.root, args.run, callback=ConsoleCallback(), device=args.device,
-                                  redo_stages=args.redo_stage or ())
+        if args.teacher_checkpoint:
+            cfg = load_preset(args.preset, overrides | {"teacher.checkpoint": args.teacher_checkpoint})
+        rows = st.run_local(cfg, args.root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
+                            redo_stages=args.redo_stage or (), stages=stages)
         for row in rows:
             print(row)
         return 0
@@ -78,14 +78,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_stage_names(cfg, names: list[str]) -> None:
+    from reflow_core.stages import stage_names
+
+    known = stage_names(cfg)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad}; this run's stages are {known} (`reflow plan` prints them)")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from reflow_core import stages as st
+
+    cfg = load_preset(args.preset, parse_sets(args.set))
+    paths = st.RunPaths.of(args.root, args.run or cfg.name)
+    print(f"plan of preset {args.preset!r} (run {paths.run!r} under {args.root}; reflow.rounds={cfg.reflow.rounds}):")
+    print(st.describe(st.plan(cfg, paths), paths.dir))
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from reflow_core import pipeline
+    from reflow_core import stages
 
     cfg = _run_config(args.root, args.run)
-    paths = pipeline.prepare_run(cfg, args.root, args.run)
-    x = pipeline.sample_model(paths, args.model, args.nfe, args.solver, args.n, args.seed, args.device)
+    paths = stages.prepare_run(cfg, args.root, args.run)
+    x = stages.sample_model(paths, args.model, args.nfe, args.solver, args.n, args.seed, args.device)
     arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     out = args.out if args.out.endswith(".npy") else args.out + ".npy"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -97,7 +116,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _run_config(root: str, run: str):
     """The validated config stored with an existing run."""
     from reflow_core import storage
-    from reflow_core.pipeline import read_run_config
+    from reflow_core.stages import read_run_config
 
     url = storage.join(root, run, "config.json")
     if not storage.exists(url):
@@ -138,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", default=None, help="run name; reuse it to resume (default: a new name)")
     r.add_argument("--new", action="store_true", help="refuse to reuse an existing run directory")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")
-    r.add_argument("--stages", default=None, help="comma-separated subset of teacher,pairs,reflow,evaluate")
+    r.add_argument("--stages", default=None, help="comma-separated stage names of the run's plan (teacher, pairs, "
+                   "reflow, [pairs-2, reflow-2, ...,] evaluate; see `reflow plan`)")
     r.add_argument("--teacher-checkpoint", default=None, help="use this teacher checkpoint instead of training")
-    r.add_argument("--redo-stage", action="append", choices=["teacher", "pairs", "reflow", "evaluate"],
-                   metavar="STAGE", help="delete this stage's artifacts (and those of later stages) first, so they "
-                   "are redone: teacher, pairs, reflow or evaluate (repeatable)")
+    r.add_argument("--redo-stage", action="append", metavar="STAGE", help="delete this stage's artifacts (and those "
+                   "of later stages) first, so they are redone: a stage name of the plan, e.g. pairs, reflow-2, "
+                   "evaluate (repeatable)")
     r.add_argument("--local", action="store_true", help="run the stages in this process without Prefect")
     r.add_argument("--device", default=None, help="--local only: torch device (default: cuda if available)")
     r.set_defaults(func=_cmd_run)
@@ -150,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained model of a run")
     s.add_argument("--root", default="./runs")
     s.add_argument("--run", required=True)
-    s.add_argument("--model", choices=["teacher", "reflow"], default="reflow")
+    s.add_argument("--model", default="reflow", help="teacher, reflow, reflow-2, ... (a model the run trained)")
     s.add_argument("--nfe", type=int, default=1)
     s.add_argument("--solver", choices=["euler", "heun"], default="euler")
     s.add_argument("--n", type=int, default=1000)
@@ -165,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--print-only", action="store_true", help="print the command without starting the UI")
     u.set_defaults(func=_cmd_ui)
+
+    pl = sub.add_parser("plan", help="print the stage instances a preset runs, what each reads and writes")
+    pl.add_argument("--preset", default="toy2d", help="preset name or YAML path")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")
+    pl.add_argument("--root", default="./runs")
+    pl.add_argument("--run", default=None)
+    pl.set_defaults(func=_cmd_plan)
 
     ps = sub.add_parser("presets", help="list the preset names")
     ps.set_defaults(func=_cmd_presets)

@@ -1,6 +1,9 @@
-"""The ReFlow pipeline as a Prefect flow: teacher -> pairs (sharded fan-out) -> reflow fine-tune -> evaluate.
+"""The ReFlow pipeline as a Prefect flow: it walks the run's plan of stage instances (`reflow_core.stages.plan`),
+one task per stage, and fans each pairs stage out as one task per shard.
 
-Every task is a thin call into `reflow_core.pipeline` (config and paths in, artifact URLs / plain dicts out) that
+    teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 ...] -> evaluate
+
+Every task is a thin call into `reflow_core.stages` (config and stage in, artifact URLs / plain dicts out) that
 reports to the stage's MLflow child run through `flows.tracking`. Stages are idempotent in reflow_core (finished
 work is detected from the artifacts and skipped, partial work resumes), so re-running the flow with the same
 `root` and `run` resumes a failed pipeline: finished stages and pair shards are skipped, training continues from
@@ -19,11 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tracking import MlflowTracker, resolve_tracking_uri, ui_command
-from reflow_core import pipeline, storage
+from reflow_core import stages as st
 from reflow_core.callbacks import ConsoleCallback, MultiCallback, NullCallback
 from reflow_core.config import PipelineConfig, load_preset
-
-STAGES = ("teacher", "pairs", "reflow", "evaluate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,29 +54,37 @@ def _run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[A
     return out
 
 
-@task(name="train-teacher", cache_policy=NO_CACHE)
-def train_teacher_task(cfg: PipelineConfig, paths: pipeline.RunPaths, tracker: MlflowTracker) -> str:
-    ckpt = _run_stage(tracker, "teacher", paths.stage_done("teacher"),
-                      lambda cb: pipeline.train_teacher(cfg, paths, callback=cb))
-    tracker.set_tags(tracker.parent_run_id(), {"reflow.teacher_checkpoint": ckpt})
-    return ckpt
+def _ctx(cfg: PipelineConfig, paths: st.RunPaths, callback=None) -> st.Context:
+    return st.Context(cfg, paths, callback or NullCallback())
 
 
-@task(name="plan-pairs", cache_policy=NO_CACHE)
-def pair_shards_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str,
+@task(name="stage", task_run_name="{stage.name}", cache_policy=NO_CACHE)
+def stage_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
+               tracker: MlflowTracker) -> st.StageOutput:
+    """One stage instance (teacher, reflow-r, evaluate, ...): its module's `run`, against its MLflow child run."""
+    mod = st.module(stage)
+    done = mod.done(stage, _ctx(cfg, paths))
+    out = _run_stage(tracker, stage.name, done, lambda cb: mod.run(stage, _ctx(cfg, paths, cb), inputs))
+    if "model" in out.urls:
+        tracker.set_tags(tracker.parent_run_id(), {f"reflow.{stage.name}_checkpoint": out.urls["model"]})
+    return out
+
+
+@task(name="plan-pairs", task_run_name="plan-{stage.name}", cache_policy=NO_CACHE)
+def pair_shards_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
                      tracker: MlflowTracker) -> list[int]:
-    pending = [int(k) for k in pipeline.pair_shards(cfg, paths, teacher_ckpt)]
-    tracker.set_tags(tracker.child_run_id("pairs"), {"reflow.pending_shards": len(pending),
-                                                     "reflow.teacher_checkpoint": teacher_ckpt})
+    pending = [int(k) for k in st.pairs.pending(stage, _ctx(cfg, paths), inputs)]
+    tracker.set_tags(tracker.child_run_id(stage.name), {"reflow.pending_shards": len(pending),
+                                                        "reflow.model_checkpoint": inputs["model"].urls["model"]})
     return pending
 
 
-@task(name="simulate-shard", task_run_name="simulate-shard-{shard}", retries=2, retry_delay_seconds=5,
+@task(name="simulate-shard", task_run_name="{stage.name}-shard-{shard}", retries=2, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def simulate_shard_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str, shard: int,
-                        tracker: MlflowTracker) -> dict:
-    callback = tracker.stage_callback("pairs")  # shared by all shards: one child run for the stage
-    result = pipeline.simulate_pair_shard(cfg, paths, teacher_ckpt, shard, callback=callback)
+def simulate_shard_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
+                        shard: int, tracker: MlflowTracker) -> dict:
+    callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
+    result = st.pairs.simulate(stage, _ctx(cfg, paths, callback), inputs, shard)
     if "rows" in result:  # reflow_core logs pairs_per_s and shard_seconds itself
         tracker.log_metrics(callback.run_id, {"shard_rows": result["rows"]}, step=shard)
     callback.flush()  # in a Dask worker process nobody else flushes this process's buffer
@@ -103,55 +112,40 @@ def pair_task_runner(cfg: PipelineConfig):
                                           "dashboard_address": None}), contextlib.nullcontext()
 
 
-@task(name="finish-pairs", cache_policy=NO_CACHE)
-def finish_pairs_task(cfg: PipelineConfig, paths: pipeline.RunPaths, tracker: MlflowTracker,
-                      shard_results: list[dict]) -> str:
-    def after(url: str, run_id: str) -> None:
+@task(name="finish-pairs", task_run_name="finish-{stage.name}", cache_policy=NO_CACHE)
+def finish_pairs_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, tracker: MlflowTracker,
+                      shard_results: list[dict]) -> st.StageOutput:
+    def after(out: st.StageOutput, run_id: str) -> None:
         done = [r for r in shard_results if not r.get("skipped")]
         tracker.log_metrics(run_id, {"shards_simulated": len(done),
                                      "rows_simulated": sum(r.get("rows", 0) for r in done),
                                      "simulation_seconds": sum(r.get("seconds", 0.0) for r in done)})
-        tracker.set_tags(run_id, {"reflow.pairs_url": url})
+        tracker.set_tags(run_id, {"reflow.pairs_url": out.urls["pairs"]})
 
-    # the shard hashes are checked once, before training reads the pairs (reflow_finetune)
-    return _run_stage(tracker, "pairs", False, lambda cb: pipeline.finish_pairs(cfg, paths, verify=False), after)
-
-
-@task(name="reflow-finetune", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def reflow_finetune_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str,
-                         tracker: MlflowTracker) -> str:
-    ckpt = _run_stage(tracker, "reflow", paths.stage_done("reflow"),
-                      lambda cb: pipeline.reflow_finetune(cfg, paths, teacher_ckpt, callback=cb))
-    tracker.set_tags(tracker.parent_run_id(), {"reflow.reflow_checkpoint": ckpt})
-    return ckpt
+    # the shard hashes are checked once, before training reads the pairs (the reflow stage)
+    return _run_stage(tracker, stage.name, False, lambda cb: st.pairs.finish(stage, _ctx(cfg, paths, cb)), after)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, paths: pipeline.RunPaths, teacher_ckpt: str, reflow_ckpt: str,
-                  tracker: MlflowTracker, force: bool = False) -> list[dict]:
-    # reflow_core logs each row as metrics (step = NFE) and metrics.json + plots as artifacts through the callback.
-    # Finished means metrics.json was written with the current eval settings; `force` recomputes anyway.
-    done = not force and paths.stage_done("evaluate")
-
-    def call(cb):
-        if done:
-            return storage.read_json(paths.metrics_json)["rows"]
-        return pipeline.evaluate(cfg, paths, teacher_ckpt, reflow_ckpt, callback=cb)
-
-    return _run_stage(tracker, "evaluate", done, call)
+def _pairs(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
+           tracker: MlflowTracker, logger) -> st.StageOutput:
+    """A pairs stage: plan the shards, one task per pending shard (at most pairs.workers in flight), finish."""
+    if stage.kind != "pairs" or st.pairs.done(stage, _ctx(cfg, paths)):
+        return stage_task(cfg, paths, stage, inputs, tracker)
+    pending = pair_shards_task(cfg, paths, stage, inputs, tracker)
+    logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
+    results: list[dict] = []
+    if pending:
+        runner, annotations = pair_task_runner(cfg)
+        with runner, annotations:
+            futures = runner.map(simulate_shard_task, {
+                "cfg": unmapped(cfg), "paths": unmapped(paths), "stage": unmapped(stage),
+                "inputs": unmapped(inputs), "shard": pending, "tracker": unmapped(tracker)})
+            results = futures.result()  # raises the first failed shard (after its retries)
+    return finish_pairs_task(cfg, paths, stage, tracker, results)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # flow
-
-
-def _selected(stages: list[str] | None) -> list[str]:
-    if not stages:
-        return list(STAGES)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    return [s for s in STAGES if s in stages]
 
 
 @flow(name="reflow", log_prints=True, task_runner=ThreadPoolTaskRunner())
@@ -165,35 +159,35 @@ def reflow(
     teacher_checkpoint: str | None = None,
     redo_stages: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a ReFlow pipeline.
+    """Run (or resume) a ReFlow pipeline: walk the plan of the config's stage instances (`reflow plan`).
 
     Args:
         preset: preset name (deployments/presets/NAME.yaml) or a YAML path.
         overrides: dotted-key overrides, e.g. {"teacher.train.steps": 500, "pairs.n_pairs": 4000}.
         root: fsspec root of all runs (`./runs`, `s3://bucket/reflow`).
-        run: run name under the root; re-use it to resume. None: a new name is generated.
+        run: run name under the root; re-use it to resume. None: the preset's name.
         new: refuse to reuse an existing run directory (a fresh run).
-        stages: run only these stages (the others must already be finished under this run).
+        stages: run only these stage instances (e.g. ["reflow-2", "evaluate"]); the stages they read from must
+            already be finished under this run. A selected evaluate is recomputed even if metrics.json is current.
         teacher_checkpoint: start from this teacher checkpoint instead of training one.
         redo_stages: delete these stages' artifacts (and those of every later stage) before running, so they are
             redone (e.g. ["pairs"] after a corrupt pair store); their MLflow child runs are reused.
     """
     logger = get_run_logger()
-    selected = _selected(stages)
-    needed = STAGES[: max(STAGES.index(s) for s in selected) + 1]  # stages whose outputs the selection uses
     overrides = dict(overrides or {})
     if teacher_checkpoint:
         overrides["teacher.checkpoint"] = teacher_checkpoint
     cfg = load_preset(preset, overrides)  # a ConfigError fails the flow here, before any work
-    paths = pipeline.prepare_run(cfg, root, run, new=new)
-    for stage in _selected(redo_stages) if redo_stages else []:
-        logger.info("redo: removed %s", pipeline.reset_stage(paths, stage))
-
-    upstream = [s for s in needed if s not in selected and not (s == "teacher" and cfg.teacher.checkpoint)]
-    missing = [s for s in upstream if not paths.stage_done(s)]
-    if missing:
-        raise ValueError(f"stage(s) {missing} are needed by {selected} but have not finished under {paths.dir}; "
-                         "add them to `stages`")
+    names = st.stage_names(cfg)
+    for s in (stages or []) + (redo_stages or []):
+        if s not in names:
+            raise ValueError(f"unknown stage {s!r}; this run's stages are {names}")
+    paths = st.prepare_run(cfg, root, run, new=new)
+    for name in redo_stages or []:
+        logger.info("redo: removed %s", st.reset_stage(paths, name))
+    if stages and "evaluate" in stages:  # asked for by name: recompute even if metrics.json is current
+        st.reset_stage(paths, "evaluate")
+    walk, chosen = st.schedule(_ctx(cfg, paths), stages)
 
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, root)
     params = cfg.model_dump(mode="json")
@@ -201,56 +195,30 @@ def reflow(
     parent = tracker.parent_run_id()
     tracker.log_params(parent, params)
     tracker.set_tags(parent, {"reflow.preset": preset, "reflow.run_dir": paths.dir,
-                              "reflow.stages": ",".join(selected)})
+                              "reflow.stages": ",".join(s.name for s in chosen)})
     logger.info("run %s at %s; MLflow parent run %s in %s", paths.run, paths.dir, parent, uri)
+    logger.info("plan:\n%s", st.describe(walk, paths.dir))
 
-    teacher_ckpt = pairs_url = reflow_ckpt = None
-    rows: list[dict] = []
+    outputs: dict[str, st.StageOutput] = {}
     try:
-        if cfg.teacher.checkpoint:
-            teacher_ckpt = cfg.teacher.checkpoint
-            logger.info("teacher: using the given checkpoint %s", teacher_ckpt)
-        else:  # a finished teacher is skipped inside the task
-            teacher_ckpt = train_teacher_task(cfg, paths, tracker)
-
-        if "pairs" in needed:
-            if paths.stage_done("pairs"):
-                pairs_url = paths.pairs_url
-            else:
-                pending = pair_shards_task(cfg, paths, teacher_ckpt, tracker)
-                logger.info("pairs: %d pending shard(s), %d at a time", len(pending), cfg.pairs.workers)
-                results: list[dict] = []
-                if pending:
-                    # sized by the config: at most cfg.pairs.workers shards in flight (threads or Dask workers)
-                    runner, annotations = pair_task_runner(cfg)
-                    with runner, annotations:
-                        futures = runner.map(simulate_shard_task, {
-                            "cfg": unmapped(cfg), "paths": unmapped(paths),
-                            "teacher_ckpt": unmapped(teacher_ckpt), "shard": pending,
-                            "tracker": unmapped(tracker)})
-                        results = futures.result()  # raises the first failed shard (after its retries)
-                pairs_url = finish_pairs_task(cfg, paths, tracker, results)
-            logger.info("pairs: %s", pairs_url)
-
-        if "reflow" in needed:  # a finished reflow model is skipped inside the task
-            reflow_ckpt = reflow_finetune_task(cfg, paths, teacher_ckpt, tracker)
-
-        if "evaluate" in selected:  # asked for by name: recompute even if metrics.json is current
-            rows = evaluate_task(cfg, paths, teacher_ckpt, reflow_ckpt, tracker, force=stages is not None)
-        elif storage.exists(paths.metrics_json):
-            rows = storage.read_json(paths.metrics_json)["rows"]
+        for s in walk:
+            outputs[s.name] = _pairs(cfg, paths, s, st.inputs_of(s, outputs), tracker, logger)
     except BaseException:
         tracker.finish_open("FAILED")
         raise
     tracker.finish(None, "FINISHED")
 
+    metrics_json = st.evaluate.metrics_url(st.find(walk, "evaluate")) if "evaluate" in outputs else None
+    rows = outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
+    models = {name: o.urls["model"] for name, o in outputs.items() if "model" in o.urls}
     ui = ui_command(uri)
     print(f"run directory:  {paths.dir}")
-    print(f"metrics:        {paths.metrics_json}")
+    print(f"metrics:        {metrics_json}")
     print(f"MLflow run:     {parent} (experiment {cfg.tracking.experiment!r}, store {uri})")
     print(f"MLflow UI:      {ui}")
-    return {"run": paths.run, "run_dir": paths.dir, "metrics_json": paths.metrics_json, "metrics": rows,
-            "teacher_checkpoint": teacher_ckpt, "reflow_checkpoint": reflow_ckpt,
+    return {"run": paths.run, "run_dir": paths.dir, "metrics_json": metrics_json or paths.metrics_json,
+            "metrics": rows, "checkpoints": models, "teacher_checkpoint": models.get("teacher"),
+            "reflow_checkpoint": models.get(f"reflow{st.suffix(cfg.reflow.rounds)}"),
             "mlflow_run_id": parent, "mlflow_tracking_uri": uri, "ui": ui}
 
 

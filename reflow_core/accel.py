@@ -3,7 +3,9 @@ fixed-shape sampling, and a batch-size probe. Every knob is off by default and e
 same code runs (and is tested) on a CPU.
 
 Numerics of bf16 sampling: only the *velocity* is computed under bf16 autocast (convs/matmuls on tensor cores);
-the ODE state x is kept and accumulated in float32 (see `autocast_velocity`).
+the ODE state x is kept and accumulated in float32 (see `reflow_core.velocity.VelocityModel`, amp=True).
+The CUDA-graph helpers take the solvers' one velocity signature `(x, t) -> v`; labels are bound by the caller
+(`VelocityModel.solver_velocity(label)`, with `label` a static buffer refilled in place between calls).
 """
 from __future__ import annotations
 
@@ -98,25 +100,6 @@ def autocast(device: torch.device | str, enabled: bool = True, cache_enabled: bo
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache_enabled)
 
 
-def autocast_velocity(net: Callable, device: torch.device | str, amp: bool,
-                      label: torch.Tensor | None = None) -> solvers.Velocity:
-    """The solver's (x, t) -> v view of `net`, with the network in bf16 when amp and the result in float32.
-
-    Why the state stays float32: an Euler/Heun update is x + h * v with |h| ~ 1/NFE. bf16 has an 8-bit mantissa
-    (relative spacing 2^-8 ~ 0.004), so with x ~ N(0, 1) an increment h * v of a few 1e-3 would be rounded
-    away or badly quantised at every step, and the error compounds over the NFE steps. The expensive part is the
-    network (convolutions and attention, bf16 on tensor cores); the update is elementwise and costs nothing in
-    fp32. So v is computed in bf16, cast to fp32, and x is accumulated in fp32.
-    """
-    ctx = autocast(device, amp, cache_enabled=False)  # safe inside CUDA-graph capture
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with ctx:
-            out = net(x, t, label)
-        return out.float()
-    return v
-
-
 # --- CUDA graphs -----------------------------------------------------------------------------------------------------
 
 def cuda_graphs_available(device: torch.device | str) -> bool:
@@ -134,38 +117,36 @@ def _warmup(fn: Callable[[], object], iters: int = 3) -> None:
 
 
 class CapturedSampler:
-    """Fixed-step Euler/Heun generation (t = 1 -> 0) for one batch shape, replayed from a CUDA graph.
+    """Fixed-step Euler/Heun generation (t = 1 -> 0) of a velocity `(x, t) -> v` for one batch shape, replayed from
+    a CUDA graph.
 
     On CUDA (and graph=True) the whole NFE loop is captured once into a single graph (`per_step=False`) or one
     graph per velocity evaluation (`per_step=True`, less memory for the captured activations); a call copies the
-    noise (and labels) into static buffers and replays. Anywhere else it is exactly `solvers.integrate` with the
-    same velocity, so CPU results are bit-identical to the plain sampler.
+    noise into a static buffer and replays. Anywhere else it is exactly `solvers.integrate` with the same velocity,
+    so CPU results are bit-identical to the plain sampler.
 
-    `net(x, t, label)`; amp computes the velocity in bf16 and accumulates x in fp32 (see autocast_velocity).
+    Labels, bf16 and guidance belong to the velocity: build it with `VelocityModel(..., amp=True).solver_velocity(lab)`
+    where `lab` is a tensor the caller keeps and refills in place (`lab.copy_(labels)`) before each call; the
+    captured graph reads that memory.
     """
 
-    def __init__(self, net: Callable, shape: Sequence[int], nfe: int, solver: str = "euler", grid: str = "uniform",
-                 rho: float = 1.0, *, device: torch.device | str = "cpu", amp: bool = False, graph: bool = True,
-                 label: bool = False, per_step: bool = False, warmup_iters: int = 2):
-        self.net, self.shape, self.nfe, self.solver = net, tuple(int(s) for s in shape), nfe, solver
+    def __init__(self, velocity: solvers.Velocity, shape: Sequence[int], nfe: int, solver: str = "euler",
+                 grid: str = "uniform", rho: float = 1.0, *, device: torch.device | str = "cpu", graph: bool = True,
+                 per_step: bool = False, warmup_iters: int = 2):
+        self.velocity, self.shape, self.nfe, self.solver = velocity, tuple(int(s) for s in shape), nfe, solver
         self.grid = solvers.time_grid(solvers.steps_for_nfe(solver, nfe), grid, rho)
-        self.device, self.amp, self.has_label, self.per_step = torch.device(device), amp, label, per_step
+        self.device, self.per_step = torch.device(device), per_step
         self.use_graph = graph and cuda_graphs_available(self.device)
         self.warmup_iters = warmup_iters
         self._graph: torch.cuda.CUDAGraph | None = None
         self.captured = False
 
-    def _velocity(self, label: torch.Tensor | None) -> solvers.Velocity:
-        return autocast_velocity(self.net, self.device, self.amp, label)
-
     def _capture(self) -> None:
-        dev = self.device
-        self._x = torch.randn(self.shape, device=dev)
-        self._lab = torch.zeros(self.shape[0], dtype=torch.long, device=dev) if self.has_label else None
-        v = self._velocity(self._lab)
+        self._x = torch.randn(self.shape, device=self.device)
+        v = self.velocity
         if self.per_step:
             # one graph for one evaluation; the solver loop stays in Python and calls the graphed velocity
-            self._gv = GraphedVelocity(lambda x, t, _l: v(x, t), warmup_iters=self.warmup_iters)
+            self._gv = GraphedVelocity(v, warmup_iters=self.warmup_iters)
             self.captured = True
             return
         _warmup(lambda: solvers.integrate(v, self._x, self.grid, self.solver), self.warmup_iters)
@@ -175,58 +156,49 @@ class CapturedSampler:
         self.captured = True
 
     @torch.no_grad()
-    def __call__(self, noise: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, noise: torch.Tensor) -> torch.Tensor:
         if tuple(noise.shape) != self.shape:
             raise ValueError(f"CapturedSampler was built for shape {self.shape}, got {tuple(noise.shape)}")
-        if (label is not None) != self.has_label:
-            raise ValueError(f"CapturedSampler(label={self.has_label}) called with label={'set' if label is not None else None}")
         if not self.use_graph:
-            return solvers.integrate(self._velocity(label), noise.to(self.device, torch.float32), self.grid,
-                                     self.solver)
+            return solvers.integrate(self.velocity, noise.to(self.device, torch.float32), self.grid, self.solver)
         if not self.captured:
             self._capture()
         self._x.copy_(noise)
-        if label is not None:
-            self._lab.copy_(label)
         if self.per_step:
-            lab = self._lab
-            return solvers.integrate(lambda x, t: self._gv(x, t, lab), self._x, self.grid, self.solver)
+            return solvers.integrate(self._gv, self._x, self.grid, self.solver)
         self._graph.replay()
         return self._out.clone()
 
 
 class GraphedVelocity:
-    """`fn(x, t, label)` replayed from a CUDA graph per input shape (one graph per (shape, label?) key).
+    """A velocity `fn(x, t) -> v` replayed from a CUDA graph per input shape (one graph per (shape, dtype) key).
 
-    Used by the pair simulation, whose solver loop lives in pairs.simulate_shard: each evaluation copies x, t,
-    label into static buffers and replays. Off CUDA it is `fn` itself. The returned tensor is a static buffer
-    that the next call overwrites, which is safe for the fixed-step solvers (they consume v before the next call)
-    but it is cloned anyway for callers that keep it."""
+    Each evaluation copies x and t into static buffers and replays. Labels are bound inside `fn` (see
+    `CapturedSampler`; `reflow_core.velocity.velocity_for(model, cuda_graph=True)` does the bookkeeping for loops
+    whose labels change per batch, such as the pair simulation). Off CUDA it is `fn` itself. The returned tensor
+    is cloned from the graph's static output (which the next replay overwrites)."""
 
-    def __init__(self, fn: Callable, warmup_iters: int = 2, max_graphs: int = 8):
+    def __init__(self, fn: solvers.Velocity, warmup_iters: int = 2, max_graphs: int = 8):
         self.fn, self.warmup_iters, self.max_graphs = fn, warmup_iters, max_graphs
         self._graphs: dict = {}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not cuda_graphs_available(x.device):
-            return self.fn(x, t, label)
-        key = (tuple(x.shape), x.dtype, None if label is None else tuple(label.shape))
+            return self.fn(x, t)
+        key = (tuple(x.shape), x.dtype)
         g = self._graphs.get(key)
         if g is None:
             if len(self._graphs) >= self.max_graphs:
-                return self.fn(x, t, label)
+                return self.fn(x, t)
             sx, st = x.clone(), t.clone()
-            sl = None if label is None else label.clone()
-            _warmup(lambda: self.fn(sx, st, sl), self.warmup_iters)
+            _warmup(lambda: self.fn(sx, st), self.warmup_iters)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.fn(sx, st, sl)
-            g = self._graphs[key] = (graph, sx, st, sl, out)
-        graph, sx, st, sl, out = g
+                out = self.fn(sx, st)
+            g = self._graphs[key] = (graph, sx, st, out)
+        graph, sx, st, out = g
         sx.copy_(x)
         st.copy_(t)
-        if sl is not None:
-            sl.copy_(label)
         graph.replay()
         return out.clone()
 

@@ -5,8 +5,9 @@ message naming the field and the allowed values.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +18,27 @@ ToyName = Literal["8gaussians", "moons", "checkerboard", "circles", "spirals"]
 TimeDist = Literal["uniform", "logit_normal", "u_shape", "exponential"]
 SolverName = Literal["euler", "heun"]
 GridName = Literal["uniform", "rho"]
+
+
+T = TypeVar("T")
+
+
+class _ExecutionOnly:
+    """Annotated metadata: the field decides how fast or where a stage runs, not what its artifacts are."""
+
+    def __repr__(self) -> str:
+        return "execution-only"
+
+
+EXECUTION_ONLY = _ExecutionOnly()
+# `batch_size: Exec[int]` marks a setting a run may be reopened with changed (a resume on other workers, a bigger
+# GPU): `PipelineConfig.identity()` leaves every such field out. Pairs are seeded per row and training batches are a
+# function of the step, so none of these settings changes an artifact's values (tests/test_pairs.py, test_stages.py).
+Exec = Annotated[T, EXECUTION_ONLY]
+
+
+def is_execution_only(field) -> bool:
+    return any(m is EXECUTION_ONLY for m in field.metadata)
 
 
 class _Strict(BaseModel):
@@ -74,7 +96,7 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     ckpt_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
+    log_every: Exec[int] = Field(50, ge=1)
     seed: int = 0
     amp: bool = Field(False, description="bf16 autocast")
     time_dist: TimeDist = "uniform"
@@ -84,9 +106,9 @@ class TrainConfig(_Strict):
     loss_norm: bool = Field(False, description="weight 1 / stopgrad(per-sample loss) (Simple ReFlow #1)")
     hpf: float = Field(0.0, ge=0.0, description="high-pass emphasis of the residual (Simple ReFlow #3), 0 = off")
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="CFG: drop class labels with this probability")
-    max_bad_steps: int = Field(20, ge=1, description="non-finite losses tolerated before training stops")
-    compile: bool = Field(False, description="torch.compile the forward pass (eager fallback with a warning)")
-    channels_last: bool = Field(False, description="NHWC memory format for image nets (ignored for MLPs)")
+    max_bad_steps: Exec[int] = Field(20, ge=1, description="non-finite losses tolerated before training stops")
+    compile: Exec[bool] = Field(False, description="torch.compile the forward pass (eager fallback with a warning)")
+    channels_last: Exec[bool] = Field(False, description="NHWC memory format for image nets (ignored for MLPs)")
     nproc: int = Field(1, ge=1, le=64, description="processes (GPUs) per stage; > 1 launches torchrun with DDP; "
                                                   "batch_size is per process")
 
@@ -101,25 +123,25 @@ class PairsConfig(_Strict):
     n_forward: int = Field(0, ge=0, description="forward pairs: real data -> inverted noise (Simple ReFlow #5)")
     shard_size: int = Field(5_000, ge=1)
     chunk_size: int = Field(1_000, ge=1)
-    batch_size: int = Field(1_000, ge=1)
-    auto_batch: bool = Field(False, description="on CUDA: double batch_size while one solver step still fits in GPU "
+    batch_size: Exec[int] = Field(1_000, ge=1)
+    auto_batch: Exec[bool] = Field(False, description="on CUDA: double batch_size while one solver step still fits in GPU "
                              "memory (up to max_batch_size and the shard's rows) and simulate with the largest that "
                              "fits; off CUDA batch_size is used as is")
-    max_batch_size: int = Field(16_384, ge=1, description="auto_batch's upper bound")
+    max_batch_size: Exec[int] = Field(16_384, ge=1, description="auto_batch's upper bound")
     solver: SolverName = "heun"
     nfe: int = Field(63, ge=1)
     grid: GridName = "rho"
     rho: float = Field(1.5, gt=0.0, le=20.0)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 1234
-    workers: int = Field(1, ge=1, description="shards simulated concurrently")
+    workers: Exec[int] = Field(1, ge=1, description="shards simulated concurrently")
     amp: bool = Field(False, description="bf16 autocast for the teacher's velocity (state x stays float32)")
-    compile: bool = Field(False, description="torch.compile the teacher for sampling (eager fallback with a warning)")
-    cuda_graph: bool = Field(False, description="replay each velocity evaluation from a CUDA graph (CUDA only)")
-    engine: Literal["threads", "dask"] = Field(
+    compile: Exec[bool] = Field(False, description="torch.compile the teacher for sampling (eager fallback with a warning)")
+    cuda_graph: Exec[bool] = Field(False, description="replay each velocity evaluation from a CUDA graph (CUDA only)")
+    engine: Exec[Literal["threads", "dask"]] = Field(
         "threads", description="shard fan-out in the Prefect flow: threads on this machine (one GPU per worker, "
         "round-robin) or a Dask cluster through prefect-dask (pip install -e '.[dask]')")
-    dask_address: str | None = Field(
+    dask_address: Exec[str | None] = Field(
         None, description="engine='dask': scheduler address (tcp://host:8786); None = a LocalCluster of `workers` "
         "processes with one thread each. Credentials never go here: workers read them from their environment")
     zarr_shards: bool = Field(False, description="zarr 3 sharding codec: one object per pair shard holding its chunks")
@@ -143,6 +165,10 @@ class ReflowConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="reflow dropout (Simple ReFlow #4); None = teacher's")
     forward_ratio: float = Field(0.0, ge=0.0, le=1.0, description="fraction of each batch drawn from forward pairs")
+    rounds: int = Field(1, ge=1, le=10, description="k-rectified flow: round r > 1 simulates pairs from round "
+                                                    "r-1's reflow model (pairs-r.zarr) and fine-tunes it (reflow-r/)")
+    ram_budget_mb: Exec[int] = Field(2048, ge=0, description="a pair store that fits is read into memory once; a "
+                                                             "larger one is streamed by chunks (same batches)")
 
 
 class EvalConfig(_Strict):
@@ -154,8 +180,8 @@ class EvalConfig(_Strict):
     straightness_steps: int = Field(64, ge=2)
     inception_weights: str | None = Field(None, description="local Inception weights for FID (offline use)")
     seed: int = 2024
-    models: list[Literal["teacher", "reflow"]] = Field(default_factory=lambda: ["teacher", "reflow"],
-                                                       description="which models to evaluate")
+    models: list[str] | None = Field(None, description="which models to evaluate: teacher, reflow, reflow-2, ...; "
+                                                       "None = every model the run trains")
     # per-NFE grids (Simple ReFlow #7): `rhos` from reflow_core.tuning.search_rho, or a user's own `times`
     rhos: list[float] | None = Field(None, description="one rho per entry of nfes (grid='rho'); overrides rho")
     times: list[float] | None = Field(None, description="a user grid 1 -> 0 (strictly decreasing, both ends "
@@ -172,8 +198,11 @@ class EvalConfig(_Strict):
     def _check(self) -> "EvalConfig":
         if not self.nfes or any(n < 1 for n in self.nfes):
             raise ValueError(f"eval.nfes must be a non-empty list of positive ints, got {self.nfes}")
-        if not self.models:
-            raise ValueError("eval.models must name at least one of 'teacher', 'reflow'")
+        if self.models is not None:
+            bad = [m for m in self.models if not re.fullmatch(r"teacher|reflow(-[2-9]|-10)?", m)]
+            if not self.models or bad:
+                raise ValueError(f"eval.models must name models of the run (teacher, reflow, reflow-2, ...), "
+                                 f"got {self.models}")
         if self.rhos is not None:
             if len(self.rhos) != len(self.nfes) or any(not 0.0 < r <= 20.0 for r in self.rhos):
                 raise ValueError(f"eval.rhos must hold one rho in (0, 20] per entry of eval.nfes {self.nfes}, "
@@ -217,31 +246,42 @@ class PipelineConfig(_Strict):
             raise ValueError(f"net.kind must be 'unet' for image data (data.name={self.data.name!r})")
         if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:
             raise ValueError("reflow.forward_ratio > 0 needs pairs.n_forward > 0")
+        rounds = ["reflow"] + [f"reflow-{r}" for r in range(2, self.reflow.rounds + 1)]
+        unknown = [m for m in self.eval.models or [] if m not in ["teacher", *rounds]]
+        if unknown:
+            raise ValueError(f"eval.models {unknown} are not trained by this run (reflow.rounds="
+                             f"{self.reflow.rounds}: {['teacher', *rounds]})")
         return self
 
     def identity(self) -> dict:
         """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused.
-        (eval and tracking may change: evaluation is redone when its settings differ; so may the EXECUTION_ONLY
-        settings, which change how fast or where a stage runs, e.g. a resume on other workers.)"""
-        ident = self.model_dump(include={"data", "net", "teacher", "pairs", "reflow"})
-        for dotted, keys in EXECUTION_ONLY.items():
-            section = ident
-            for part in dotted.split("."):
-                section = section[part]
-            for k in keys:
-                section.pop(k)
-        return ident
+
+        data, net, teacher, pairs and reflow, less every field typed `Exec[...]` (speed and placement only, e.g. a
+        resume on other workers). eval and tracking are not part of it: evaluation is redone when its settings
+        differ."""
+        return _identity(self, ("data", "net", "teacher", "pairs", "reflow"))
 
 
-_TRAIN_EXECUTION = frozenset({"compile", "channels_last", "log_every", "max_bad_steps"})
-# Settings a run may be reopened with changed: they decide speed and placement, not the artifacts. Pairs are seeded
-# per row, so the pair store does not depend on the batch, the workers or the engine (tests/test_pairs.py).
-EXECUTION_ONLY: dict[str, frozenset[str]] = {
-    "pairs": frozenset({"batch_size", "auto_batch", "max_batch_size", "workers", "compile", "cuda_graph", "engine",
-                        "dask_address"}),
-    "teacher.train": _TRAIN_EXECUTION,
-    "reflow.train": _TRAIN_EXECUTION,
-}
+def _identity(model: BaseModel, fields) -> dict:
+    out = {}
+    for name in fields:
+        f = type(model).model_fields[name]
+        if is_execution_only(f):
+            continue
+        value = getattr(model, name)
+        out[name] = (_identity(value, type(value).model_fields) if isinstance(value, BaseModel)
+                     else _dump(value))
+    return out
+
+
+def _dump(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    return value
 
 
 class ConfigError(ValueError):

@@ -111,20 +111,16 @@ class LaunchError(RuntimeError):
     """A torchrun job that exited non-zero; the message holds the tail of its output."""
 
 
-def launch_torchrun(nproc: int, stage: str, config_json: str, run_dir: str, *, teacher: str | None = None,
+def launch_torchrun(nproc: int, stage: str, config_json: str, run_dir: str, ckpt_dir: str, *,
                     timeout: float | None = None, extra_env: dict | None = None) -> str:
-    """Run one training stage ("teacher" or "reflow") as `python -m torch.distributed.run --standalone
-    --nproc_per_node N -m reflow_core.stage_main ...` and return the stage's latest checkpoint URL.
+    """Run one training stage instance of the run's plan (teacher, reflow, reflow-2, ...) as `python -m
+    torch.distributed.run --standalone --nproc_per_node N -m reflow_core.stage_main ...` and return the latest
+    checkpoint URL under `ckpt_dir` (the stage's artifact).
 
     config_json: a path/URL of a PipelineConfig JSON file, or the JSON text itself (written to a temp file).
-    run_dir: <root>/<run> (the stage's checkpoints go to run_dir/teacher or run_dir/reflow).
-    teacher: the teacher checkpoint (required for "reflow")."""
-    from .train import latest_checkpoint
+    run_dir: <root>/<run>; the stage finds its inputs there (the stages it reads must be finished)."""
+    from . import checkpoint
 
-    if stage not in ("teacher", "reflow"):
-        raise ValueError(f"launch_torchrun runs 'teacher' or 'reflow', got {stage!r}")
-    if stage == "reflow" and not teacher:
-        raise ValueError("launch_torchrun('reflow', ...) needs teacher=<teacher checkpoint URL>")
     tmp = None
     if config_json.lstrip().startswith("{"):
         tmp = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
@@ -133,8 +129,6 @@ def launch_torchrun(nproc: int, stage: str, config_json: str, run_dir: str, *, t
         config_json = tmp.name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "reflow_core.stage_main", "--stage", stage, "--config", config_json, "--run-dir", run_dir]
-    if teacher:
-        cmd += ["--teacher", teacher]
     env = os.environ.copy() | (extra_env or {})
     env.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -145,7 +139,7 @@ def launch_torchrun(nproc: int, stage: str, config_json: str, run_dir: str, *, t
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise LaunchError(f"torchrun ({nproc} processes, stage {stage}) exited with {proc.returncode}:\n{tail}")
-    url = latest_checkpoint(storage.join(run_dir, stage))
+    url = checkpoint.latest(ckpt_dir)
     if url is None:
-        raise LaunchError(f"torchrun stage {stage} finished but wrote no checkpoint under {run_dir}/{stage}")
+        raise LaunchError(f"torchrun stage {stage} finished but wrote no checkpoint under {ckpt_dir}")
     return url

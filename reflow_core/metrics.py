@@ -46,20 +46,20 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def straightness(
-    velocity_fn: Callable[..., torch.Tensor],
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_noise: torch.Tensor,
     steps: int = 64,
     *,
-    label: torch.Tensor | None = None,
     return_per_sample: bool = False,
 ):
     """Liu et al.'s straightness S = int_0^1 E || (x_noise - x_data) - v(x_t, t) ||^2 dt along the model's own path.
 
     The ODE is integrated with Euler on a uniform grid from t = 1 (``x_noise``) to t = 0 with ``steps`` steps;
-    ``velocity_fn(x, t)`` (or ``velocity_fn(x, t, label)`` when ``label`` is given) gets ``t`` as a float tensor of
-    shape (B,). ``x_data`` is the final point. The squared norm is summed over all non-batch dims; the time integral
-    is the left Riemann sum over the velocities evaluated at each Euler step. A field whose velocity is constant
-    along each path gives exactly 0.
+    ``velocity_fn(x, t)`` is the solvers' velocity (``solvers.Velocity``; labels bound by the caller, e.g.
+    ``VelocityModel.solver_velocity(label)``) and gets ``t`` as a float tensor of shape (B,). ``x_data`` is the
+    final point. The squared norm is summed over all non-batch dims; the time integral is the left Riemann sum
+    over the velocities evaluated at each Euler step. A field whose velocity is constant along each path gives
+    exactly 0.
 
     Returns ``float`` S (mean over samples), or ``(S, per_sample)`` with ``per_sample`` a CPU tensor (B,) when
     ``return_per_sample=True``.
@@ -72,7 +72,7 @@ def straightness(
     vs = []
     for i in range(steps):
         t = ts[i].expand(b).clone()
-        v = velocity_fn(x, t) if label is None else velocity_fn(x, t, label)
+        v = velocity_fn(x, t)
         vs.append(v.detach())
         x = x + (ts[i + 1] - ts[i]).to(x.dtype) * v
     x_data = x
@@ -351,19 +351,23 @@ def _train_loop(net, opt, sched, xs, ys, steps, batch_size, augment, gen, device
 def load_or_train_digit_classifier(cache_url: str, x: torch.Tensor, y: torch.Tensor, **train_kwargs) -> DigitFeatureNet:
     """Load a cached :class:`DigitFeatureNet` from ``cache_url`` (any fsspec URL), or train one and cache it there.
 
-    The cache holds ``{"state_dict", "feature_dim", "num_classes"}`` written atomically via ``storage``.
+    The cache holds ``{"state_dict", "feature_dim", "num_classes"}``, written by
+    :func:`reflow_core.checkpoint.save_file` (atomic, with a ``<cache_url>.sha256`` sidecar) and read by
+    ``checkpoint.load_file`` (hash-checked, ``weights_only=True``); a cache that fails the check (or has no sidecar,
+    e.g. one written before this) raises ``CheckpointError`` naming the files to delete.
     """
+    from reflow_core import checkpoint
+
     if storage.exists(cache_url):
-        blob = torch.load(io.BytesIO(storage.read_bytes(cache_url)), map_location="cpu", weights_only=True)
+        blob = checkpoint.load_file(cache_url)
         net = DigitFeatureNet(feature_dim=int(blob["feature_dim"]), num_classes=int(blob["num_classes"]))
         net.load_state_dict(blob["state_dict"])
         net.eval()
         return net
     net = train_digit_classifier(x, y, **train_kwargs)
-    buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "feature_dim": net.feature_dim, "num_classes": net.num_classes}, buf)
-    storage.atomic_write_bytes(cache_url, buf.getvalue())
+    checkpoint.save_file(cache_url, {"state_dict": state, "feature_dim": int(net.feature_dim),
+                                     "num_classes": int(net.num_classes)})
     return net
 
 

@@ -131,11 +131,15 @@ def invert(v: Velocity, x_data: torch.Tensor, nfe: int, solver: str = "euler", g
 def guided(v_cond: Velocity, v_guide: Velocity, w: float) -> Velocity:
     """Guidance as a velocity: v = v_guide + w (v_cond - v_guide), w = 1 is no guidance.
 
-    CFG: v_guide is the same net with the null label; AutoGuidance: a weaker checkpoint. One guided call costs two
-    network evaluations; wrap each network in its own NFECounter to count them honestly."""
+    Computed with torch.lerp, which is exact at both ends: w = 1 gives v_cond and w = 0 gives v_guide bit for bit.
+    CFG: v_guide is the same net with the null label; AutoGuidance: a weaker checkpoint (both built by
+    `velocity.VelocityModel.solver_velocity`). One guided call costs two network evaluations; wrap each network in
+    its own NFECounter to count them honestly."""
+    w = float(w)
+
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, b = v_cond(x, t), v_guide(x, t)
-        return b + w * (a - b)
+        return torch.lerp(b, a, w)
     return fn
 
 

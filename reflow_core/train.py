@@ -8,10 +8,9 @@ step alone, so the data stream after a resume is the one an uninterrupted run wo
 from __future__ import annotations
 
 import copy
-import io
 import math
 import os
-import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,8 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import accel, distributed, storage
+from . import accel, checkpoint, distributed, storage
 from .callbacks import Callback, NullCallback
+from .checkpoint import CheckpointError  # noqa: F401  (re-exported: `from .train import CheckpointError`)
 from .config import TrainConfig
 from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
 from .paths import path_sample, sample_time
@@ -33,17 +33,16 @@ class Batch:
     label: torch.Tensor | None = None
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted (missing, truncated, wrong hash); the message names the file."""
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
 
 def flow_matching_loss(net: nn.Module, batch: Batch, cfg: TrainConfig, generator: torch.Generator,
                        hpf: HighPass | None = None) -> torch.Tensor:
-    """Per-sample loss of v_theta(x_t, t) against v = x_noise - x_data, with Simple ReFlow's switches (#1-#3)."""
+    """Per-sample loss of v_theta(x_t, t) against v = x_noise - x_data, with Simple ReFlow's switches (#1-#3).
+
+    `net(x, t, label)`: a `velocity.VelocityModel` (or a compiled / DDP wrapper of one), which maps label=None or
+    dropped labels to the CFG null label itself; labels are dropped by the caller (`VelocityModel.drop_labels`)."""
     n = batch.x_data.shape[0]
     t = sample_time(cfg.time_dist, n, generator, cfg.time_dist_param, device=batch.x_data.device)
     ps = path_sample(batch.x_data, batch.x_noise, t)
@@ -65,58 +64,6 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------------
-
-def save_checkpoint(ckpt_dir: str, state: dict, keep: int = 2) -> str:
-    """Write ckpt-<step>.pt all-or-nothing, then point latest.json at it (with its sha256)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    name = f"ckpt-{state['step']:07d}.pt"
-    url = storage.join(ckpt_dir, name)
-    storage.atomic_write_bytes(url, data)
-    storage.write_json(storage.join(ckpt_dir, "latest.json"),
-                       {"step": state["step"], "file": name, "sha256": storage.sha256(data), "bytes": len(data)})
-    fs, path = storage.fs_and_path(ckpt_dir)
-    names = fs.ls(path, detail=False)
-    old = sorted(p for p in names if re.search(r"ckpt-\d+\.pt$", p))[:-keep]
-    old += [p for p in names if re.search(r"\.tmp-[0-9a-f]{8}$", p)]  # left by a writer killed mid-write
-    for p in old:
-        fs.rm(p)
-    return url
-
-
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    ptr = storage.join(ckpt_dir, "latest.json")
-    if not storage.exists(ptr):
-        return None
-    try:
-        info = storage.read_json(ptr)
-    except Exception as e:  # a torn pointer is never trusted
-        raise CheckpointError(f"{ptr} is unreadable ({e}); delete {ckpt_dir} to retrain this stage") from None
-    return storage.join(ckpt_dir, info["file"])
-
-
-def load_checkpoint(url: str, verify: bool = True) -> dict:
-    """Load a checkpoint; when a latest.json beside it records a hash, check it first."""
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {url} does not exist") from None
-    if verify:
-        ptr = storage.join(url.rsplit("/", 1)[0], "latest.json")
-        if storage.exists(ptr):
-            info = storage.read_json(ptr)
-            if url.endswith(info.get("file", "\0")) and storage.sha256(data) != info["sha256"]:
-                raise CheckpointError(f"checkpoint {url} does not match the sha256 in {ptr} (truncated or corrupt); "
-                                      f"delete it and latest.json to resume from scratch, or rerun with --redo-stage")
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {url} cannot be read ({type(e).__name__}: {e}); "
-                              f"rerun the stage with --redo-stage") from None
-
-
 # --- the loop ------------------------------------------------------------------------------------------------------
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -124,7 +71,8 @@ def _lr(step: int, cfg: TrainConfig) -> float:
 
 
 def _fault_requested(stage: str, step: int) -> bool:
-    """Fault injection for the resume tests: REFLOW_FAULT_STAGE=<stage> REFLOW_FAULT_AT_STEP=<n>."""
+    """Fault injection for the resume tests: REFLOW_FAULT_STAGE=<stage> REFLOW_FAULT_AT_STEP=<n> (after the step's
+    checkpoint: an exception, or with REFLOW_FAULT_KILL=1 a SIGKILL of this process, as a preempted worker dies)."""
     return os.environ.get("REFLOW_FAULT_STAGE") == stage and os.environ.get("REFLOW_FAULT_AT_STEP") == str(step)
 
 
@@ -143,29 +91,31 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
     ema = copy.deepcopy(ema_init if ema_init is not None else net).to(device).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step, bad = 0, 0
-    latest = latest_checkpoint(ckpt_dir)
+    latest = checkpoint.latest(ckpt_dir)
     if latest is not None:
-        state = load_checkpoint(latest)
+        state = checkpoint.load(latest)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, bad = state["step"], state.get("bad_steps", 0)
-        torch.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"])  # CPU and (when saved) CUDA generators
         if step >= cfg.steps:
             return latest
+    else:  # dropout draws from the global generator: a fresh run starts it from the seed, a resumed one restores it
+        torch.manual_seed(cfg.seed)
     cb.on_metrics(stage, step, {"resumed_from_step": float(step)})
     gen = torch.Generator().manual_seed(cfg.seed)
     hpf = HighPass(cfg.hpf) if cfg.hpf > 0 else None
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
-    def checkpoint() -> str:
+    def save_ckpt() -> str:
         # always from `net` (the plain module), never from the DDP/compiled wrapper: its keys load anywhere
         url = storage.join(ckpt_dir, f"ckpt-{step:07d}.pt")
         if dinfo.is_main:
-            url = save_checkpoint(ckpt_dir, {"net": net.state_dict(), "ema": ema.state_dict(),
+            url = checkpoint.save(ckpt_dir, {"net": net.state_dict(), "ema": ema.state_dict(),
                                              "opt": opt.state_dict(), "step": step, "bad_steps": bad,
-                                             "rng": torch.get_rng_state(), "train_config": cfg.model_dump(),
-                                             "meta": meta or {}})
+                                             "rng": checkpoint.rng_state(),
+                                             "train_config": cfg.model_dump(mode="json"), "meta": meta or {}})
         distributed.barrier(dinfo)
         return url
 
@@ -220,8 +170,10 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
             t0, seen = time.perf_counter(), 0
         cb.on_progress(stage, step, cfg.steps)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            url = checkpoint()
+            url = save_ckpt()
         if _fault_requested(stage, step):
-            checkpoint()
+            save_ckpt()
+            if os.environ.get("REFLOW_FAULT_KILL") == "1":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault in stage {stage!r} at step {step}")
-    return url if url is not None else checkpoint()
+    return url if url is not None else save_ckpt()

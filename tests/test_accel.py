@@ -5,10 +5,11 @@ import warnings
 import pytest
 import torch
 
-from reflow_core import accel, solvers
+from reflow_core import accel, checkpoint, solvers
 from reflow_core.config import NetConfig, TrainConfig
 from reflow_core.nets import MLP, UNet, build_net
-from reflow_core.train import Batch, load_checkpoint, train
+from reflow_core.train import Batch, train
+from reflow_core.velocity import VelocityModel
 
 
 def tiny_unet(seed=0, num_classes=0):
@@ -71,8 +72,8 @@ def test_bf16_velocity_sampling_close_to_fp32():
     net = tiny_unet()
     noise, _ = _inputs(8, seed=3)
     grid = solvers.time_grid(6)
-    fp32 = solvers.integrate(accel.autocast_velocity(net, "cpu", amp=False), noise, grid, "heun")
-    bf16 = solvers.integrate(accel.autocast_velocity(net, "cpu", amp=True), noise, grid, "heun")
+    fp32 = solvers.integrate(VelocityModel(net, amp=False).solver_velocity(), noise, grid, "heun")
+    bf16 = solvers.integrate(VelocityModel(net, amp=True).solver_velocity(), noise, grid, "heun")
     assert bf16.dtype == torch.float32  # the state is accumulated in fp32
     err = rel(bf16, fp32)
     assert 0 < err < 3e-2, err  # bf16 operands: ~1e-3..1e-2 relative; 0 would mean autocast never engaged
@@ -81,7 +82,7 @@ def test_bf16_velocity_sampling_close_to_fp32():
 def test_bf16_state_stays_fp32_inside_solver():
     net = tiny_unet()
     seen = []
-    v = accel.autocast_velocity(net, "cpu", amp=True)
+    v = VelocityModel(net, amp=True).solver_velocity()
     solvers.euler(v, _inputs(2)[0], solvers.time_grid(3), callback=lambda i, t, x, d: seen.append((x.dtype, d.dtype)))
     assert seen and all(a == torch.float32 and b == torch.float32 for a, b in seen)
 
@@ -91,20 +92,23 @@ def test_captured_sampler_on_cpu_equals_integrate(solver, nfe):
     net = tiny_unet(num_classes=3)
     noise, _ = _inputs(4, seed=7)
     label = torch.tensor([0, 1, 2, 3])  # 3 = the null label
-    s = accel.CapturedSampler(net, noise.shape, nfe, solver, "rho", 2.0, device="cpu", label=True)
+    lab = torch.zeros(4, dtype=torch.long)  # the caller's static label buffer, bound into the velocity
+    s = accel.CapturedSampler(VelocityModel(net, 3).solver_velocity(lab), noise.shape, nfe, solver, "rho", 2.0,
+                              device="cpu")
     assert not s.use_graph
     ref = solvers.sample(lambda x, t: net(x, t, label).float(), noise, nfe, solver, "rho", 2.0)
-    assert torch.equal(s(noise, label), ref)
+    lab.copy_(label)
+    assert torch.equal(s(noise), ref)
     with pytest.raises(ValueError, match="shape"):
-        s(noise[:2], label[:2])
+        s(noise[:2])
 
 
 def test_graphed_velocity_is_identity_on_cpu():
     net = tiny_unet()
     x, t = _inputs()
-    gv = accel.GraphedVelocity(lambda x, t, lab: net(x, t, lab))
+    gv = accel.GraphedVelocity(lambda x, t: net(x, t))
     with torch.no_grad():
-        assert torch.equal(gv(x, t, None), net(x, t))
+        assert torch.equal(gv(x, t), net(x, t))
 
 
 def test_channels_last_same_outputs():
@@ -142,7 +146,7 @@ def test_train_with_compile_saves_plain_state_dict(tmp_path, monkeypatch, backen
     fell_back = [w for w in rec if issubclass(w.category, accel.CompileFallbackWarning)]
     if backend == "aot_eager":  # needs no C++ compiler: the compiled path itself must have run
         assert not fell_back, fell_back[0].message
-    state = load_checkpoint(url)
+    state = checkpoint.load(url)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["net"])
     fresh = build_net(NetConfig(kind="mlp", hidden=16, depth=2), (2,))
     fresh.load_state_dict(state["net"])  # strict
@@ -157,7 +161,7 @@ def test_train_channels_last_unet(tmp_path):
         g = torch.Generator().manual_seed(step)
         return Batch(torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g))
     url = train(net=net, batches=batches, cfg=cfg, ckpt_dir=str(tmp_path / "ck"))
-    state = load_checkpoint(url)
+    state = checkpoint.load(url)
     fresh = UNet(3, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
     fresh.load_state_dict(state["net"])
     assert all(torch.isfinite(p).all() for p in fresh.parameters())

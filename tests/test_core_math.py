@@ -176,3 +176,8 @@ def test_guided_velocity_and_honest_nfe():
     out = solvers.sample(v, torch.zeros(2, 2), nfe=1)
     assert torch.allclose(out, torch.full((2, 2), -3.0))  # one Euler step of size -1 with v = 0 + 3 (1 - 0)
     assert c.nfe + u.nfe == 2  # one guided step costs two evaluations
+    # the ends of the weight range are exact, not just close: w = 1 is v_cond, w = 0 is v_guide
+    g = torch.Generator().manual_seed(0)
+    a, b, x, t = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g), torch.zeros(8, 3), torch.zeros(8)
+    assert torch.equal(solvers.guided(lambda x, t: a, lambda x, t: b, 1.0)(x, t), a)
+    assert torch.equal(solvers.guided(lambda x, t: a, lambda x, t: b, 0.0)(x, t), b)

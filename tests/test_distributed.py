@@ -6,10 +6,9 @@ import textwrap
 import pytest
 import torch
 
-from reflow_core import distributed, storage
+from reflow_core import checkpoint, distributed, storage
 from reflow_core.config import load_preset
 from reflow_core.pipeline import prepare_run, train_teacher
-from reflow_core.train import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow  # each torchrun launch starts 3 Python processes (~10-20 s on a busy 2-core box)
 
@@ -46,7 +45,7 @@ def test_ddp_two_ranks_identical_weights_disjoint_batches(tmp_path):
         assert torch.equal(r0["net"][k], r1["net"][k]), k
     assert set(r0["keys"]).isdisjoint(r1["keys"]) and len(r0["keys"]) == 20
     assert r0["url"] == r1["url"] and storage.exists(r0["url"])
-    assert load_checkpoint(r0["url"])["step"] == 20
+    assert checkpoint.load(r0["url"])["step"] == 20
 
 
 def _cfg(nproc=2):
@@ -58,16 +57,16 @@ def _cfg(nproc=2):
 def test_pipeline_teacher_via_torchrun_resumes_exactly(tmp_path, monkeypatch):
     root = str(tmp_path)
     full = train_teacher(_cfg(), prepare_run(_cfg(), root, "full"))
-    assert load_checkpoint(full)["step"] == 20
+    assert checkpoint.load(full)["step"] == 20
     paths = prepare_run(_cfg(), root, "cut")
     monkeypatch.setenv("REFLOW_FAULT_STAGE", "teacher")
     monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "15")
     with pytest.raises(distributed.LaunchError, match="injected fault"):
         train_teacher(_cfg(), paths)
-    assert load_checkpoint(latest_checkpoint(paths.teacher_dir))["step"] == 15
+    assert checkpoint.load(checkpoint.latest(paths.teacher_dir))["step"] == 15
     monkeypatch.delenv("REFLOW_FAULT_STAGE")
     resumed = train_teacher(_cfg(), paths)
-    a, b = load_checkpoint(full), load_checkpoint(resumed)
+    a, b = checkpoint.load(full), checkpoint.load(resumed)
     assert b["step"] == 20
     for k in a["net"]:
         assert torch.equal(a["net"][k], b["net"][k]), k

@@ -174,6 +174,40 @@ def test_resume_after_fault_in_reflow_stage(tmp_path, monkeypatch, prefect_api, 
     assert loss_steps[0] <= 100 < loss_steps[-1] == 200
 
 
+@pytest.mark.slow
+def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, prefect_api, clean_env):
+    """`reflow run --local` and the Prefect flow walk the same plan (two reflow rounds here): identical checkpoints,
+    pair stores and metrics.json rows (all but the wall-clock seconds)."""
+    import numpy as np
+
+    from reflow_core import checkpoint, stages
+    from reflow_core.config import load_preset
+    from reflow_core.pairs import PairStore
+    from tests.test_stages import TINY as TWO_ROUNDS, _assert_same_tensors
+
+    local_root, flow_root = str(tmp_path / "local"), str(tmp_path / "flow")
+    local_rows = stages.run_local(load_preset("toy2d", TWO_ROUNDS), local_root, "r")
+    result = reflow_module.reflow(preset="toy2d", overrides=TWO_ROUNDS, root=flow_root, run="r")
+    assert set(result["checkpoints"]) == {"teacher", "reflow", "reflow-2"}
+    for stage in ("teacher", "reflow", "reflow-2"):
+        a = checkpoint.load_latest(storage.join(local_root, "r", stage))
+        b = checkpoint.load_latest(storage.join(flow_root, "r", stage))
+        assert a["step"] == b["step"] > 0
+        _assert_same_tensors(a["ema"], b["ema"], stage)
+        _assert_same_tensors(a["net"], b["net"], stage)
+    for store in ("pairs.zarr", "pairs-2.zarr"):
+        a, b = (PairStore.open(storage.join(r, "r", store)) for r in (local_root, flow_root))
+        for arr in ("noise", "sample"):
+            assert np.array_equal(a.read_raw(slice(0, a.n))[arr], b.read_raw(slice(0, b.n))[arr])
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    assert strip(local_rows) == strip(result["metrics"])
+    assert strip(storage.read_json(storage.join(local_root, "r", "eval", "metrics.json"))["rows"]) == \
+        strip(storage.read_json(result["metrics_json"])["rows"])
+    assert {r["model"] for r in local_rows} == {"teacher", "reflow", "reflow-2"}
+
+
 def test_invalid_config_fails_before_any_work(tmp_path, prefect_api, clean_env):
     root = tmp_path / "runs"
     with pytest.raises(ConfigError, match="chunk_size"):

@@ -9,6 +9,7 @@ import torch
 
 from reflow_core import accel, solvers
 from reflow_core.nets import UNet
+from reflow_core.velocity import VelocityModel, velocity_for
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU paths: test_accel.py)")]
@@ -44,13 +45,15 @@ def noise(n: int = 16, seed: int = 1) -> torch.Tensor:
 
 
 def eager_fp32(net, x, nfe, solver="heun", label=None):
-    return solvers.sample(accel.autocast_velocity(net, DEV, amp=False, label=label), x, nfe, solver, "rho", 7.0)
+    model = VelocityModel(net, net.num_classes, amp=False)
+    return solvers.sample(model.solver_velocity(label), x, nfe, solver, "rho", 7.0)
 
 
 @pytest.mark.parametrize("per_step", [False, True])
 def test_cuda_graph_sampler_equals_eager_fp32(per_step):
     net, x = unet(), noise()
-    s = accel.CapturedSampler(net, x.shape, 9, "heun", "rho", 7.0, device=DEV, amp=False, per_step=per_step)
+    s = accel.CapturedSampler(VelocityModel(net).solver_velocity(), x.shape, 9, "heun", "rho", 7.0, device=DEV,
+                              per_step=per_step)
     assert s.use_graph
     out = s(x)
     assert s.captured
@@ -63,8 +66,11 @@ def test_cuda_graph_sampler_equals_eager_fp32(per_step):
 def test_bf16_graph_sampler_close_to_fp32_with_labels():
     net, x = unet(num_classes=10), noise()
     lab = torch.arange(16, device=DEV) % 11  # 10 = the null label
-    s = accel.CapturedSampler(net, x.shape, 9, "heun", "rho", 7.0, device=DEV, amp=True, label=True)
-    out = s(x, lab)
+    buf = torch.zeros(16, dtype=torch.long, device=DEV)  # static label buffer, read by the captured graph
+    s = accel.CapturedSampler(VelocityModel(net, 10, amp=True).solver_velocity(buf), x.shape, 9, "heun", "rho", 7.0,
+                              device=DEV)
+    buf.copy_(lab)
+    out = s(x)
     assert out.dtype == torch.float32
     err = rel(out, eager_fp32(net, x, 9, label=lab))
     assert 0 < err < 3e-2, err  # 0 would mean autocast never engaged
@@ -76,7 +82,8 @@ def test_compiled_bf16_graph_sampler_close_to_fp32():
                                example=(x.contiguous(memory_format=torch.channels_last), torch.ones(16, device=DEV),
                                         None))
     assert isinstance(fast, torch._dynamo.eval_frame.OptimizedModule), "inductor fell back to eager on this GPU"
-    s = accel.CapturedSampler(fast, x.shape, 9, "heun", "rho", 7.0, device=DEV, amp=True)
+    s = accel.CapturedSampler(VelocityModel(fast, amp=True).solver_velocity(), x.shape, 9, "heun", "rho", 7.0,
+                              device=DEV)
     err = rel(s(x.contiguous(memory_format=torch.channels_last)), eager_fp32(net, x, 9))
     assert 0 < err < 3e-2, err
 
@@ -84,12 +91,26 @@ def test_compiled_bf16_graph_sampler_close_to_fp32():
 def test_graphed_velocity_equals_its_function():
     net, x = unet(), noise()
     t = torch.rand(16, device=DEV)
-    gv = accel.GraphedVelocity(lambda x, t, lab: net(x, t, lab))
+    gv = accel.GraphedVelocity(lambda x, t: net(x, t))
     with torch.no_grad():
         ref = net(x, t)
         assert torch.allclose(gv(x, t), ref, rtol=1e-5, atol=1e-6)
         assert torch.allclose(gv(x * 2, t), net(x * 2, t), rtol=1e-5, atol=1e-6)  # same graph, new inputs
     assert len(gv._graphs) == 1
+
+
+def test_graphed_velocity_for_changing_labels():
+    """velocity_for(cuda_graph=True): one graph per batch shape, each batch's labels copied into its static
+    buffer, so a replay with other labels gives those labels' velocity (the pair simulation's use)."""
+    net, x = unet(num_classes=10), noise()
+    model = VelocityModel(net, 10)
+    vf = velocity_for(model, cuda_graph=True)
+    t = torch.rand(16, device=DEV)
+    with torch.no_grad():
+        for seed in (0, 1):
+            lab = torch.randint(11, (16,), generator=torch.Generator().manual_seed(seed)).to(DEV)
+            assert torch.allclose(vf(lab)(x, t), model(x, t, lab), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(vf(lab[:8])(x[:8], t[:8]), model(x[:8], t[:8], lab[:8]), rtol=1e-5, atol=1e-6)
 
 
 def test_find_max_batch_stops_at_oom_and_memory_is_usable_after():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from reflow_core import solvers
+from reflow_core import checkpoint, solvers
 from reflow_core.config import ConfigError, EvalConfig, NetConfig, TrainConfig, load_preset, preset_names
 from reflow_core.losses import HighPass, huber_c, mse, normalise, pseudo_huber
 from reflow_core.nets import build_net
@@ -13,7 +13,7 @@ from reflow_core.pairs import PairSampler, PairStore
 from reflow_core.paths import sample_time
 from reflow_core.pipeline import (evaluate, generate, guide_checkpoint, guided_velocity, load_model, prepare_run,
                                   reflow_finetune, simulate_pairs, train_teacher, velocity)
-from reflow_core.train import Batch, flow_matching_loss, load_checkpoint
+from reflow_core.train import Batch, flow_matching_loss
 from reflow_core.tuning import search_rho
 
 
@@ -138,8 +138,8 @@ def test_reflow_dropout_differs_from_the_teachers(tiny_digits):
     t_p = {m.p for m in t_net.modules() if isinstance(m, nn.Dropout)}
     r_p = {m.p for m in r_net.modules() if isinstance(m, nn.Dropout)}
     assert t_p == {0.2} and r_p == {0.0}
-    assert load_checkpoint(teacher)["meta"]["net"]["dropout"] == 0.2
-    assert load_checkpoint(reflow)["meta"]["net"]["dropout"] == 0.0
+    assert checkpoint.load(teacher)["meta"]["net"]["dropout"] == 0.2
+    assert checkpoint.load(reflow)["meta"]["net"]["dropout"] == 0.0
 
 
 def test_forward_pair_fraction_is_exact_in_every_batch(tiny_digits):
@@ -147,19 +147,19 @@ def test_forward_pair_fraction_is_exact_in_every_batch(tiny_digits):
     store = PairStore.open(paths.pairs_url)
     assert store.n_backward == 32 and store.n_forward == 32
     assert store.read(torch.arange(64)).direction.tolist() == [0] * 32 + [1] * 32
-    sampler = PairSampler(store, 8, forward_ratio=0.25, seed=0)
-    try:
-        for _ in range(10):
-            b = next(sampler)
+    with PairSampler(store, 8, forward_ratio=0.25, seed=0) as sampler, \
+            PairSampler(store, 8, forward_ratio=0.25, seed=0, ram_budget_bytes=0) as streamed:
+        assert (sampler.mode, streamed.mode) == ("memory", "stream")
+        for step in range(10):
+            b = sampler.batch(step)
             assert int(b.direction.sum()) == 2 and len(b) == 8
-    finally:
-        sampler.close()
+            assert torch.equal(b.index, streamed.batch(step).index)
 
 
 def test_guide_snapshot_is_the_teacher_ema_at_a_quarter(tiny_digits):
     cfg, _, teacher, _ = tiny_digits
     url = guide_checkpoint(cfg, teacher)
-    assert url.endswith("teacher/guide.pt") and load_checkpoint(url)["step"] == 2
+    assert url.endswith("teacher/guide.pt") and checkpoint.load(url)["step"] == 2
     g, t = load_model(url), load_model(teacher)
     assert any(not torch.equal(a, b) for a, b in zip(g.state_dict().values(), t.state_dict().values()))
 

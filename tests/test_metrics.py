@@ -43,6 +43,7 @@ def test_straightness_rotation_matches_closed_form():
 
 
 def test_straightness_passes_time_and_label():
+    # one velocity signature (x, t) -> v: labels are bound by the caller (VelocityModel.solver_velocity(label))
     seen = []
 
     def fn(x, t, label):
@@ -50,7 +51,9 @@ def test_straightness_passes_time_and_label():
         return torch.zeros_like(x)
 
     lab = torch.zeros(4, dtype=torch.long)
-    M.straightness(fn, torch.randn(4, 1, 2, 2), steps=4, label=lab)
+    M.straightness(lambda x, t: fn(x, t, lab), torch.randn(4, 1, 2, 2), steps=4)
+    with pytest.raises(TypeError):
+        M.straightness(fn, torch.randn(4, 1, 2, 2), steps=4, label=lab)  # no label argument any more
     assert [s[0] for s in seen] == [torch.Size([4])] * 4
     assert [s[1] for s in seen] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert all(s[2] is lab for s in seen)

@@ -68,21 +68,24 @@ def test_unet_shapes(shape, kw):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
-def test_class_conditional_and_null_label(kind):
+def test_class_conditional_backbone_needs_labels(kind):
+    """Backbones know nothing of CFG: num_classes + 1 label rows, but no null_label and no None -> null mapping
+    (that is VelocityModel's job: tests/test_velocity.py)."""
     torch.manual_seed(0)
     if kind == "mlp":
         net, x = MLP(hidden=32, depth=2, num_classes=3), torch.randn(4, 2)
     else:
         net, x = UNet(1, 8, num_classes=3, **SMALL_UNET), torch.randn(4, 1, 8, 8)
-    assert net.label_emb.num_embeddings == 4 and net.null_label == 3
+    assert net.label_emb.num_embeddings == 4 and not hasattr(net, "null_label")
     net = perturb_zero_params(net).eval()
     t = torch.rand(4)
     out0 = net(x, t, torch.zeros(4, dtype=torch.long))
     out1 = net(x, t, torch.ones(4, dtype=torch.long))
     assert not torch.allclose(out0, out1)
-    # label=None is exactly the null row for everyone
-    torch.testing.assert_close(net(x, t), net(x, t, torch.full((4,), 3, dtype=torch.long)))
-    assert not torch.allclose(net(x, t), out0)
+    null = net(x, t, torch.full((4,), 3, dtype=torch.long))  # the last row is a valid (null) label
+    assert not torch.allclose(null, out0)
+    with pytest.raises(ValueError, match="class-conditional.*VelocityModel"):
+        net(x, t)
 
 
 def test_unconditional_ignores_label():

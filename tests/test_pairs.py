@@ -10,8 +10,8 @@ import torch
 from reflow_core import solvers
 from reflow_core.config import PairsConfig
 from reflow_core.pairs import (
-    PairBatch, PairSampler, PairStore, PairStoreIncomplete, PairStoreMismatch, Shard, row_labels, row_noise,
-    shard_plan, simulate_shard,
+    PairBatch, PairSampler, PairStore, PairStoreIncomplete, PairStoreMismatch, Shard, ram_bytes, row_labels,
+    row_noise, shard_plan, simulate_shard,
 )
 
 SHAPE = (2,)
@@ -32,6 +32,14 @@ def smooth_v(x, t, label):
     return 0.5 * x + 0.3 * torch.tanh(x) * tt
 
 
+def bind(v3):
+    """simulate_shard's velocity_for from a (x, t, label) field: labels bound per batch, solvers' v(x, t)."""
+    return lambda label: (lambda x, t: v3(x, t, label))
+
+
+affine_for, smooth_for = bind(affine_v), bind(smooth_v)
+
+
 def cfg_for(**kw) -> PairsConfig:
     base = dict(n_pairs=96, n_forward=32, shard_size=32, chunk_size=16, batch_size=20, solver="heun", nfe=7,
                 grid="rho", rho=1.5, dtype="float32", seed=7)
@@ -48,7 +56,7 @@ def data(n=40, seed=3):
     return torch.randn(n, *SHAPE, generator=g) * 0.5 + 1.0, torch.randint(NUM_CLASSES, (n,), generator=g)
 
 
-def simulate_all(store, cfg, v=affine_v, num_classes=NUM_CLASSES, order=None):
+def simulate_all(store, cfg, v=affine_for, num_classes=NUM_CLASSES, order=None):
     x, y = data()
     out = []
     for k in (order if order is not None else range(len(store.plan))):
@@ -110,7 +118,7 @@ def test_skip_done_and_resimulate_identical(tmp_path):
     s = make_store(str(tmp_path / "pairs.zarr"), cfg)
     seen = []
     x, y = data()
-    r = simulate_shard(s, s.plan[0], affine_v, cfg=cfg, num_classes=NUM_CLASSES,
+    r = simulate_shard(s, s.plan[0], affine_for, cfg=cfg, num_classes=NUM_CLASSES,
                        progress=lambda d, t: seen.append((d, t)))
     assert r["shard"] == 0 and r["rows"] == 32 and r["pairs_per_s"] > 0 and not r["skipped"]
     assert seen[-1] == (32, 32) and len(seen) == math.ceil(32 / cfg.batch_size)
@@ -118,14 +126,14 @@ def test_skip_done_and_resimulate_identical(tmp_path):
     simulate_all(s, cfg)
     before = s.read_raw(slice(0, s.n))
     marker = s.marker(1)["sha256"]
-    assert simulate_shard(s, s.plan[1], affine_v, cfg=cfg, num_classes=NUM_CLASSES)["skipped"] is True
+    assert simulate_shard(s, s.plan[1], affine_for, cfg=cfg, num_classes=NUM_CLASSES)["skipped"] is True
     # a store re-opened from its URL sees the same state
     assert PairStore.open(str(tmp_path / "pairs.zarr")).is_complete()
     s.unmark(1)
     assert s.pending_shards() == [1] and not s.verify_shard(1)
     # corrupt the shard's bytes, then redo it: identical bytes again
     s.write_rows(32, torch.zeros(32, *SHAPE), torch.zeros(32, *SHAPE))
-    r = simulate_shard(s, 1, affine_v, cfg=cfg, num_classes=NUM_CLASSES, data_x=x, data_y=y)
+    r = simulate_shard(s, 1, affine_for, cfg=cfg, num_classes=NUM_CLASSES, data_x=x, data_y=y)
     assert not r["skipped"]
     after = s.read_raw(slice(0, s.n))
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -152,7 +160,7 @@ def test_forward_pairs_invert_the_data(tmp_path):
     s = make_store(str(tmp_path / "pairs.zarr"), cfg)
     x, y = data(n=30)
     for sh in s.plan:
-        simulate_shard(s, sh, smooth_v, cfg=cfg, data_x=x, data_y=y, num_classes=0)
+        simulate_shard(s, sh, smooth_for, cfg=cfg, data_x=x, data_y=y, num_classes=0)
     f = s.read(slice(16, 64))
     assert (f.direction == 1).all()
     # row j uses a permutation of the data set, cycled past its length; labels are the data labels
@@ -169,7 +177,7 @@ def test_forward_needs_data_and_aligned_sections(tmp_path):
     cfg = cfg_for()
     s = make_store(str(tmp_path / "pairs.zarr"), cfg)
     with pytest.raises(ValueError, match="data_x"):
-        simulate_shard(s, s.plan[-1], affine_v, cfg=cfg)
+        simulate_shard(s, s.plan[-1], affine_for, cfg=cfg)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         PairStore.create(str(tmp_path / "bad.zarr"), shape=SHAPE, n_backward=20, n_forward=8, chunk_size=16,
                          shard_size=32, dtype="float32", attrs={"teacher_hash": "x"})
@@ -202,7 +210,7 @@ def test_create_is_idempotent_and_refuses_mismatch(tmp_path):
     url = str(tmp_path / "run" / "pairs.zarr")
     cfg = cfg_for(n_forward=0)
     s = make_store(url, cfg)
-    simulate_shard(s, 0, affine_v, cfg=cfg, num_classes=NUM_CLASSES)
+    simulate_shard(s, 0, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
     again = make_store(url, cfg)  # same identity: opens, progress kept
     assert again.done_shards() == {0} and again.n == 96
     with pytest.raises(PairStoreMismatch) as e:
@@ -211,7 +219,7 @@ def test_create_is_idempotent_and_refuses_mismatch(tmp_path):
     with pytest.raises(PairStoreMismatch, match="chunk_size"):
         make_store(url, cfg_for(n_forward=0, chunk_size=8))
     with pytest.raises(PairStoreMismatch, match="nfe"):
-        simulate_shard(s, 1, affine_v, cfg=cfg_for(n_forward=0, nfe=9), num_classes=NUM_CLASSES)
+        simulate_shard(s, 1, affine_for, cfg=cfg_for(n_forward=0, nfe=9), num_classes=NUM_CLASSES)
     with pytest.raises(FileNotFoundError):
         PairStore.open(str(tmp_path / "nope.zarr"))
 
@@ -225,11 +233,14 @@ def test_writer_error_is_raised_and_no_marker(tmp_path, monkeypatch):
 
     monkeypatch.setattr(s, "_write_rows", boom)
     with pytest.raises(OSError, match="disk full"):
-        simulate_shard(s, 0, affine_v, cfg=cfg, num_classes=NUM_CLASSES)
+        simulate_shard(s, 0, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
     assert s.done_shards() == set()
 
 
 # ------------------------------------------------------------------------------------------------ sampler
+MODES = {"memory": {}, "stream": {"ram_budget_bytes": 0}}
+
+
 @pytest.fixture(scope="module")
 def full_store(tmp_path_factory):
     cfg = cfg_for(n_pairs=96, n_forward=64, batch_size=64)
@@ -238,44 +249,173 @@ def full_store(tmp_path_factory):
     return s
 
 
+@pytest.fixture(scope="module")
+def ragged_store(tmp_path_factory):
+    """bfloat16, backward only, 90 rows in chunks of 16: the last chunk (and so one window per epoch) is short."""
+    s = PairStore.create(str(tmp_path_factory.mktemp("ragged") / "pairs.zarr"), shape=(2, 3), n_backward=90,
+                         n_forward=0, chunk_size=16, shard_size=32, dtype="bfloat16", attrs={"teacher_hash": "r"})
+    g = torch.Generator().manual_seed(4)
+    for sh in s.plan:
+        s.write_shard(sh, torch.randn(sh.rows, 2, 3, generator=g), torch.randn(sh.rows, 2, 3, generator=g),
+                      torch.randint(5, (sh.rows,), generator=g))
+    return s
+
+
+def assert_batches_equal(a: PairBatch, b: PairBatch):
+    for k in ("noise", "sample", "label", "direction", "index"):
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), k
+        if x.is_floating_point():  # bit-identical, not only equal as numbers
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32)), k
+
+
 def test_sampler_refuses_incomplete_store(tmp_path):
     s = make_store(str(tmp_path / "pairs.zarr"), cfg_for())
     with pytest.raises(PairStoreIncomplete, match="pending"):
         PairSampler(s, 8)
 
 
-def test_sampler_shapes_ratio_and_coverage(full_store):
-    with PairSampler(full_store, 10, forward_ratio=0.3, seed=1, buffer_chunks=2) as sp:
+def test_sampler_mode_follows_ram_budget(full_store):
+    need = ram_bytes(full_store)
+    assert need == full_store.n * (2 * 2 * 4 + 16)
+    for budget, mode in ((2 * 2 ** 30, "memory"), (need, "memory"), (need - 1, "stream"), (0, "stream")):
+        with PairSampler(full_store, 8, ram_budget_bytes=budget) as sp:
+            assert sp.mode == mode
+            b = sp.batch(0)
+            assert b.noise.dtype == torch.float32 and b.sample.dtype == torch.float32
+            assert b.label.dtype == torch.long and b.direction.dtype == torch.long and b.index.dtype == torch.long
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampler_shapes_ratio_and_coverage(full_store, mode):
+    kw = MODES[mode]
+    with PairSampler(full_store, 10, forward_ratio=0.3, seed=1, window_chunks=2, **kw) as sp:
+        assert sp.mode == mode
         fwd_seen, bwd_seen = [], []
         for _ in range(20):
             b = next(sp)
             assert isinstance(b, PairBatch) and b.noise.shape == (10, *SHAPE) and b.sample.shape == (10, *SHAPE)
             assert b.noise.dtype == torch.float32 and b.label.dtype == torch.long
             assert int((b.direction == 1).sum()) == 3 and int((b.direction == 0).sum()) == 7
+            assert (b.direction[:7] == 0).all() and (b.direction[7:] == 1).all()  # backward rows first
             fwd_seen += b.index[b.direction == 1].tolist()
             bwd_seen += b.index[b.direction == 0].tolist()
         assert all(i >= 96 for i in fwd_seen) and all(i < 96 for i in bwd_seen)
     # backward-only: one epoch's worth of batches sees every backward row exactly once
-    with PairSampler(full_store, 12, seed=2, buffer_chunks=3) as sp:
+    with PairSampler(full_store, 12, seed=2, window_chunks=3, **kw) as sp:
         rows = torch.cat([next(sp).index for _ in range(96 // 12)])
         assert sorted(rows.tolist()) == list(range(96))
         # the data matches a direct read
         b = next(sp)
         ref = full_store.read(b.index)
         assert torch.equal(b.noise, ref.noise) and torch.equal(b.sample, ref.sample)
+        assert torch.equal(b.label, ref.label) and torch.equal(b.direction, ref.direction)
     # forward-only with a batch size that does not divide the section: still one epoch covers all
-    with PairSampler(full_store, 7, forward_ratio=1.0, seed=3) as sp:
+    with PairSampler(full_store, 7, forward_ratio=1.0, seed=3, **kw) as sp:
         rows = torch.cat([next(sp).index for _ in range(math.ceil(64 / 7))])
         assert set(rows.tolist()) == set(range(96, 160))
+        assert sorted(rows[:64].tolist()) == list(range(96, 160))  # positions [0, 64): each row exactly once
 
 
 def test_sampler_deterministic(full_store):
     def take(seed, n=15):
-        with PairSampler(full_store, 9, forward_ratio=0.5, seed=seed, buffer_chunks=2, prefetch=1) as sp:
+        with PairSampler(full_store, 9, forward_ratio=0.5, seed=seed, window_chunks=2, prefetch=False) as sp:
             return [next(sp).index for _ in range(n)]
     a, b, c = take(5), take(5), take(6)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("ratio,batch", [(0.25, 10), (0.0, 12), (1.0, 7)])
+def test_memory_and_stream_are_bit_identical(full_store, ratio, batch):
+    # backward epoch 96 rows, forward 64: 40 steps cross several epoch boundaries of both streams
+    with PairSampler(full_store, batch, forward_ratio=ratio, seed=11, window_chunks=2) as mem, \
+            PairSampler(full_store, batch, forward_ratio=ratio, seed=11, window_chunks=2, ram_budget_bytes=0) as st:
+        assert mem.mode == "memory" and st.mode == "stream"
+        for step in range(40):
+            a, b = mem.batch(step), st.batch(step)
+            assert_batches_equal(a, b)
+            assert torch.equal(a.index, mem.rows_for_step(step)) and len(a) == batch
+            n_fwd = round(ratio * batch)
+            assert int((a.direction == 1).sum()) == n_fwd
+            assert torch.equal(a.direction, (a.index >= 96).long())
+        assert st.epoch_at(39) >= 1 and mem.epoch_at(39) == st.epoch_at(39)
+        ref = full_store.read(a.index)
+        assert torch.equal(a.noise, ref.noise) and torch.equal(a.sample, ref.sample)
+
+
+def test_memory_and_stream_bit_identical_bfloat16_ragged(ragged_store):
+    with PairSampler(ragged_store, 13, seed=3, window_chunks=2) as mem, \
+            PairSampler(ragged_store, 13, seed=3, window_chunks=2, ram_budget_bytes=0) as st, \
+            PairSampler(ragged_store, 13, seed=3, window_chunks=2, ram_budget_bytes=0, prefetch=False) as nopf:
+        assert (mem.mode, st.mode, nopf.mode) == ("memory", "stream", "stream")
+        rows = []
+        for step in range(30):  # 390 positions: 4+ epochs of 90 rows
+            a = mem.batch(step)
+            assert_batches_equal(a, st.batch(step))
+            assert_batches_equal(a, nopf.batch(step))
+            rows.append(a.index)
+        rows = torch.cat(rows)
+        for e in range(4):
+            assert sorted(rows[e * 90:(e + 1) * 90].tolist()) == list(range(90))
+        assert not torch.equal(rows[:90], rows[90:180])  # each epoch its own order
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_is_independent_of_call_order(full_store, mode):
+    kw = dict(forward_ratio=0.25, seed=4, window_chunks=2, **MODES[mode])
+    with PairSampler(full_store, 12, **kw) as seq:
+        ref = [seq.batch(s) for s in range(12)]
+    with PairSampler(full_store, 12, **kw) as sp:
+        for s in (7, 3, 7, 11, 0, 3):
+            assert_batches_equal(sp.batch(s), ref[s])
+    # iterating is batch(0), batch(1), ...
+    with PairSampler(full_store, 12, **kw) as it:
+        for s in range(12):
+            assert_batches_equal(next(it), ref[s])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resumed_sampler_equals_uninterrupted(full_store, mode):
+    kw = dict(forward_ratio=0.25, seed=9, window_chunks=3, **MODES[mode])
+    with PairSampler(full_store, 16, **kw) as run:
+        through = [run.batch(s) for s in range(25)]
+    for s in (1, 6, 13, 24):  # a fresh process resuming at step s
+        with PairSampler(full_store, 16, **kw) as resumed:
+            assert_batches_equal(resumed.batch(s), through[s])
+            if s + 1 < len(through):
+                assert_batches_equal(resumed.batch(s + 1), through[s + 1])
+
+
+@pytest.mark.parametrize("ratio,batch,n_rows,lo", [(0.0, 1, 96, 0), (0.0, 7, 96, 0), (1.0, 5, 64, 96)])
+def test_each_epoch_of_positions_covers_every_row_once(full_store, ratio, batch, n_rows, lo):
+    with PairSampler(full_store, batch, forward_ratio=ratio, seed=21, window_chunks=2, prefetch=False) as sp:
+        steps = math.ceil(3 * n_rows / batch)
+        stream = torch.cat([sp.rows_for_step(s) for s in range(steps)])
+        epochs = [stream[e * n_rows:(e + 1) * n_rows] for e in range(3)]
+        for ep in epochs:
+            assert sorted(ep.tolist()) == list(range(lo, lo + n_rows))
+        assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
+def test_rows_for_step_cost_does_not_grow_with_the_step(full_store):
+    import time
+
+    with PairSampler(full_store, 12, forward_ratio=0.25, seed=2, prefetch=False) as sp:
+        t0 = time.perf_counter()
+        sp.rows_for_step(3)
+        small = time.perf_counter() - t0
+        far = 10 ** 12  # ~10^11 epochs in: located by arithmetic, not by walking the stream
+        t0 = time.perf_counter()
+        rows = sp.rows_for_step(far)
+        assert time.perf_counter() - t0 < max(0.5, 50 * small)
+        assert len(rows) == 12 and (rows[:9] < 96).all() and (rows[9:] >= 96).all()
+        assert torch.equal(sp.batch(far).index, rows)
+        # a whole epoch of positions that far in still covers each backward row once
+        assert sp.n_bwd == 9
+        first = 32 * 10 ** 10  # 9 * first is a multiple of 96: a backward epoch starts with this step
+        got = torch.cat([sp.rows_for_step(s)[:9] for s in range(first, first + 11)])[:96]
+        assert sorted(got.tolist()) == list(range(96))
 
 
 def test_sampler_needs_forward_pairs_for_forward_ratio(tmp_path):
@@ -284,6 +424,18 @@ def test_sampler_needs_forward_pairs_for_forward_ratio(tmp_path):
     simulate_all(s, cfg)
     with pytest.raises(ValueError, match="no forward"):
         PairSampler(s, 8, forward_ratio=0.5)
+
+
+def test_package_imports_no_training_or_pipeline_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, reflow_core.pairs as p; "
+            "bad = [m for m in sys.modules if m.startswith(('flows', 'reflow_core.train', 'reflow_core.distributed', "
+            "'reflow_core.pipeline', 'reflow_core.stages'))]; "
+            "assert not bad, bad; "
+            "assert all(hasattr(p, n) for n in p.__all__)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_shard_dataclass_api():

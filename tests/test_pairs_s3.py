@@ -30,6 +30,11 @@ def velocity(x, t, label):
     return v
 
 
+def velocity_for(label):
+    """simulate_shard's velocity_for: the batch's labels bound, the solvers' v(x, t)."""
+    return lambda x, t: velocity(x, t, label)
+
+
 def cfg() -> PairsConfig:
     return PairsConfig(n_pairs=128, n_forward=64, shard_size=32, chunk_size=16, batch_size=24, solver="heun",
                        nfe=5, grid="rho", rho=1.5, dtype="float32", seed=99)
@@ -74,7 +79,7 @@ def local_ref(tmp_path_factory):
                                      teacher_hash="t1")
     x, y = data()
     for sh in s.plan:
-        simulate_shard(s, sh, velocity, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
+        simulate_shard(s, sh, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
     return s
 
 
@@ -96,7 +101,7 @@ def test_concurrent_writers_match_local(s3, local_ref):
         try:
             store = PairStore.open(url, storage_options=s3["opts"])  # each writer its own handle
             for k in shards:
-                simulate_shard(store, k, velocity, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
+                simulate_shard(store, k, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -118,7 +123,7 @@ def test_interrupted_shard_is_redone(s3, local_ref):
     store = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
     x, y = data()
     for k in (0, 1):
-        simulate_shard(store, k, velocity, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
+        simulate_shard(store, k, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
     # shard 2 was interrupted: half its rows written (with wrong values), no marker
     sh = store.plan[2]
     half = sh.rows // 2
@@ -126,7 +131,7 @@ def test_interrupted_shard_is_redone(s3, local_ref):
     assert store.pending_shards() == [2, 3, 4, 5]
     # resume from a fresh process's view of the store
     resumed = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
-    results = [simulate_shard(resumed, k, velocity, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
+    results = [simulate_shard(resumed, k, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
                for k in range(len(resumed.plan))]
     assert [r.get("skipped", False) for r in results] == [True, True, False, False, False, False]
     assert resumed.is_complete()
@@ -141,16 +146,43 @@ def test_sampler_reads_from_s3_with_endpoint_from_env(s3, local_ref):
         s = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=opts)
         x, y = data()
         for sh in s.plan:
-            simulate_shard(s, sh, velocity, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
+            simulate_shard(s, sh, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
     s3["mp"].setenv("AWS_ENDPOINT_URL", s3["endpoint"])
     try:
         store = PairStore.open(url)  # endpoint taken from the environment
-        with PairSampler(store, 16, forward_ratio=0.25, seed=0, buffer_chunks=3) as sp:
-            for _ in range(10):
-                b = next(sp)
-                assert b.noise.shape == (16, *SHAPE) and int((b.direction == 1).sum()) == 4
-                ref = local_ref.read(b.index)
-                assert torch.equal(b.noise, ref.noise) and torch.equal(b.sample, ref.sample)
-                assert torch.equal(b.label, ref.label)
+        for budget, mode in ((2 * 2 ** 30, "memory"), (0, "stream")):
+            with PairSampler(store, 16, forward_ratio=0.25, seed=0, window_chunks=3, ram_budget_bytes=budget) as sp:
+                assert sp.mode == mode
+                for _ in range(10):
+                    b = next(sp)
+                    assert b.noise.shape == (16, *SHAPE) and int((b.direction == 1).sum()) == 4
+                    ref = local_ref.read(b.index)
+                    assert torch.equal(b.noise, ref.noise) and torch.equal(b.sample, ref.sample)
+                    assert torch.equal(b.label, ref.label)
     finally:
         s3["mp"].delenv("AWS_ENDPOINT_URL")
+
+
+def test_stream_from_s3_equals_memory(s3, local_ref):
+    """The bucket's store streamed (windows of chunks read over S3, prefetched) gives the same bits per step as the
+    same store held in RAM, and as the local copy held in RAM."""
+    url = "s3://pairs/run-c/pairs.zarr"
+    c, x, y = cfg(), *data()
+    store = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
+    for sh in store.plan:
+        simulate_shard(store, sh, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
+    kw = dict(forward_ratio=0.25, seed=3, window_chunks=2)
+    with PairSampler(store, 20, ram_budget_bytes=0, **kw) as st, PairSampler(store, 20, **kw) as mem, \
+            PairSampler(local_ref, 20, **kw) as local:
+        assert (st.mode, mem.mode, local.mode) == ("stream", "memory", "memory")
+        for step in range(30):  # 120 backward positions per 8 steps: crosses epochs of both sections
+            a, b, r = st.batch(step), mem.batch(step), local.batch(step)
+            for k in ("noise", "sample", "label", "direction", "index"):
+                assert torch.equal(getattr(a, k), getattr(b, k)) and torch.equal(getattr(a, k), getattr(r, k)), k
+            assert a.noise.dtype == torch.float32 and a.label.dtype == torch.long
+            assert int((a.direction == 1).sum()) == 5
+        assert torch.equal(a.noise.view(torch.int32), r.noise.view(torch.int32))  # the same bits
+        # resumed at a later step, on a fresh handle: the same batch
+        with PairSampler(PairStore.open(url, storage_options=s3["opts"]), 20, ram_budget_bytes=0, **kw) as again:
+            assert torch.equal(again.batch(17).index, mem.batch(17).index)
+            assert torch.equal(again.batch(17).sample, mem.batch(17).sample)

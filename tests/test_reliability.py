@@ -26,10 +26,12 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 from flows import cli
-from reflow_core import pairs, pipeline, storage
+from reflow_core import checkpoint, pairs, pipeline, storage
+from reflow_core.pairs import store as pair_store
 from reflow_core.config import ConfigError, PairsConfig, load_preset
 from reflow_core.pairs import PairStore, PairStoreMismatch, PairWriteError, simulate_shard
-from reflow_core.train import CheckpointError, NonFiniteLossError, latest_checkpoint, load_checkpoint
+from reflow_core.checkpoint import CheckpointError
+from reflow_core.train import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -83,32 +85,32 @@ def _kill9(proc: subprocess.Popen) -> None:
 CKPT_WORKER = r"""
 import sys, torch
 torch.set_num_threads(1)
-from reflow_core.train import latest_checkpoint, load_checkpoint, save_checkpoint
+from reflow_core import checkpoint
 d = sys.argv[1]
-latest = latest_checkpoint(d)
-step = load_checkpoint(latest)["step"] if latest else 0
+latest = checkpoint.latest(d)
+step = checkpoint.load(latest)["step"] if latest else 0
 print("ready", step, flush=True)
-while True:  # nothing but checkpoint writes: a kill at any moment lands inside save_checkpoint
+while True:  # nothing but checkpoint writes: a kill at any moment lands inside checkpoint.save
     step += 1
-    save_checkpoint(d, {"step": step, "w": torch.full((3_000_000,), float(step))})
+    checkpoint.save(d, {"step": step, "w": torch.full((3_000_000,), float(step))})
 """
 
 
 def _check_latest(d: str) -> int:
-    url = latest_checkpoint(d)
+    url = checkpoint.latest(d)
     if url is None:
         return 0
     assert ".tmp-" not in url
     ptr = storage.read_json(f"{d}/latest.json")
-    state = load_checkpoint(url)  # sha256-verified against latest.json
+    state = checkpoint.load(url)  # sha256-verified against latest.json
     assert state["step"] == ptr["step"] and url.endswith(ptr["file"])
     assert torch.equal(state["w"], torch.full((3_000_000,), float(state["step"])))  # complete, not torn
     return state["step"]
 
 
 def test_kill9_during_checkpoint_writes(tmp_path):
-    """Random SIGKILLs of a process writing 12 MB checkpoints in a loop: after every kill latest_checkpoint +
-    load_checkpoint return a complete, hash-verified checkpoint, never a temp file; the next worker resumes."""
+    """Random SIGKILLs of a process writing 12 MB checkpoints in a loop: after every kill checkpoint.latest +
+    checkpoint.load return a complete, hash-verified checkpoint, never a temp file; the next worker resumes."""
     d = str(tmp_path / "ckpt")
     rng = random.Random(7)
     kills = mid_write = 0
@@ -127,8 +129,7 @@ def test_kill9_during_checkpoint_writes(tmp_path):
     assert mid_write >= 1, "no kill landed inside a checkpoint write"
     assert last > 0
     # a later (clean) save sweeps the temp files a killed writer left behind
-    from reflow_core.train import save_checkpoint
-    save_checkpoint(d, {"step": last + 1, "w": torch.full((3_000_000,), float(last + 1))})
+    checkpoint.save(d, {"step": last + 1, "w": torch.full((3_000_000,), float(last + 1))})
     assert not list(Path(d).glob("*.tmp-*")) and _check_latest(d) == last + 1
 
 
@@ -145,17 +146,21 @@ from reflow_core.config import PairsConfig
 from reflow_core.pairs import PairStore, simulate_shard
 url, cfg = sys.argv[1], PairsConfig(**json.loads(sys.argv[2]))
 store = PairStore.create_from_config(url, cfg, shape=(2,), teacher_hash="teacher-a")
-def v(x, t, label):
+def v(x, t):
     time.sleep(0.003)  # a slow teacher (the values do not depend on it)
     return torch.tanh(x) * (1 + t[:, None])
 for k in store.pending_shards():
-    simulate_shard(store, k, v, cfg=cfg, progress=lambda done, n, k=k: print("progress", k, done, n, flush=True))
+    simulate_shard(store, k, lambda label: v, cfg=cfg, progress=lambda done, n, k=k: print("progress", k, done, n, flush=True))
 print("finished", flush=True)
 """
 
 
-def _velocity(x, t, label):
+def _velocity(x, t):
     return torch.tanh(x) * (1 + t[:, None])
+
+
+def _velocity_for(label):  # simulate_shard's velocity_for (an unconditional teacher: label is None)
+    return _velocity
 
 
 def _store_files(url: str) -> dict[str, bytes]:
@@ -170,7 +175,7 @@ def test_kill9_during_shard_write(tmp_path):
     clean = str(tmp_path / "clean.zarr")
     ref = PairStore.create_from_config(clean, cfg, shape=(2,), teacher_hash="teacher-a")
     for k in ref.pending_shards():
-        simulate_shard(ref, k, _velocity, cfg=cfg)
+        simulate_shard(ref, k, _velocity_for, cfg=cfg)
 
     url = str(tmp_path / "pairs.zarr")
     proc = _spawn(SHARD_WORKER, url, json.dumps(SHARD_CFG))
@@ -183,7 +188,7 @@ def test_kill9_during_shard_write(tmp_path):
     kept = {k: store.marker(k) for k in (0, 1)}
     assert all(store.verify_shard(k) for k in (0, 1))
     for k in store.pending_shards():  # resume: only the missing shards are simulated
-        simulate_shard(store, k, _velocity, cfg=cfg)
+        simulate_shard(store, k, _velocity_for, cfg=cfg)
     assert store.is_complete()
     assert {k: store.marker(k) for k in (0, 1)} == kept  # finished shards untouched
     assert all(store.verify_shard(k) for k in range(len(store.plan)))
@@ -285,7 +290,7 @@ def _copy_run(tiny_run, tmp_path, name="copy"):
 
 def test_truncated_checkpoint_names_file_and_way_out(tiny_run, tmp_path):
     cfg, paths, _ = _copy_run(tiny_run, tmp_path)
-    ckpt = Path(latest_checkpoint(paths.reflow_dir).removeprefix("file://"))
+    ckpt = Path(checkpoint.latest(paths.reflow_dir).removeprefix("file://"))
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError) as exc:
         pipeline.run_local(cfg, paths.root, paths.run)
@@ -296,7 +301,7 @@ def test_truncated_checkpoint_names_file_and_way_out(tiny_run, tmp_path):
     assert Path(paths.teacher_dir).exists() and Path(paths.pairs_url).exists()
     rows = pipeline.run_local(cfg, paths.root, paths.run)
     assert {r["model"] for r in rows} == {"teacher", "reflow"}
-    assert load_checkpoint(latest_checkpoint(paths.reflow_dir))["step"] == cfg.reflow.train.steps
+    assert checkpoint.load(checkpoint.latest(paths.reflow_dir))["step"] == cfg.reflow.train.steps
 
 
 def _chunk_files(paths) -> list[Path]:
@@ -325,7 +330,7 @@ def test_corrupt_pair_chunk_is_caught_before_training(tiny_run, tmp_path, damage
     msg = str(exc.value)
     assert "shard 2 " in msg and "chunks 4..5" in msg and "--redo-stage pairs" in msg and paths.pairs_url in msg
     assert "shard 1 " not in msg
-    assert latest_checkpoint(paths.reflow_dir) is None  # no training on bad pairs
+    assert checkpoint.latest(paths.reflow_dir) is None  # no training on bad pairs
 
     # the way out, through the CLI: reflow run --local ... --redo-stage pairs
     sets = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
@@ -434,7 +439,7 @@ def test_pairs_of_another_teacher_are_never_mixed_in(tmp_path):
     given.write_bytes(Path(teachers[1]).read_bytes())
     with pytest.raises(RuntimeError, match="another teacher"):  # ... is not trained on with teacher 1 either
         pipeline.reflow_finetune(cfg, paths, teacher)
-    assert latest_checkpoint(paths.reflow_dir) is None
+    assert checkpoint.latest(paths.reflow_dir) is None
     pipeline.reset_stage(paths, "pairs")
     pipeline.simulate_pairs(cfg, paths, teacher)
     assert PairStore.open(paths.pairs_url).attrs["teacher_hash"] == storage.sha256(given.read_bytes())
@@ -448,7 +453,7 @@ def test_nonfinite_data_stops_the_teacher_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "dataset", lambda c: bad)
     with pytest.raises(NonFiniteLossError, match="max_bad_steps=3"):
         pipeline.train_teacher(cfg, paths)
-    assert latest_checkpoint(paths.teacher_dir) is None  # nothing poisoned was saved
+    assert checkpoint.latest(paths.teacher_dir) is None  # nothing poisoned was saved
 
 
 # =====================================================================================================================
@@ -484,7 +489,7 @@ class FlakyFS(MemoryFileSystem):
 @pytest.fixture()
 def flaky(monkeypatch):
     fsspec.register_implementation("flaky", FlakyFS, clobber=True)
-    monkeypatch.setattr(pairs, "WRITE_BACKOFF_S", 0.001)
+    monkeypatch.setattr(pair_store, "WRITE_BACKOFF_S", 0.001)
     FlakyFS.fail, FlakyFS.only, FlakyFS.failures = 0, "", []
     yield FlakyFS
     FlakyFS.fail, FlakyFS.only = 0, ""
@@ -493,7 +498,7 @@ def flaky(monkeypatch):
 def _clean_reference(tmp_path, cfg):
     ref = PairStore.create_from_config(str(tmp_path / "clean.zarr"), cfg, shape=(2,), teacher_hash="t")
     for k in ref.pending_shards():
-        simulate_shard(ref, k, _velocity, cfg=cfg)
+        simulate_shard(ref, k, _velocity_for, cfg=cfg)
     return ref.read_raw(slice(None))
 
 
@@ -508,17 +513,17 @@ def test_transient_write_failures_are_retried(tmp_path, flaky):
     store = PairStore.create_from_config(url, cfg, shape=(2,), teacher_hash="t")
     flaky.fail = 3  # < WRITE_TRIES consecutive failures: absorbed by the backoff
     for k in store.pending_shards():
-        simulate_shard(store, k, _velocity, cfg=cfg)
+        simulate_shard(store, k, _velocity_for, cfg=cfg)
     flaky.only, flaky.fail = "/done/", 2
     store.unmark(3)
-    simulate_shard(store, 3, _velocity, cfg=cfg)
+    simulate_shard(store, 3, _velocity_for, cfg=cfg)
     assert len(flaky.failures) == 5 and store.is_complete()
     assert all(store.verify_shard(k) for k in range(4)) and _same(store, _clean_reference(tmp_path, cfg))
 
 
 def test_backoff_timing(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(pairs.time, "sleep", sleeps.append)
+    monkeypatch.setattr(pair_store.time, "sleep", sleeps.append)
     calls = []
 
     def broken():
@@ -527,7 +532,7 @@ def test_backoff_timing(monkeypatch):
 
     with pytest.raises(PairWriteError, match="s3://b/p.zarr"):
         pairs._with_retries(broken, "s3://b/p.zarr", "shard 7 array 'noise'")
-    assert len(calls) == pairs.WRITE_TRIES == 4 and sleeps == [0.5, 1.0, 2.0]
+    assert len(calls) == pair_store.WRITE_TRIES == 4 and sleeps == [0.5, 1.0, 2.0]
 
     class ClientError(Exception):  # botocore's, by name
         pass
@@ -541,16 +546,16 @@ def test_persistent_write_failure_is_clear_and_store_stays_consistent(tmp_path, 
     cfg = PairsConfig(**SHARD_CFG)
     url = f"flaky://full-{uuid.uuid4().hex[:8]}/pairs.zarr"
     store = PairStore.create_from_config(url, cfg, shape=(2,), teacher_hash="t")
-    simulate_shard(store, 0, _velocity, cfg=cfg)
+    simulate_shard(store, 0, _velocity_for, cfg=cfg)
     flaky.only, flaky.fail = where, 10_000  # the disk stays full
     with pytest.raises(PairWriteError) as exc:
-        simulate_shard(store, 1, _velocity, cfg=cfg)
+        simulate_shard(store, 1, _velocity_for, cfg=cfg)
     msg = str(exc.value)
     assert url in msg and "shard 1" in msg and "failed after 4 tries" in msg and "No space left" in msg
     assert store.done_shards() == {0} and store.marker(1) is None  # a failed shard is never marked done
     flaky.fail = 0  # space freed: the rerun redoes shard 1 and the rest
     for k in store.pending_shards():
-        simulate_shard(store, k, _velocity, cfg=cfg)
+        simulate_shard(store, k, _velocity_for, cfg=cfg)
     assert store.is_complete() and all(store.verify_shard(k) for k in range(4))
     assert _same(store, _clean_reference(tmp_path, cfg))
 

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from reflow_core import storage
+from reflow_core import checkpoint, storage
 from reflow_core.config import NetConfig, TrainConfig
 from reflow_core.nets import build_net
-from reflow_core.train import (Batch, CheckpointError, NonFiniteLossError, latest_checkpoint, load_checkpoint,
-                               train)
+from reflow_core.checkpoint import CheckpointError
+from reflow_core.train import Batch, NonFiniteLossError, train
 
 MU, S = torch.tensor([2.0, -1.0]), 0.5
 
@@ -32,7 +32,7 @@ def test_mlp_learns_gaussian_optimal_velocity(tmp_path):
     cfg = TrainConfig(steps=1500, batch_size=256, lr=2e-3, warmup=50, ckpt_every=1500, log_every=500, ema_decay=0.99)
     net = build_net(NetConfig(kind="mlp", hidden=128, depth=3), (2,))
     url = train(net=net, batches=gaussian_batches(), cfg=cfg, ckpt_dir=str(tmp_path / "ck"))
-    state = load_checkpoint(url)
+    state = checkpoint.load(url)
     net.load_state_dict(state["ema"])
     net.eval()
     g = torch.Generator().manual_seed(5)
@@ -69,15 +69,15 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         torch.manual_seed(0)
         return build_net(NetConfig(kind="mlp", hidden=32, depth=2), (2,))
 
-    ref = load_checkpoint(train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "a")))
+    ref = checkpoint.load(train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "a")))
     monkeypatch.setenv("REFLOW_FAULT_STAGE", "train")
     monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "20")
     with pytest.raises(RuntimeError, match="injected fault"):
         train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "b"))
     monkeypatch.delenv("REFLOW_FAULT_AT_STEP")
-    assert load_checkpoint(latest_checkpoint(str(tmp_path / "b")))["step"] == 20
+    assert checkpoint.load(checkpoint.latest(str(tmp_path / "b")))["step"] == 20
     rec = Recorder()
-    out = load_checkpoint(train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "b"),
+    out = checkpoint.load(train(net=fresh(), batches=gaussian_batches(), cfg=_cfg(), ckpt_dir=str(tmp_path / "b"),
                                 callback=rec))
     assert rec.metrics[0][2]["resumed_from_step"] == 20
     assert out["step"] == 40
@@ -117,7 +117,7 @@ def test_truncated_checkpoint_is_refused_with_its_name(tmp_path):
     data = (d / "ckpt-0000010.pt").read_bytes()
     (d / "ckpt-0000010.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="ckpt-0000010.pt"):
-        load_checkpoint(url)
+        checkpoint.load(url)
 
 
 def test_nonfinite_losses_skipped_then_stop(tmp_path):

@@ -1,7 +1,10 @@
-"""Velocity networks: `MLP` for 2-D toys, `UNet` for images, and the helpers the pipeline uses on them.
+"""Velocity backbones: `MLP` for 2-D toys, `UNet` for images, and the helpers the pipeline uses on them.
 
-Every net: `forward(x, t, label=None) -> velocity of x's shape`, t (B,) in [0, 1] (t = 0 data, t = 1 noise).
-Class-conditional nets have num_classes + 1 label rows; row `num_classes` (= `net.null_label`) is the CFG null label.
+Every backbone: `forward(x, t, label=None) -> velocity of x's shape`, t (B,) in [0, 1] (t = 0 data, t = 1 noise).
+Class-conditional backbones have num_classes + 1 label rows and require a label tensor; row `num_classes` is the
+CFG null label, but backbones know nothing of guidance: `reflow_core.velocity.VelocityModel` wraps a backbone and
+owns the null label (label=None -> that row), bf16 autocast and guidance. `velocity.build_velocity_model(cfg, ...)`
+builds the wrapped model; `build_net` builds the bare backbone.
 """
 from __future__ import annotations
 

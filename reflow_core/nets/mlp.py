@@ -1,6 +1,8 @@
-"""Velocity MLP for 2-D toy data, plus the time / label helpers the U-Net shares.
+"""Velocity MLP backbone for 2-D toy data, plus the time / label helpers the U-Net shares.
 
-Contract (every net): `forward(x, t, label=None) -> velocity of x's shape`; t = 0 is data, t = 1 is noise.
+Contract (every backbone): `forward(x, t, label=None) -> velocity of x's shape`; t = 0 is data, t = 1 is noise.
+A class-conditional backbone needs a label tensor (row num_classes of its embedding is CFG's "no label", chosen by
+`reflow_core.velocity.VelocityModel`); an unconditional one ignores `label`.
 """
 from __future__ import annotations
 
@@ -39,10 +41,15 @@ def broadcast_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(x.shape[0])
 
 
-def null_labels(label: torch.Tensor | None, x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """label=None means "unconditional": the null row (index num_classes) for every sample (CFG)."""
+def require_labels(label: torch.Tensor | None, x: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """A class-conditional backbone's labels as a long tensor (B,) on x's device; None is an error.
+
+    Backbones know nothing of classifier-free guidance: "no label" (the null row, index num_classes) is chosen by
+    `reflow_core.velocity.VelocityModel`, which maps label=None to it."""
     if label is None:
-        return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+        raise ValueError(f"{type(net).__name__} is class-conditional (num_classes={net.num_classes}): pass a label "
+                         f"tensor (B,) with values in [0, {net.num_classes}] (row {net.num_classes} = no label), or "
+                         "call it through reflow_core.velocity.VelocityModel, which maps label=None to that row")
     return label.to(device=x.device, dtype=torch.long).reshape(x.shape[0])
 
 
@@ -71,9 +78,9 @@ class MLP(nn.Module):
         if dim < 1 or hidden < 1 or depth < 1 or num_classes < 0:
             raise ValueError(f"MLP needs dim, hidden, depth >= 1 and num_classes >= 0, got {dim}, {hidden}, {depth}, {num_classes}")
         self.dim, self.num_classes = dim, num_classes
-        self.null_label = num_classes  # last embedding row: classifier-free guidance's "no label"
         self.time_dim = max(32, min(hidden, 256))
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        # num_classes + 1 rows: the last one is "no label" (CFG), picked by VelocityModel, not here
         self.label_emb = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, hidden, dropout) for _ in range(depth))
@@ -87,7 +94,7 @@ class MLP(nn.Module):
         t = broadcast_time(t, x)
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(null_labels(label, x, self.num_classes))
+            emb = emb + self.label_emb(require_labels(label, x, self))
         emb = F.silu(emb)  # blocks project silu(emb), as in DDPM/EDM
         h = self.inp(x)
         for block in self.blocks:

@@ -1,4 +1,4 @@
-"""A compact DDPM++-style U-Net velocity net (Song et al. 2021; EDM's `SongUNet`, trimmed).
+"""A compact DDPM++-style U-Net velocity backbone (Song et al. 2021; EDM's `SongUNet`, trimmed).
 
 Layout: conv_in -> [ResBlock x num_res_blocks (+attn)] per level, stride-2 conv between levels -> middle
 (Res, Attn, Res) -> mirrored decoder with num_res_blocks + 1 blocks per level, each consuming one skip -> GN, SiLU,
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import broadcast_time, null_labels, timestep_embedding
+from .mlp import broadcast_time, require_labels, timestep_embedding
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -144,10 +144,10 @@ class UNet(nn.Module):
         super().__init__()
         resolutions = check_unet_config(image_size, channel_mult, attn_resolutions)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        self.null_label = num_classes  # last embedding row: classifier-free guidance's "no label"
         self.time_dim = channels
         emb_dim = 4 * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # num_classes + 1 rows: the last one is "no label" (CFG), picked by VelocityModel, not here
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
 
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
@@ -181,7 +181,7 @@ class UNet(nn.Module):
         t = broadcast_time(t, x)
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(null_labels(label, x, self.num_classes))
+            emb = emb + self.label_emb(require_labels(label, x, self))
         emb = F.silu(emb)
 
         h = self.conv_in(x)

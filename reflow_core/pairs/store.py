@@ -1,4 +1,5 @@
-"""Coupled (noise, sample) pairs for ReFlow, simulated by the teacher and stored as zarr 3 at any fsspec URL.
+"""The pair store: coupled (noise, sample) pairs for ReFlow, simulated by the teacher (`simulate.py`) and stored as
+zarr 3 at any fsspec URL; read for training by `sampler.py`.
 
 Layout of `<root>/<run>/pairs.zarr` (a local path, file://, s3://, ...):
 
@@ -25,21 +26,18 @@ import hashlib
 import json
 import math
 import os
-import queue
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import fsspec
 import numpy as np
 import torch
 import zarr
 
-from . import solvers, storage
-from .config import PairsConfig
+from .. import storage
+from ..config import PairsConfig
 
 CONVENTION = "t0=data,t1=noise"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -50,8 +48,6 @@ IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "conve
 _MARKER_RE = re.compile(r"shard-(\d+)\.json$")
 _MASK64 = (1 << 64) - 1
 _TAG_NOISE, _TAG_LABEL, _TAG_PERM = 0x6E6F697365, 0x6C6162656C, 0x7065726D
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class PairStoreMismatch(ValueError):
@@ -587,299 +583,23 @@ class PairStore:
                 f"shape={self.shape}, dtype={self.dtype})")
 
 
-# --------------------------------------------------------------------------------------------------- simulation
-class _ShardWriter:
-    """One background thread writing chunk-aligned pieces of a shard while the next batch integrates."""
+# --------------------------------------------------------------------------------------------------- verification
+class PairStoreCorrupt(RuntimeError):
+    """Stored pairs whose bytes no longer match the sha256 in their shard's done marker."""
 
-    def __init__(self, store: PairStore, shard: Shard, max_queue: int = 2):
-        self.store, self.shard = store, shard
-        self.q: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.error: BaseException | None = None
-        self.hasher = _Hasher()
-        self._pending: list[dict[str, np.ndarray]] = []
-        self._pending_start = shard.start
-        self._pending_rows = 0
-        self.written = 0
-        self.thread = threading.Thread(target=self._run, name=f"pairs-writer-{shard.index}", daemon=True)
-        self.thread.start()
 
-    def put(self, start: int, noise, sample, label, direction) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put((start, noise, sample, label, direction))
-
-    def _flush(self, final: bool) -> None:
-        if not self._pending_rows:
-            return
-        if not final and self.store.attrs.get("zarr_shards"):
-            return  # one zarr shard object per pair shard: write it once, at the end
-        end = self._pending_start + self._pending_rows
-        c = self.store.chunk_size
-        upto = end if final else self._pending_start + ((end - self._pending_start) // c) * c
-        # shard starts are chunk-aligned, so multiples of c past the start are chunk boundaries
-        if upto <= self._pending_start:
-            return
-        cat = {k: np.concatenate([p[k] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][k]
-               for k in ARRAYS}
-        n_write = upto - self._pending_start
-        self.store._write_rows(self._pending_start, {k: v[:n_write] for k, v in cat.items()})
-        self.written += n_write
-        rest = {k: v[n_write:] for k, v in cat.items()}
-        self._pending_start, self._pending_rows = upto, self._pending_rows - n_write
-        self._pending = [rest] if self._pending_rows else []
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                if self.error is None:
-                    try:
-                        self._flush(final=True)
-                    except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                        self.error = e
-                return
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks on a dead writer
-            try:
-                start, noise, sample, label, direction = item
-                if start != self._pending_start + self._pending_rows:
-                    raise RuntimeError(f"out-of-order rows: expected {self._pending_start + self._pending_rows}, "
-                                       f"got {start}")
-                arrays = self.store._convert(start, noise, sample, label, direction)
-                self.hasher.update(arrays)
-                self._pending.append(arrays)
-                self._pending_rows += int(noise.shape[0])
-                self._flush(final=False)
-            except BaseException as e:  # noqa: BLE001
-                self.error = e
-
-    def finish(self) -> dict[str, str]:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if self.written != self.shard.rows:
-            raise RuntimeError(f"shard {self.shard.index}: wrote {self.written} rows, expected {self.shard.rows}")
-        return self.hasher.digests()
-
-    def abort(self) -> None:
+def verify_pairs(store: PairStore, shards: list[int] | None = None) -> list[str]:
+    """Re-hash every (or the given) finished shard against its marker; the problems found, one line each."""
+    bad = []
+    for k in (range(len(store.plan)) if shards is None else shards):
+        sh = store.plan[k]
+        chunks = f"chunks {sh.start // store.chunk_size}..{(sh.stop - 1) // store.chunk_size}"
         try:
-            self.q.put_nowait(None)
-        except queue.Full:
-            pass
-
-
-def _check_cfg(store: PairStore, cfg: PairsConfig) -> None:
-    a = store.attrs
-    diff = {k: (a[k], getattr(cfg, k)) for k in ("solver", "nfe", "grid", "rho", "seed")
-            if k in a and a[k] != getattr(cfg, k)}
-    if diff:
-        raise PairStoreMismatch(f"pairs config differs from the store at {store.url}: "
-                                + ", ".join(f"{k}: store={s!r} cfg={c!r}" for k, (s, c) in diff.items()))
-
-
-def simulate_shard(store: PairStore, shard: Shard | int, velocity_fn: VelocityFn, *, cfg: PairsConfig,
-                   data_x: torch.Tensor | None = None, data_y: torch.Tensor | None = None, num_classes: int = 0,
-                   device: str | torch.device = "cpu",
-                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Simulate one shard's pairs and write them; a shard already marked done is skipped.
-
-    Backward shard: per-row noise (and labels if num_classes > 0) integrated 1 -> 0 by `solvers.sample`.
-    Forward shard: real rows data_x[perm[j]] inverted 0 -> 1 by `solvers.invert` (labels data_y[perm[j]]).
-    `velocity_fn(x, t, label)`; label is None for unconditional teachers (num_classes == 0)."""
-    shard = store.plan[shard] if isinstance(shard, int) else shard
-    if shard.index in store.done_shards():
-        return {"shard": shard.index, "skipped": True, "rows": shard.rows}
-    _check_cfg(store, cfg)
-    if shard.direction == FORWARD and data_x is None:
-        raise ValueError(f"shard {shard.index} holds forward pairs: pass data_x (the real data) to simulate_shard")
-    seed = cfg.seed
-    t0 = time.perf_counter()
-    writer = _ShardWriter(store, shard)
-    done = 0
-    try:
-        for b0 in range(shard.start, shard.stop, cfg.batch_size):
-            b1 = min(b0 + cfg.batch_size, shard.stop)
-            rows = range(b0, b1)
-            if shard.direction == BACKWARD:
-                x0 = row_noise(seed, rows, store.shape)
-                labels = row_labels(seed, rows, num_classes) if num_classes > 0 else None
-            else:
-                idx = forward_indices(seed, range(b0 - store.n_backward, b1 - store.n_backward), len(data_x))
-                x0 = data_x[idx].to(torch.float32)
-                labels = data_y[idx].to(torch.long) if data_y is not None else None
-            lab_dev = labels.to(device) if (labels is not None and num_classes > 0) else None
-
-            def v(x, t, _lab=lab_dev):
-                return velocity_fn(x, t, _lab)
-
-            with torch.no_grad():
-                xd = x0.to(device)
-                if shard.direction == BACKWARD:
-                    out = solvers.sample(v, xd, cfg.nfe, cfg.solver, cfg.grid, cfg.rho).float().cpu()
-                    noise, sample = x0, out
-                else:
-                    out = solvers.invert(v, xd, cfg.nfe, cfg.solver, cfg.grid, cfg.rho).float().cpu()
-                    noise, sample = out, x0
-            writer.put(b0, noise, sample, labels, shard.direction)
-            done += b1 - b0
-            if progress is not None:
-                progress(done, shard.rows)
-        digests = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    seconds = time.perf_counter() - t0
-    store.mark_done(shard, digests, {"seconds": seconds, "solver": cfg.solver, "nfe": cfg.nfe})
-    return {"shard": shard.index, "rows": shard.rows, "seconds": seconds,
-            "pairs_per_s": shard.rows / max(seconds, 1e-9), "skipped": False}
-
-
-# --------------------------------------------------------------------------------------------------- sampling
-class _Stream:
-    """Endless shuffled rows from a set of chunks: chunk order reshuffled every epoch, buffer_chunks chunks
-    loaded at a time, rows shuffled within the buffer; leftovers carry over so an epoch yields each row once."""
-
-    def __init__(self, store: PairStore, chunks: list[int], generator: torch.Generator, buffer_chunks: int,
-                 pool: ThreadPoolExecutor):
-        self.store, self.chunks, self.g, self.k, self.pool = store, chunks, generator, buffer_chunks, pool
-        self._buf: PairBatch | None = None
-        self._pos = 0
-        self._order: list[int] = []
-        self.epoch = 0
-
-    def _load(self) -> PairBatch:
-        if not self._order:
-            self._order = [self.chunks[i] for i in torch.randperm(len(self.chunks), generator=self.g).tolist()]
-            self.epoch += 1
-        take, self._order = self._order[:self.k], self._order[self.k:]
-        parts = list(self.pool.map(self.store.read_chunk, take))
-        b = _cat(parts)
-        perm = torch.randperm(len(b), generator=self.g)
-        return _index(b, perm)
-
-    def take(self, n: int) -> PairBatch:
-        parts = []
-        while n > 0:
-            if self._buf is None or self._pos >= len(self._buf):
-                self._buf, self._pos = self._load(), 0
-            m = min(n, len(self._buf) - self._pos)
-            parts.append(_index(self._buf, slice(self._pos, self._pos + m)))
-            self._pos += m
-            n -= m
-        return _cat(parts)
-
-
-def _index(b: PairBatch, i) -> PairBatch:
-    return PairBatch(b.noise[i], b.sample[i], b.label[i], b.direction[i], None if b.index is None else b.index[i])
-
-
-def _cat(parts: list[PairBatch]) -> PairBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return PairBatch(torch.cat([p.noise for p in parts]), torch.cat([p.sample for p in parts]),
-                     torch.cat([p.label for p in parts]), torch.cat([p.direction for p in parts]),
-                     torch.cat([p.index for p in parts]))
-
-
-class PairSampler:
-    """Infinite, deterministic (for a fixed seed) random batches of pairs for reflow training.
-
-    A background thread loads `buffer_chunks` whole chunks at a time (chunk order reshuffled each epoch), shuffles
-    rows within the buffer and queues finished batches (`prefetch` buffers ahead). With forward_ratio = r > 0 each
-    batch holds round(r * B) forward rows and B - round(r * B) backward rows, from separate streams; with r = 0
-    only backward pairs are used. Every batch is `PairBatch` (float32 noise/sample, long label/direction/index).
-    """
-
-    def __init__(self, store: PairStore, batch_size: int, *, forward_ratio: float = 0.0, seed: int = 0,
-                 buffer_chunks: int = 8, prefetch: int = 2):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= forward_ratio <= 1.0:
-            raise ValueError(f"forward_ratio must be in [0, 1], got {forward_ratio}")
-        pending = store.pending_shards()
-        if pending:
-            raise PairStoreIncomplete(f"pair store {store.url} is incomplete: {len(pending)} of {len(store.plan)} "
-                                      f"shards pending ({pending[:10]}{'...' if len(pending) > 10 else ''}); "
-                                      "finish simulating pairs first")
-        self.store, self.batch_size = store, batch_size
-        self.n_fwd = int(round(forward_ratio * batch_size))
-        self.n_bwd = batch_size - self.n_fwd
-        c = store.chunk_size
-        bwd_chunks = [i for i in range(store.num_chunks) if i * c < store.n_backward]
-        fwd_chunks = [i for i in range(store.num_chunks) if i * c >= store.n_backward]
-        if self.n_fwd and not fwd_chunks:
-            raise ValueError(f"forward_ratio={forward_ratio} but the store at {store.url} has no forward pairs")
-        if self.n_bwd and not bwd_chunks:
-            raise ValueError(f"forward_ratio={forward_ratio} < 1 but the store at {store.url} has no backward pairs")
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pairs-read")
-        gb = torch.Generator().manual_seed(row_seed(seed, 0, 0xB))
-        gf = torch.Generator().manual_seed(row_seed(seed, 0, 0xF))
-        self._bwd = _Stream(store, bwd_chunks, gb, max(1, buffer_chunks), self._pool) if self.n_bwd else None
-        self._fwd = _Stream(store, fwd_chunks, gf, max(1, buffer_chunks), self._pool) if self.n_fwd else None
-        per_buffer = max(1, (buffer_chunks * c) // batch_size)
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, prefetch) * per_buffer)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pairs-sampler", daemon=True)
-        self._thread.start()
-
-    def _make(self) -> PairBatch:
-        parts = []
-        if self._bwd is not None:
-            parts.append(self._bwd.take(self.n_bwd))
-        if self._fwd is not None:
-            parts.append(self._fwd.take(self.n_fwd))
-        return _cat(parts)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                b = self._make()
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._q.put(e)
-
-    @property
-    def epoch(self) -> int:
-        """Epochs started by the backward stream (forward stream if backward is unused), counting prefetch."""
-        s = self._bwd or self._fwd
-        return s.epoch
-
-    def __iter__(self) -> Iterator[PairBatch]:
-        return self
-
-    def __next__(self) -> PairBatch:
-        if self._stop.is_set():
-            raise StopIteration
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            while True:
-                self._q.get_nowait()
-        except queue.Empty:
-            pass
-        self._thread.join(timeout=10)
-        self._pool.shutdown(wait=False)
-
-    def __enter__(self) -> "PairSampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self._stop.set()
-        except Exception:  # noqa: BLE001
-            pass
+            ok = store.verify_shard(k)
+        except Exception as e:  # noqa: BLE001 - a truncated chunk object fails to decode
+            bad.append(f"shard {k} (rows [{sh.start}, {sh.stop}), {chunks}): unreadable ({type(e).__name__}: {e})")
+            continue
+        if not ok:
+            bad.append(f"shard {k} (rows [{sh.start}, {sh.stop}), {chunks}): "
+                       + ("no done marker" if store.marker(k) is None else "sha256 differs from its done marker"))
+    return bad

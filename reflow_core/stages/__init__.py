@@ -1,0 +1,99 @@
+"""The pipeline as data: a config yields a plan of stage instances; one module per stage kind runs them.
+
+    from reflow_core import stages
+    paths = stages.prepare_run(cfg, "./runs", "demo")
+    for s in stages.plan(cfg, paths): print(s.name, s.kind, s.reads, s.writes)
+    rows = stages.run_local(cfg, "./runs", "demo")
+
+Every stage module has `done(stage, ctx) -> bool` and `run(stage, ctx, inputs) -> StageOutput`; `run` is idempotent
+(finished work is detected from the artifacts and skipped, partial work resumes). The pairs module also exposes
+`pending` / `simulate` / `finish`, so the Prefect flow can fan its shards out as tasks. `run_local` here and
+`flows/reflow.py` both walk `plan(...)`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import checkpoint
+from ..callbacks import Callback, NullCallback
+from ..config import ConfigError, PipelineConfig
+from . import evaluate, pairs, reflow, teacher
+from .base import (Context, RunPaths, Stage, StageOutput, dataset, default_device, load_model, prepare_run,
+                   read_run_config)
+from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
+                    upstream)
+
+__all__ = ["Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
+           "inputs_of", "suffix", "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config",
+           "dataset", "load_model", "schedule", "run_local", "model_checkpoint", "sample_model"]
+
+
+def schedule(ctx: Context, selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage]]:
+    """(stages to walk, stages selected) for `--stages NAME,...` (None: all). Walked are the selected stages and
+    those they read from; an unselected one must already be finished (it is then only asked for its output)."""
+    stages = plan(ctx.cfg, ctx.paths)
+    names = list(selected) if selected else [s.name for s in stages]
+    walk = upstream(stages, names)
+    chosen = [s for s in walk if s.name in names]
+    missing = [s.name for s in walk if s not in chosen and not module(s).done(s, ctx)]
+    if missing:
+        raise ConfigError(f"stage(s) {missing} are needed by {names} but have not finished under {ctx.paths.dir}; "
+                          "add them to --stages")
+    return walk, chosen
+
+
+def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: Callback | None = None,
+              device=None, new: bool = False, redo_stages: Sequence[str] = (),
+              stages: Sequence[str] | None = None) -> list[dict]:
+    """Walk the plan in this process, each stage skipped when its artifacts say it is done.
+    redo_stages: delete these stages' artifacts (and later stages') first (`reset_stage`). Returns the metric rows."""
+    paths = prepare_run(cfg, root, run, new=new)
+    for name in redo_stages:
+        reset_stage(paths, name)
+    ctx = Context(cfg, paths, callback or NullCallback(), device)
+    walk, _ = schedule(ctx, stages)
+    outputs: dict[str, StageOutput] = {}
+    for s in walk:
+        outputs[s.name] = module(s).run(s, ctx, inputs_of(s, outputs))
+    return outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
+
+
+def model_checkpoint(paths: RunPaths, model: str) -> str:
+    """The latest checkpoint of a model of the run: teacher, reflow, reflow-2, ..."""
+    cfg = paths.config()
+    models = [s for s in plan(cfg, paths) if s.kind in ("teacher", "reflow")]
+    if model not in [s.name for s in models]:
+        raise ConfigError(f"model must be one of {[s.name for s in models]} for this run, got {model!r}")
+    if model == "teacher" and cfg.teacher.checkpoint:
+        return cfg.teacher.checkpoint
+    url = checkpoint.latest(find(models, model).writes)
+    if url is None:
+        raise checkpoint.CheckpointError(f"no {model} checkpoint under {find(models, model).writes}; run the "
+                                         "pipeline first")
+    return url
+
+
+def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, seed: int, device=None,
+                 label: int | None = None, *, guidance: str | None = None, guidance_weight: float | None = None,
+                 grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
+    """n samples in data space (toy: (n, 2); images: (n, C, H, W) in [-1, 1]), from noise seeded by `seed`.
+
+    nfe counts network evaluations; guidance (default: the run's eval.guidance / guidance_weight) costs 2 a step."""
+    dev = default_device(device)
+    cfg = paths.config()
+    m = load_model(model_checkpoint(paths, model), device=dev)
+    ds = dataset(cfg)
+    lab = None
+    if cfg.net.class_cond:
+        lab = torch.full((n,), label) if label is not None else evaluate.eval_labels(ds, True, n, seed)
+    g = cfg.eval.guidance if guidance is None else guidance
+    w = cfg.eval.guidance_weight if guidance_weight is None else guidance_weight
+    guide = None
+    if g == "autoguidance":
+        t = teacher.output(find(plan(cfg, paths), "teacher"), model_checkpoint(paths, "teacher"))
+        guide = evaluate.load_guide(evaluate.guide_checkpoint(cfg, t), dev)
+    x = evaluate.generate(m, evaluate.eval_noise(ds.shape, n, seed), nfe, solver, grid, rho, label=lab, device=dev,
+                          guidance=g, weight=w, guide=guide)
+    return x.clamp(-1, 1) if ds.kind == "image" else x

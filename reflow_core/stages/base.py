@@ -1,0 +1,196 @@
+"""What every stage shares: the stage instance, its output, the run directory and the run's data and models.
+
+A stage instance (`Stage`) is data: its name, its kind (the module that runs it), its round, the earlier stages
+whose outputs it reads, and the one artifact (a directory or a zarr store under the run directory) it writes.
+`plan.plan(cfg, paths)` makes the ordered list of them; both runners (`stages.run_local`, `flows/reflow.py`) walk it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .. import checkpoint, storage
+from ..callbacks import Callback, NullCallback
+from ..config import ConfigError, DataConfig, NetConfig, PipelineConfig, validate
+from ..data import DataSet, load_data
+from ..velocity import VelocityModel, build_velocity_model, velocity_model_from_state
+
+CONVENTION = "t0=data,t1=noise"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage instance of a run's plan.
+
+    name:     unique in the plan: teacher, pairs, reflow, pairs-2, reflow-2, ..., evaluate
+    kind:     the module that runs it: teacher | pairs | reflow | evaluate
+    round:    the reflow round of pairs/reflow stages (1, 2, ...); 0 otherwise
+    reads:    role -> name of the earlier stage whose output fills that role (e.g. {"model": "teacher"})
+    writes:   the URL of the one artifact it owns (deleted by --redo-stage)
+    """
+
+    name: str
+    kind: str
+    round: int
+    reads: tuple[tuple[str, str], ...]
+    writes: str
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return dict(self.reads)
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage hands to later ones: artifact URLs by role, and a small JSON-able dict of results."""
+
+    urls: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one pipeline run keeps its artifacts; all fsspec URLs. Stage artifacts are named by the plan."""
+
+    root: str
+    run: str
+
+    @classmethod
+    def of(cls, root: str, run: str) -> "RunPaths":
+        return cls(root, run)
+
+    @property
+    def dir(self) -> str:
+        return storage.join(self.root, self.run)
+
+    def url(self, *parts: str) -> str:
+        return storage.join(self.dir, *parts)
+
+    @property
+    def config_json(self) -> str:
+        return self.url("config.json")
+
+    # the round-1 layout, by name (later rounds add -2, -3, ...: teacher/, pairs.zarr, reflow/, eval/)
+    @property
+    def teacher_dir(self) -> str:
+        return self.url("teacher")
+
+    @property
+    def pairs_url(self) -> str:
+        return self.url("pairs.zarr")
+
+    @property
+    def reflow_dir(self) -> str:
+        return self.url("reflow")
+
+    @property
+    def eval_dir(self) -> str:
+        return self.url("eval")
+
+    @property
+    def metrics_json(self) -> str:
+        return self.url("eval", "metrics.json")
+
+    def config(self) -> PipelineConfig:
+        return read_run_config(self.config_json)
+
+    def stage_done(self, name: str) -> bool:
+        from .graph import stage_done
+        return stage_done(self, name)
+
+
+@dataclass
+class Context:
+    """What a stage runs with besides its inputs: the run's config and directory, a callback, a device."""
+
+    cfg: PipelineConfig
+    paths: RunPaths
+    callback: Callback = field(default_factory=NullCallback)
+    device: str | torch.device | None = None
+
+
+def read_run_config(url: str) -> PipelineConfig:
+    """A run's config.json, validated; a truncated/corrupt or invalid file is a ConfigError naming it."""
+    try:
+        raw = storage.read_json(url)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{url} is not valid JSON (truncated or corrupt: {e}); restore it, or delete it to have "
+                          "`reflow run` write it again from the preset and --set options the run was started "
+                          "with (or use another --run NAME)") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{url}: top level must be a JSON object; restore or delete it")
+    return validate(raw, url)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def prepare_run(cfg: PipelineConfig, root: str, run: str | None = None, *, new: bool = False) -> RunPaths:
+    """Create (or reopen) <root>/<run> and write config.json.
+
+    Reopening a run with a different identity (`PipelineConfig.identity`) is refused: its artifacts would mix two
+    configurations. `new=True` picks a fresh run name instead (<run>-2, <run>-3, ...)."""
+    run = run or cfg.name
+    paths = RunPaths.of(root, run)
+    if storage.exists(paths.config_json):
+        changes = _diff(read_run_config(paths.config_json).identity(), cfg.identity())
+        if changes and not new:
+            raise ConfigError(f"run {paths.dir} exists with a different configuration:\n  " + "\n  ".join(changes)
+                              + "\nuse another --run NAME, or --new for a fresh run name")
+        if changes and new:
+            k = 2
+            while storage.exists(RunPaths.of(root, f"{run}-{k}").config_json):
+                k += 1
+            return prepare_run(cfg, root, f"{run}-{k}")
+    storage.write_json(paths.config_json, cfg.model_dump(mode="json"))
+    return paths
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=4)
+def _data(cfg_json: str) -> DataSet:
+    return load_data(DataConfig.model_validate_json(cfg_json))
+
+
+def dataset(cfg: PipelineConfig) -> DataSet:
+    """The run's data, loaded once per process (stages and shards in one worker share it)."""
+    return _data(cfg.data.model_dump_json())
+
+
+def model_meta(cfg: PipelineConfig, ds: DataSet, net: NetConfig | None = None) -> dict:
+    """Stored in every checkpoint, so a checkpoint builds its model on its own (nanoGPT's model_args)."""
+    return {"net": (net or cfg.net).model_dump(mode="json"), "shape": list(ds.shape),
+            "num_classes": ds.num_classes, "convention": CONVENTION}
+
+
+def new_model(cfg: PipelineConfig, ds: DataSet, seed: int) -> VelocityModel:
+    """A freshly initialised model; the init is a function of `seed` (global RNG restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_velocity_model(cfg.net, ds.shape, ds.num_classes)
+
+
+def load_model(url: str, *, ema: bool = True, device: str | torch.device = "cpu") -> VelocityModel:
+    """The velocity model of a checkpoint or single-file snapshot (its meta holds the net config), in eval mode."""
+    return velocity_model_from_state(checkpoint.load(url), ema=ema, device=device).eval()
+
+
+def round_seed(seed: int, r: int) -> int:
+    """The seed of reflow round r: the configured one for round 1, a distinct one for each later round."""
+    return seed if r <= 1 else seed + 7_919 * (r - 1)

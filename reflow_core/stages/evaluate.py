@@ -1,0 +1,156 @@
+"""Stage `evaluate`: every model of the run (teacher, reflow, reflow-2, ...) at every (solver, NFE), from the same
+noise, against real data; straightness per model.
+
+reads:  {model name: the stage that trained it, for each evaluated model; "guide": teacher (AutoGuidance)}
+writes: <run>/eval/metrics.json + plots (quality vs NFE, straightness, trajectories or sample grids)
+output: {"metrics": metrics.json URL}, info {"rows": [...]}
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import checkpoint, metrics, plots, solvers, storage
+from ..config import ConfigError, PipelineConfig
+from ..data import DataSet, real_reference
+from ..velocity import VelocityModel, generate
+from .base import Context, RunPaths, Stage, StageOutput, dataset, default_device, load_model
+
+GUIDE = "guide"
+
+
+def metrics_url(stage: Stage) -> str:
+    return storage.join(stage.writes, "metrics.json")
+
+
+def done(stage: Stage, ctx: Context) -> bool:
+    url = metrics_url(stage)
+    if not storage.exists(url):
+        return False
+    m = storage.read_json(url)
+    return m.get("eval_config") == ctx.cfg.eval.model_dump(mode="json") and m.get("models") == model_names(stage)
+
+
+def model_names(stage: Stage) -> list[str]:
+    return [role for role, _ in stage.reads if role != GUIDE]
+
+
+def quality_metric(ds: DataSet) -> str:
+    return "sliced_w2" if ds.kind == "toy" else ("fd_digits" if ds.name == "digits" else "fid")
+
+
+def eval_noise(shape: tuple, n: int, seed: int) -> torch.Tensor:
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def eval_labels(ds: DataSet, class_cond: bool, n: int, seed: int) -> torch.Tensor | None:
+    if not class_cond or ds.num_classes == 0:
+        return None
+    return torch.randint(ds.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+
+
+def guide_checkpoint(cfg: PipelineConfig, teacher_out: StageOutput | None) -> str:
+    """eval.guide_checkpoint, else the teacher stage's guide.pt (its EMA at 1/4 of training)."""
+    if cfg.eval.guide_checkpoint:
+        return cfg.eval.guide_checkpoint
+    url = (teacher_out.urls if teacher_out is not None else {}).get("guide")
+    if url is None:
+        raise ConfigError("eval.guidance='autoguidance' needs a weaker model: the teacher stage wrote no guide.pt "
+                          "(teacher trained before the guide snapshot existed, or given as teacher.checkpoint); "
+                          "set eval.guide_checkpoint")
+    return url
+
+
+def load_guide(url: str, device) -> VelocityModel:
+    """AutoGuidance's model: a checkpoint, or a single-file snapshot such as teacher/guide.pt."""
+    return load_model(url, device=device)
+
+
+def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
+    """Quality per (model, solver, NFE) from the same noise, straightness per model; metrics.json and plots."""
+    cfg, cb, ec = ctx.cfg, ctx.callback, ctx.cfg.eval
+    ds, dev = dataset(cfg), default_device(ctx.device)
+    if done(stage, ctx):
+        m = storage.read_json(metrics_url(stage))
+        return StageOutput({"metrics": metrics_url(stage)}, {"rows": m["rows"]})
+    ckpts = {name: inputs[name].urls["model"] for name in model_names(stage)}
+    models = {name: load_model(url, device=dev) for name, url in ckpts.items()}
+    guided = ec.guidance != "none"
+    guide = load_guide(guide_checkpoint(cfg, inputs.get(GUIDE)), dev) if ec.guidance == "autoguidance" else None
+    noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
+    label = eval_labels(ds, cfg.net.class_cond, ec.n_samples, ec.seed)
+    real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(ec.seed + 2))
+    quality = _quality_fn(cfg, ds, ctx.paths, real)
+    # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
+    # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
+    rho_of = dict(zip(ec.nfes, ec.rhos)) if ec.rhos is not None else {}
+    combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
+    rows, samples, total = [], {}, len(models) * len(combos)
+    for name, model in models.items():
+        lab = None if label is None else label.to(dev)
+        s = metrics.straightness(model.solver_velocity(lab), noise.to(dev), steps=ec.straightness_steps)
+        for solver, nfe in combos:
+            t0 = time.perf_counter()
+            rho = rho_of.get(nfe, ec.rho)
+            x, counted = generate(model, noise, nfe, solver, ec.grid, rho, label=label, device=dev, times=ec.times,
+                                  guidance=ec.guidance, weight=ec.guidance_weight, guide=guide, return_nfe=True)
+            assert counted == nfe, (solver, nfe, counted)  # the accounting is measured, not assumed
+            row = {"model": name, "nfe": nfe, "solver": solver, "straightness": float(s), **quality(x),
+                   "seconds": time.perf_counter() - t0, "steps": solvers.steps_for_nfe(
+                       solver, solvers.solver_nfe_for_budget(solver, nfe, guided)),
+                   "grid": "list" if ec.times else ec.grid, "rho": rho, "guidance": ec.guidance,
+                   "guidance_weight": ec.guidance_weight if guided else 1.0}
+            rows.append(row)
+            samples[(name, solver, nfe)] = x
+            cb.on_metrics(stage.name, nfe, {f"{name}_{solver}_{k}": v for k, v in row.items()
+                                            if isinstance(v, float) and k not in ("seconds", "rho", "guidance_weight")})
+            cb.on_progress(stage.name, len(rows), total)
+    metric = quality_metric(ds)
+    url = metrics_url(stage)
+    storage.write_json(url, {"rows": rows, "metric": metric, "eval_config": ec.model_dump(mode="json"),
+                             "models": list(models), "checkpoints": ckpts})
+    cb.on_artifact(stage.name, url)
+    for p in _plots(cfg, stage, ds, models, noise, label, real, rows, samples, metric, dev):
+        cb.on_artifact(stage.name, p)
+    return StageOutput({"metrics": url}, {"rows": rows})
+
+
+def _quality_fn(cfg: PipelineConfig, ds: DataSet, paths: RunPaths, real: torch.Tensor):
+    """The quality metric of the data kind, with the reference side computed once per evaluation."""
+    if ds.kind == "toy":
+        return lambda x: {"sliced_w2": metrics.sliced_w2(x, real, generator=torch.Generator().manual_seed(0)),
+                          "energy": metrics.energy_distance(x, real)}
+    if ds.name == "digits":
+        net = metrics.load_or_train_digit_classifier(storage.join(paths.root, "_cache", "digit_classifier.pt"),
+                                                     ds.x, ds.y)
+        return lambda x: {"fd_digits": metrics.digit_fd(x, real, net)}
+    weights = cfg.eval.inception_weights
+    return lambda x: {"fid": metrics.fid_torch_fidelity(x, real, inception_weights=weights)}
+
+
+def _plots(cfg, stage, ds, models, noise, label, real, rows, samples, metric, dev) -> list[str]:
+    out = [plots.quality_vs_nfe(rows, metric, storage.join(stage.writes, f"{metric}_vs_nfe.png"),
+                                title=f"{cfg.name}: {metric} vs NFE"),
+           plots.quality_vs_nfe(rows, "straightness", storage.join(stage.writes, "straightness_vs_nfe.png"))]
+    nfes = sorted({r["nfe"] for r in rows})
+    if ds.kind == "toy":
+        k = min(256, noise.shape[0])
+        trajs = {}
+        for name, model in models.items():
+            pts = []
+            end = solvers.euler(model.solver_velocity(), noise[:k].to(dev), solvers.time_grid(64),
+                                callback=lambda i, t, x, v: pts.append(x.cpu()))
+            pts.append(end.cpu())
+            trajs[name] = torch.stack(pts)
+        out.append(plots.trajectory_plot(trajs, real[:2000], storage.join(stage.writes, "trajectories.png")))
+        one = {f"{m} (1 NFE)": samples[(m, "euler", 1)] for m in models if (m, "euler", 1) in samples}
+        if one:
+            out.append(plots.scatter_samples(one, real[:2000], storage.join(stage.writes, "samples_1nfe.png"),
+                                             title="one Euler step from the same noise"))
+    else:
+        for (name, solver, nfe), x in samples.items():
+            if nfe in (nfes[0], nfes[-1]) and solver == cfg.eval.solvers[0]:
+                out.append(plots.sample_grid(x[:64], storage.join(stage.writes, f"grid_{name}_{solver}_{nfe}.png"),
+                                             title=f"{name}, {solver}, {nfe} NFE"))
+    return out

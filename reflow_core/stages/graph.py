@@ -1,0 +1,102 @@
+"""The plan of a run: the ordered stage instances a config asks for. The list of stages is written here and only here.
+
+    teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 -> ...] [-> distill] -> evaluate
+
+Round r > 1 simulates pairs from round r-1's reflow model and fine-tunes that model (k-rectified flow). With
+reflow.rounds = 1 the names and the artifact layout are the historical ones (teacher/, pairs.zarr, reflow/, eval/).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from .. import storage
+from ..config import ConfigError, PipelineConfig
+from . import evaluate, pairs, reflow, teacher
+from .base import Context, RunPaths, Stage, StageOutput
+
+KINDS: dict[str, ModuleType] = {"teacher": teacher, "pairs": pairs, "reflow": reflow, "evaluate": evaluate}
+
+
+def suffix(r: int) -> str:
+    return "" if r == 1 else f"-{r}"
+
+
+def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
+    """The stage instances of `cfg`, in the order they run; each names the stages it reads and the artifact it writes."""
+    out = [Stage("teacher", "teacher", 0, (), paths.url("teacher"))]
+    models, prev = ["teacher"], "teacher"
+    for r in range(1, cfg.reflow.rounds + 1):
+        s = suffix(r)
+        out.append(Stage(f"pairs{s}", "pairs", r, (("model", prev),), paths.url(f"pairs{s}.zarr")))
+        out.append(Stage(f"reflow{s}", "reflow", r, (("pairs", f"pairs{s}"), ("init", prev)), paths.url(f"reflow{s}")))
+        prev = f"reflow{s}"
+        models.append(prev)
+    evaluated = cfg.eval.models if cfg.eval.models is not None else models
+    reads = tuple((m, m) for m in evaluated)
+    if cfg.eval.guidance == "autoguidance" and not cfg.eval.guide_checkpoint:
+        reads += (("guide", "teacher"),)  # AutoGuidance's weaker model: the teacher stage's guide.pt
+    out.append(Stage("evaluate", "evaluate", 0, reads, paths.url("eval")))
+    return out
+
+
+def stage_names(cfg: PipelineConfig) -> list[str]:
+    return [s.name for s in plan(cfg, RunPaths("", ""))]
+
+
+def find(stages: list[Stage], name: str) -> Stage:
+    for s in stages:
+        if s.name == name:
+            return s
+    raise ConfigError(f"unknown stage {name!r}; this run's stages are {[s.name for s in stages]}")
+
+
+def module(stage: Stage) -> ModuleType:
+    return KINDS[stage.kind]
+
+
+def upstream(stages: list[Stage], names: list[str]) -> list[Stage]:
+    """The named stages and every stage they read from, transitively, in plan order."""
+    need = {find(stages, n).name for n in names}
+    for s in reversed(stages):
+        if s.name in need:
+            need.update(src for _, src in s.reads)
+    return [s for s in stages if s.name in need]
+
+
+def stage_done(paths: RunPaths, name: str) -> bool:
+    cfg = paths.config()
+    s = find(plan(cfg, paths), name)
+    return module(s).done(s, Context(cfg, paths))
+
+
+def reset_stage(paths: RunPaths, name: str) -> list[str]:
+    """Delete the artifacts of stage `name` and of every later stage (--redo-stage NAME), so the next run redoes
+    them. A given teacher checkpoint (teacher.checkpoint) is never touched: only what lives under the run directory.
+    Returns the URLs removed."""
+    stages = plan(paths.config(), paths)
+    first = stages.index(find(stages, name))
+    removed = []
+    for s in stages[first:]:
+        fs, path = storage.fs_and_path(s.writes)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+            removed.append(s.writes)
+    return removed
+
+
+def inputs_of(stage: Stage, outputs: dict[str, StageOutput]) -> dict[str, StageOutput]:
+    """The stage's inputs by role, from the outputs of the stages it reads."""
+    missing = [src for _, src in stage.reads if src not in outputs]
+    if missing:
+        raise RuntimeError(f"stage {stage.name} reads {missing}, which have not run")
+    return {role: outputs[src] for role, src in stage.reads}
+
+
+def describe(stages: list[Stage], root_dir: str) -> str:
+    """The plan as text: one line per stage (`reflow plan`)."""
+    lines = []
+    for i, s in enumerate(stages, 1):
+        reads = ", ".join(f"{role}={src}" for role, src in s.reads) or "-"
+        writes = s.writes[len(root_dir) + 1:] if s.writes.startswith(root_dir + "/") else s.writes
+        lines.append(f"{i:>2}. {s.name:<10} {s.kind:<9} reads {reads:<32} writes <run>/{writes}")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Stage `teacher`: a 1-rectified flow on real data (independent coupling of fresh N(0, I) noise and data).
+
+reads:  nothing (or the given `teacher.checkpoint`, which skips training)
+writes: <run>/teacher/ckpt-<step>.pt + latest.json, and guide.pt (AutoGuidance's weaker model: the EMA at 1/4 of
+        training)
+output: {"model": checkpoint URL, "guide": guide.pt URL when there is one}
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import checkpoint, distributed, storage
+from ..train import Batch, train
+from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
+
+GUIDE_FILE = "guide.pt"
+
+
+def done(stage: Stage, ctx: Context) -> bool:
+    if ctx.cfg.teacher.checkpoint:
+        return True
+    state = checkpoint.latest_info(stage.writes)
+    return state is not None and state.step >= ctx.cfg.teacher.train.steps
+
+
+def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
+    cfg, tc = ctx.cfg, ctx.cfg.teacher.train
+    if cfg.teacher.checkpoint:
+        checkpoint.load(cfg.teacher.checkpoint)  # fail now, clearly, if it is unusable
+        return StageOutput({"model": cfg.teacher.checkpoint})
+    if tc.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this stage on every rank
+        url = distributed.launch_torchrun(tc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
+        return output(stage, url)
+    ds = dataset(cfg)
+    y = ds.y if cfg.net.class_cond else None
+    model = new_model(cfg, ds, tc.seed)
+
+    def batches(step: int) -> Batch:
+        g = torch.Generator().manual_seed(tc.seed * 7_919 + step)
+        idx = torch.randint(len(ds), (tc.batch_size,), generator=g)
+        label = None if y is None else model.drop_labels(y[idx], tc.label_dropout, g)
+        return Batch(ds.x[idx], torch.randn((tc.batch_size, *ds.shape), generator=g), label)
+
+    def train_to(steps: int) -> str:
+        return train(net=model, batches=batches, cfg=tc.model_copy(update={"steps": steps}), ckpt_dir=stage.writes,
+                     stage=stage.name, meta=model_meta(cfg, ds), callback=ctx.callback,
+                     device=default_device(ctx.device))
+
+    _guide_snapshot(stage, tc.steps, train_to)
+    return output(stage, train_to(tc.steps))
+
+
+def output(stage: Stage, url: str) -> StageOutput:
+    guide = storage.join(stage.writes, GUIDE_FILE)
+    have = storage.exists(guide + checkpoint.SIDECAR_SUFFIX)
+    return StageOutput({"model": url} | ({"guide": guide} if have else {}))
+
+
+def _guide_snapshot(stage: Stage, steps: int, train_to) -> None:
+    """AutoGuidance's weaker model: keep the teacher's EMA at 1/4 of training as teacher/guide.pt.
+
+    Trains to step steps // 4 first (train() resumes, so the full run continues from there with the same optimizer,
+    EMA, RNG and batches as an uninterrupted one), then keeps that checkpoint's EMA. Skipped when the snapshot
+    exists or the teacher is already past that step (then give eval.guide_checkpoint explicitly)."""
+    guide_url, guide_step = storage.join(stage.writes, GUIDE_FILE), max(1, steps // 4)
+    if guide_step >= steps or storage.exists(guide_url + checkpoint.SIDECAR_SUFFIX):  # written after guide.pt
+        return
+    info = checkpoint.latest_info(stage.writes)
+    if info is not None and info.step > guide_step:
+        return
+    state = checkpoint.load(train_to(guide_step))
+    checkpoint.save_file(guide_url, {"ema": state["ema"], "net": state["ema"], "step": state["step"],
+                                     "meta": state["meta"], "train_config": state["train_config"]})

@@ -1,0 +1,207 @@
+"""Stages as data: the plan of a config, k-rectified flows, exact resume after kill -9, and one plan walked by both
+runners (`reflow run --local` and the Prefect flow) with bit-identical results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows import cli
+from reflow_core import checkpoint, stages, storage
+from reflow_core.config import ConfigError, load_preset
+
+REPO = Path(__file__).resolve().parent.parent
+
+# tiny but real: two reflow rounds, every stage does work in a second or two on one thread
+TINY = {
+    "data.n_train": 1000,
+    "net.hidden": 32, "net.depth": 2,
+    "teacher.train.steps": 40, "teacher.train.batch_size": 64, "teacher.train.ckpt_every": 10,
+    "teacher.train.log_every": 10, "teacher.train.warmup": 5,
+    "pairs.n_pairs": 500, "pairs.shard_size": 250, "pairs.chunk_size": 125, "pairs.batch_size": 250,
+    "pairs.nfe": 5, "pairs.solver": "heun", "pairs.grid": "uniform",
+    "reflow.train.steps": 30, "reflow.train.batch_size": 64, "reflow.train.ckpt_every": 10,
+    "reflow.train.log_every": 10, "reflow.train.warmup": 5, "reflow.rounds": 2,
+    "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
+}
+
+
+def _names(cfg) -> list[str]:
+    return [s.name for s in stages.plan(cfg, stages.RunPaths("file:///r", "x"))]
+
+
+# --- the plan ------------------------------------------------------------------------------------------------------
+
+def test_plan_of_one_round_keeps_the_historical_names_and_layout():
+    cfg = load_preset("toy2d")
+    plan = stages.plan(cfg, stages.RunPaths("/r", "toy2d"))
+    assert [(s.name, s.kind, s.round) for s in plan] == [
+        ("teacher", "teacher", 0), ("pairs", "pairs", 1), ("reflow", "reflow", 1), ("evaluate", "evaluate", 0)]
+    assert [s.writes for s in plan] == ["/r/toy2d/teacher", "/r/toy2d/pairs.zarr", "/r/toy2d/reflow",
+                                        "/r/toy2d/eval"]
+    assert plan[1].inputs == {"model": "teacher"}
+    assert plan[2].inputs == {"pairs": "pairs", "init": "teacher"}
+    assert plan[3].inputs == {"teacher": "teacher", "reflow": "reflow"}
+
+
+def test_plan_of_k_rounds_chains_each_round_on_the_last_model():
+    cfg = load_preset("digits_3rf")
+    assert cfg.reflow.rounds == 2
+    plan = stages.plan(cfg, stages.RunPaths("/r", "d"))
+    assert [s.name for s in plan] == ["teacher", "pairs", "reflow", "pairs-2", "reflow-2", "evaluate"]
+    p2, r2, ev = plan[3], plan[4], plan[5]
+    assert p2.inputs == {"model": "reflow"} and p2.writes == "/r/d/pairs-2.zarr" and p2.round == 2
+    assert r2.inputs == {"pairs": "pairs-2", "init": "reflow"} and r2.writes == "/r/d/reflow-2"
+    assert ev.inputs == {"teacher": "teacher", "reflow": "reflow", "reflow-2": "reflow-2"}
+    three = load_preset("toy2d", {"reflow.rounds": 3})
+    assert _names(three) == ["teacher", "pairs", "reflow", "pairs-2", "reflow-2", "pairs-3", "reflow-3", "evaluate"]
+
+
+def test_plan_reads_only_earlier_stages_and_writes_distinct_artifacts():
+    for preset in ("toy2d", "digits", "digits_3rf", "digits_simple"):
+        plan = stages.plan(load_preset(preset), stages.RunPaths("/r", "x"))
+        seen = set()
+        for s in plan:
+            assert {src for _, src in s.reads} <= seen, (preset, s)
+            seen.add(s.name)
+        assert len({s.writes for s in plan}) == len(plan)
+
+
+def test_eval_models_select_and_autoguidance_reads_the_teacher_guide():
+    cfg = load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-2"]})
+    assert stages.find(stages.plan(cfg, stages.RunPaths("/r", "x")), "evaluate").inputs == {"reflow-2": "reflow-2"}
+    with pytest.raises(ConfigError, match="reflow-3"):
+        load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-3"]})
+    guided = load_preset("digits", {"eval.guidance": "autoguidance", "eval.nfes": [2]})
+    ev = stages.find(stages.plan(guided, stages.RunPaths("/r", "x")), "evaluate")
+    assert ev.inputs["guide"] == "teacher"
+
+
+def test_upstream_and_unknown_names():
+    plan = stages.plan(load_preset("digits_3rf"), stages.RunPaths("/r", "x"))
+    assert [s.name for s in stages.upstream(plan, ["reflow-2"])] == ["teacher", "pairs", "reflow", "pairs-2",
+                                                                      "reflow-2"]
+    assert [s.name for s in stages.upstream(plan, ["pairs"])] == ["teacher", "pairs"]
+    with pytest.raises(ConfigError, match="reflow-3"):
+        stages.find(plan, "reflow-3")
+
+
+def test_reflow_plan_command_prints_the_plan(capsys):
+    for preset, expect in (("toy2d", ["teacher", "pairs", "reflow", "evaluate"]),
+                           ("digits", ["teacher", "pairs", "reflow", "evaluate"]),
+                           ("digits_3rf", ["teacher", "pairs", "reflow", "pairs-2", "reflow-2", "evaluate"])):
+        assert cli.main(["plan", "--preset", preset]) == 0
+        out = capsys.readouterr().out
+        lines = [ln.split() for ln in out.splitlines()[1:]]
+        assert [ln[1] for ln in lines] == expect, out
+        assert "<run>/pairs.zarr" in out and "<run>/eval" in out
+    assert "<run>/pairs-2.zarr" in out and "init=reflow" in out
+
+
+def test_unknown_stage_names_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--local", "--preset", "toy2d", "--root", str(tmp_path), "--redo-stage", "reflow-2"])
+    assert exc.value.code == 2 and "reflow-2" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+# --- config: identity vs execution by structure --------------------------------------------------------------------
+
+def test_execution_only_fields_are_marked_in_the_schema_not_a_side_table():
+    from reflow_core.config import PairsConfig, TrainConfig, is_execution_only
+    execution = {n for n, f in PairsConfig.model_fields.items() if is_execution_only(f)}
+    assert execution == {"batch_size", "auto_batch", "max_batch_size", "workers", "compile", "cuda_graph", "engine",
+                         "dask_address"}
+    assert {n for n, f in TrainConfig.model_fields.items() if is_execution_only(f)} == {
+        "compile", "channels_last", "log_every", "max_bad_steps"}
+    a = load_preset("toy2d")
+    b = load_preset("toy2d", {"pairs.batch_size": 7, "pairs.workers": 3, "reflow.ram_budget_mb": 0,
+                              "reflow.train.log_every": 3, "teacher.train.compile": True, "eval.nfes": [3]})
+    assert a.identity() == b.identity()
+    assert "batch_size" not in a.identity()["pairs"] and "n_pairs" in a.identity()["pairs"]
+    assert a.identity() != load_preset("toy2d", {"reflow.rounds": 2}).identity()
+    assert a.identity() != load_preset("toy2d", {"reflow.train.batch_size": 7}).identity()
+
+
+# --- exact resume after kill -9 ------------------------------------------------------------------------------------
+
+def _run_local(root: Path, run: str, **env) -> subprocess.CompletedProcess:
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("REFLOW_FAULT", "MLFLOW"))}
+    e.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)
+    code = "import sys, torch; torch.set_num_threads(1); from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "run", "--local", "--preset", "toy2d", "--root", str(root),
+                           "--run", run, *sets], env=e, capture_output=True, text=True, timeout=600)
+
+
+def _final_state(root: Path, run: str, stage: str) -> dict:
+    return checkpoint.load_latest(storage.join(str(root), run, stage))
+
+
+def _assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    proc = _run_local(root, "r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,step", [("teacher", 20), ("reflow", 10), ("reflow-2", 20)])
+def test_kill_9_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_path, uninterrupted, stage, step):
+    root = tmp_path / "runs"
+    killed = _run_local(root, "r", REFLOW_FAULT_STAGE=stage, REFLOW_FAULT_AT_STEP=str(step), REFLOW_FAULT_KILL="1")
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert checkpoint.load_latest(storage.join(str(root), "r", stage))["step"] == step  # it died mid-stage
+    again = _run_local(root, "r")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for s in ("teacher", "reflow", "reflow-2"):  # the killed stage and every later one
+        a, b = _final_state(uninterrupted, "r", s), _final_state(root, "r", s)
+        assert a["step"] == b["step"]
+        _assert_same_tensors(a["ema"], b["ema"], f"{s}.ema")
+        _assert_same_tensors(a["net"], b["net"], f"{s}.net")
+        _assert_same_tensors(a["opt"], b["opt"], f"{s}.opt")
+    rows = [storage.read_json(str(r / "r" / "eval" / "metrics.json"))["rows"] for r in (uninterrupted, root)]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in rows[0]] == \
+           [{k: v for k, v in row.items() if k != "seconds"} for row in rows[1]]
+
+
+@pytest.mark.slow
+def test_k_rectified_flow_evaluates_every_model(uninterrupted):
+    m = storage.read_json(str(uninterrupted / "r" / "eval" / "metrics.json"))
+    assert m["models"] == ["teacher", "reflow", "reflow-2"]
+    got = {(r["model"], r["nfe"]) for r in m["rows"]}
+    assert got == {(mo, n) for mo in m["models"] for n in (1, 2)}
+    store2 = storage.join(str(uninterrupted), "r", "pairs-2.zarr")
+    from reflow_core.pairs import PairStore
+    attrs = PairStore.open(store2).attrs
+    reflow1 = checkpoint.latest(str(uninterrupted / "r" / "reflow"))
+    assert attrs["teacher_hash"] == storage.sha256(storage.read_bytes(reflow1))  # round 2 simulated by reflow-1
+    assert (uninterrupted / "r" / "eval" / "sliced_w2_vs_nfe.png").exists()
+    # the k-th model is sampled by name, through the CLI
+    out = uninterrupted / "x.npy"
+    assert cli.main(["sample", "--root", str(uninterrupted), "--run", "r", "--model", "reflow-2", "--n", "16",
+                     "--out", str(out)]) == 0
+    assert out.exists()
