@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
 
 ToyName = Literal["8gaussians", "moons", "checkerboard", "circles", "spirals"]
 TimeDist = Literal["uniform", "logit_normal", "u_shape", "exponential"]
 SolverName = Literal["euler", "heun"]
-GridName = Literal["uniform", "rho"]
 
 
 T = TypeVar("T")
@@ -44,6 +43,66 @@ def is_execution_only(field) -> bool:
 class _Strict(BaseModel):
     # NaN / inf are never a valid setting (an inf huber_scale or rho would pass a `gt=0` bound)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+
+class UniformGrid(_Strict):
+    """t_i = 1 - i / N."""
+
+    kind: Literal["uniform"] = "uniform"
+
+    def solver_args(self, nfe: int) -> dict:
+        return {"grid": "uniform", "rho": 1.0, "times": None}
+
+
+class RhoGrid(_Strict):
+    """EDM's schedule on [0, 1]: t_i = (1 - i/N)^rho in rho-space; rho > 1 takes smaller steps near the data end."""
+
+    kind: Literal["rho"] = "rho"
+    rho: float = Field(7.0, gt=0.0, le=20.0)
+    per_nfe: dict[int, float] | None = Field(None, description="a tuned rho per NFE (reflow_core.tuning.search_rho); "
+                                                               "NFEs not listed use rho")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RhoGrid":
+        bad = {n: r for n, r in (self.per_nfe or {}).items() if n < 1 or not 0.0 < r <= 20.0}
+        if bad:
+            raise ValueError(f"grid.per_nfe maps NFE >= 1 to rho in (0, 20], got {bad}")
+        return self
+
+    def solver_args(self, nfe: int) -> dict:
+        return {"grid": "rho", "rho": (self.per_nfe or {}).get(nfe, self.rho), "times": None}
+
+
+class ListGrid(_Strict):
+    """The user's own times, strictly decreasing from 1.0 (noise) to 0.0 (data)."""
+
+    kind: Literal["list"] = "list"
+    times: list[float]
+
+    @model_validator(mode="after")
+    def _check(self) -> "ListGrid":
+        t = self.times
+        if len(t) < 2 or t[0] != 1.0 or t[-1] != 0.0 or any(b >= a for a, b in zip(t, t[1:])):
+            raise ValueError(f"grid.times must run strictly down from 1.0 to 0.0, got {t}")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    def solver_args(self, nfe: int) -> dict:
+        return {"grid": "list", "rho": 1.0, "times": list(self.times)}
+
+
+def _grid_shorthand(v):
+    """`grid: uniform` / `grid: rho` (a kind with its defaults) for `grid: {kind: ...}`."""
+    return {"kind": v} if isinstance(v, str) else v
+
+
+# The time grid of a solver: one tagged union, chosen by `kind`. Pairs integrate on uniform or rho grids (the same
+# grid reversed for inversion); evaluation may also take a list of times.
+TimeGrid = Annotated[UniformGrid | RhoGrid | ListGrid, Field(discriminator="kind"), BeforeValidator(_grid_shorthand)]
+PairGrid = Annotated[UniformGrid | RhoGrid, Field(discriminator="kind"), BeforeValidator(_grid_shorthand)]
 
 
 class DataConfig(_Strict):
@@ -130,8 +189,7 @@ class PairsConfig(_Strict):
     max_batch_size: Exec[int] = Field(16_384, ge=1, description="auto_batch's upper bound")
     solver: SolverName = "heun"
     nfe: int = Field(63, ge=1)
-    grid: GridName = "rho"
-    rho: float = Field(1.5, gt=0.0, le=20.0)
+    grid: PairGrid = Field(default_factory=lambda: RhoGrid(rho=1.5))
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 1234
     workers: Exec[int] = Field(1, ge=1, description="shards simulated concurrently")
@@ -174,19 +232,14 @@ class ReflowConfig(_Strict):
 class EvalConfig(_Strict):
     nfes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
     solvers: list[SolverName] = Field(default_factory=lambda: ["euler"])
-    grid: GridName = "uniform"
-    rho: float = Field(1.0, gt=0.0, le=20.0)
+    grid: TimeGrid = Field(default_factory=UniformGrid, description="uniform, {kind: rho, rho, per_nfe} or "
+                                                                       "{kind: list, times} (Simple ReFlow #7)")
     n_samples: int = Field(2_000, ge=16)
     straightness_steps: int = Field(64, ge=2)
     inception_weights: str | None = Field(None, description="local Inception weights for FID (offline use)")
     seed: int = 2024
     models: list[str] | None = Field(None, description="which models to evaluate: teacher, reflow, reflow-2, ...; "
                                                        "None = every model the run trains")
-    # per-NFE grids (Simple ReFlow #7): `rhos` from reflow_core.tuning.search_rho, or a user's own `times`
-    rhos: list[float] | None = Field(None, description="one rho per entry of nfes (grid='rho'); overrides rho")
-    times: list[float] | None = Field(None, description="a user grid 1 -> 0 (strictly decreasing, both ends "
-                                                        "included); every (solver, NFE) must then take "
-                                                        "len(times) - 1 steps")
     # guidance: v = v_guide + w (v_cond - v_guide); a guided velocity costs 2 network evaluations
     guidance: Literal["none", "cfg", "autoguidance"] = Field(
         "none", description="cfg: guide = same net with the null label; autoguidance: guide = a weaker checkpoint")
@@ -203,23 +256,14 @@ class EvalConfig(_Strict):
             if not self.models or bad:
                 raise ValueError(f"eval.models must name models of the run (teacher, reflow, reflow-2, ...), "
                                  f"got {self.models}")
-        if self.rhos is not None:
-            if len(self.rhos) != len(self.nfes) or any(not 0.0 < r <= 20.0 for r in self.rhos):
-                raise ValueError(f"eval.rhos must hold one rho in (0, 20] per entry of eval.nfes {self.nfes}, "
-                                 f"got {self.rhos}")
-            if self.grid != "rho":
-                raise ValueError("eval.rhos needs eval.grid='rho'")
-        if self.times is not None:
-            t = self.times
-            if len(t) < 2 or t[0] != 1.0 or t[-1] != 0.0 or any(b >= a for a, b in zip(t, t[1:])):
-                raise ValueError(f"eval.times must run strictly down from 1.0 to 0.0, got {t}")
+        if isinstance(self.grid, ListGrid):
             per = 2 if self.guidance != "none" else 1
-            steps = len(t) - 1
+            steps = self.grid.steps
             for s in self.solvers:
                 want = per * (steps if s == "euler" else 2 * steps - 1)
                 bad = [n for n in self.nfes if n != want]
                 if bad:
-                    raise ValueError(f"eval.times has {steps} steps, so {s} costs {want} NFE; eval.nfes has {bad}")
+                    raise ValueError(f"eval.grid.times has {steps} steps, so {s} costs {want} NFE; eval.nfes has {bad}")
         return self
 
 
@@ -335,7 +379,9 @@ def reference_markdown() -> str:
     """docs/configuration.md, generated from the models so the reference cannot drift from the code."""
     out = ["# Configuration reference", "",
            "Generated by `python -m reflow_core.config > docs/configuration.md` (a test checks it is current).",
-           "Presets live in `deployments/presets/*.yaml`; override any field with `--set section.field=value`.", ""]
+           "Presets live in `deployments/presets/*.yaml`; override any field with `--set section.field=value`.",
+           "Fields marked *execution-only* decide speed or placement, not what an artifact is: a run may be reopened "
+           "with them changed (`PipelineConfig.identity()` leaves them out).", ""]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         rows, subs = [], []
@@ -348,9 +394,10 @@ def reference_markdown() -> str:
                       if getattr(m, k, None) is not None]
             default = f.default_factory() if f.default_factory is not None else f.default
             typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*Grid\b)", "", typ)  # __main__.RhoGrid -> RhoGrid
             typ = typ.replace("|", "\\|")  # a pipe inside a table cell must be escaped, even in code
-            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {', '.join(bounds)} | "
-                        f"{(f.description or '').replace('|', '/')} |")
+            meaning = (f.description or "").replace("|", "/") + (" *(execution-only)*" if is_execution_only(f) else "")
+            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {', '.join(bounds)} | {meaning.strip()} |")
         if rows:
             out.extend([f"## `{prefix.rstrip('.') or 'pipeline'}` ({model.__name__})", "",
                         "| field | type | default | range | meaning |", "|---|---|---|---|---|", *rows, ""])
@@ -358,6 +405,11 @@ def reference_markdown() -> str:
             walk(sub, p)
 
     walk(PipelineConfig, "")
+    out.extend(["## Time grids (`pairs.grid`, `eval.grid`)", "",
+                "One tagged union chosen by `kind`; a bare `uniform` or `rho` stands for that kind with its defaults. "
+                "`pairs.grid` takes uniform or rho (inversion runs the same grid reversed).", ""])
+    for grid in (UniformGrid, RhoGrid, ListGrid):
+        walk(grid, f"grid[kind={grid.model_fields['kind'].default}].")
     return "\n".join(out)
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import storage
 
 
 @dataclass(frozen=True)

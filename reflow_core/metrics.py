@@ -8,7 +8,6 @@ is imported lazily inside :func:`fid_torch_fidelity` only.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import tempfile
@@ -448,7 +447,8 @@ def _resolve_inception_weights(inception_weights: str | None) -> tuple[str | Non
         path = inception_cache_path()
         if not os.path.exists(path):
             try:
-                torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False, map_location="cpu")
+                torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False, map_location="cpu",
+                                               weights_only=True)
             except Exception as e:  # noqa: BLE001 - any failure here means "offline / no weights"
                 raise RuntimeError(_offline_message(path)) from e
         return None, None

@@ -20,7 +20,6 @@ from torch import nn
 
 from . import accel, checkpoint, distributed, storage
 from .callbacks import Callback, NullCallback
-from .checkpoint import CheckpointError  # noqa: F401  (re-exported: `from .train import CheckpointError`)
 from .config import TrainConfig
 from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
 from .paths import path_sample, sample_time

@@ -42,7 +42,7 @@ affine_for, smooth_for = bind(affine_v), bind(smooth_v)
 
 def cfg_for(**kw) -> PairsConfig:
     base = dict(n_pairs=96, n_forward=32, shard_size=32, chunk_size=16, batch_size=20, solver="heun", nfe=7,
-                grid="rho", rho=1.5, dtype="float32", seed=7)
+                grid={"kind": "rho", "rho": 1.5}, dtype="float32", seed=7)
     base.update(kw)
     return PairsConfig(**base)
 
@@ -143,20 +143,20 @@ def test_skip_done_and_resimulate_identical(tmp_path):
 
 
 def test_stored_noise_reproduces_stored_sample(tmp_path):
-    cfg = cfg_for(n_forward=0, solver="euler", nfe=6, grid="uniform", rho=1.0)
+    cfg = cfg_for(n_forward=0, solver="euler", nfe=6, grid="uniform")
     s = make_store(str(tmp_path / "pairs.zarr"), cfg)
     simulate_all(s, cfg)
     b = s.read(slice(0, s.n))
     assert torch.equal(b.noise, row_noise(cfg.seed, range(s.n), SHAPE))
     assert torch.equal(b.label, row_labels(cfg.seed, range(s.n), NUM_CLASSES))
-    out = solvers.sample(lambda x, t: affine_v(x, t, b.label), b.noise, cfg.nfe, cfg.solver, cfg.grid, cfg.rho)
+    out = solvers.sample(lambda x, t: affine_v(x, t, b.label), b.noise, cfg.nfe, cfg.solver, "uniform")
     torch.testing.assert_close(out, b.sample, atol=1e-5, rtol=0)
     # the affine field's exact flow: x0 = x1 * exp(-(0.5 + 0.15)) + label term; euler with 6 steps is close-ish
     assert (out - b.noise).abs().max() > 0.1  # something happened
 
 
 def test_forward_pairs_invert_the_data(tmp_path):
-    cfg = cfg_for(n_pairs=16, n_forward=48, shard_size=16, chunk_size=8, nfe=63, grid="uniform", rho=1.0)
+    cfg = cfg_for(n_pairs=16, n_forward=48, shard_size=16, chunk_size=8, nfe=63, grid="uniform")
     s = make_store(str(tmp_path / "pairs.zarr"), cfg)
     x, y = data(n=30)
     for sh in s.plan:
@@ -168,7 +168,7 @@ def test_forward_pairs_invert_the_data(tmp_path):
         i = int(((x - f.sample[j]).abs().sum(1) == 0).nonzero()[0])
         assert f.label[j] == y[i]
     assert len({tuple(r.tolist()) for r in f.sample[:30]}) == 30  # first 30 rows: each data point once
-    back = solvers.sample(lambda z, t: smooth_v(z, t, None), f.noise, cfg.nfe, cfg.solver, cfg.grid, cfg.rho)
+    back = solvers.sample(lambda z, t: smooth_v(z, t, None), f.noise, cfg.nfe, cfg.solver, "uniform")
     torch.testing.assert_close(back, f.sample, atol=1e-3, rtol=0)
     assert (f.noise - f.sample).abs().mean() > 0.3
 

@@ -37,7 +37,7 @@ def velocity_for(label):
 
 def cfg() -> PairsConfig:
     return PairsConfig(n_pairs=128, n_forward=64, shard_size=32, chunk_size=16, batch_size=24, solver="heun",
-                       nfe=5, grid="rho", rho=1.5, dtype="float32", seed=99)
+                       nfe=5, grid={"kind": "rho", "rho": 1.5}, dtype="float32", seed=99)
 
 
 def data():

@@ -4,7 +4,7 @@ import torch
 
 from reflow_core.config import load_preset
 from reflow_core.pairs import PairStore
-from reflow_core.pipeline import RunPaths, run_local, sample_model
+from reflow_core.stages import RunPaths, run_local, sample_model
 
 TINY = {
     "teacher.train": {"steps": 300, "batch_size": 64, "lr": 0.001, "warmup": 50, "ckpt_every": 300, "log_every": 100},

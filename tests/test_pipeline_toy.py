@@ -7,7 +7,7 @@ import torch
 from reflow_core import solvers
 from reflow_core.config import ConfigError, load_preset
 from reflow_core.pairs import PairStore
-from reflow_core.pipeline import RunPaths, load_model, prepare_run, run_local, sample_model, velocity
+from reflow_core.stages import RunPaths, load_model, prepare_run, run_local, sample_model
 
 SMALL = {
     "teacher.train": {"steps": 1500, "batch_size": 256, "lr": 0.002, "warmup": 100, "ckpt_every": 500,
@@ -52,7 +52,7 @@ def test_stored_pairs_are_the_teachers_trajectories(toy_run):
     assert store.is_complete() and store.n == 8000
     batch = store.read(torch.tensor([0, 1, 2, 1999, 2000, 7999]))
     teacher = load_model(f"{paths.teacher_dir}/ckpt-0001500.pt")
-    again = solvers.sample(velocity(teacher), batch.noise, cfg.pairs.nfe, cfg.pairs.solver, cfg.pairs.grid)
+    again = solvers.sample(teacher.solver_velocity(), batch.noise, cfg.pairs.nfe, cfg.pairs.solver, cfg.pairs.grid)
     assert torch.allclose(again, batch.sample, atol=1e-4)
     assert store.attrs["convention"] == "t0=data,t1=noise"
 

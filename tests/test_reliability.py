@@ -26,7 +26,8 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 from flows import cli
-from reflow_core import checkpoint, pairs, pipeline, storage
+from reflow_core import checkpoint, pairs, stages, storage
+from reflow_core.callbacks import NullCallback
 from reflow_core.pairs import store as pair_store
 from reflow_core.config import ConfigError, PairsConfig, load_preset
 from reflow_core.pairs import PairStore, PairStoreMismatch, PairWriteError, simulate_shard
@@ -206,12 +207,13 @@ TRACKED_WORKER = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from flows.tracking import MlflowTracker, resolve_tracking_uri
-from reflow_core import pipeline
+from reflow_core import stages
 from reflow_core.callbacks import NullCallback
 from reflow_core.config import load_preset
 root, run, overrides, flush_every = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 cfg = load_preset("toy2d", overrides)
-paths = pipeline.prepare_run(cfg, root, run)
+paths = stages.prepare_run(cfg, root, run)
+plan = stages.plan(cfg, paths)
 tracker = MlflowTracker(resolve_tracking_uri(None, root), "reflow", paths.dir, run_name=paths.run)
 parent = tracker.parent_run_id()
 tracker.log_params(parent, cfg.model_dump(mode="json"))
@@ -226,10 +228,14 @@ def stage(name, fn):  # as flows.reflow._run_stage: a finished stage is called w
     tracker.finish(name, "FINISHED")
     return out
 
-teacher = stage("teacher", lambda cb: pipeline.train_teacher(cfg, paths, cb))
-stage("pairs", lambda cb: pipeline.simulate_pairs(cfg, paths, teacher, cb))
-reflow = stage("reflow", lambda cb: pipeline.reflow_finetune(cfg, paths, teacher, cb))
-stage("evaluate", lambda cb: pipeline.evaluate(cfg, paths, teacher, reflow, cb))
+def run(name, cb, **inputs):  # one stage instance of the plan, as flows.reflow.stage_task
+    s = stages.find(plan, name)
+    return stages.module(s).run(s, stages.Context(cfg, paths, cb), inputs)
+
+teacher = stage("teacher", lambda cb: run("teacher", cb))
+pairs = stage("pairs", lambda cb: run("pairs", cb, model=teacher))
+reflow = stage("reflow", lambda cb: run("reflow", cb, pairs=pairs, init=teacher))
+stage("evaluate", lambda cb: run("evaluate", cb, teacher=teacher, reflow=reflow))
 tracker.finish(None, "FINISHED")
 print("finished", flush=True)
 """
@@ -277,15 +283,15 @@ def test_kill9_during_mlflow_logging(tmp_path):
 def tiny_run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("runs"))
     cfg = load_preset("toy2d", TINY)
-    rows = pipeline.run_local(cfg, root, "tiny")
-    return cfg, pipeline.RunPaths.of(root, "tiny"), rows
+    rows = stages.run_local(cfg, root, "tiny")
+    return cfg, stages.RunPaths.of(root, "tiny"), rows
 
 
 def _copy_run(tiny_run, tmp_path, name="copy"):
     import shutil
     cfg, paths, rows = tiny_run
     shutil.copytree(paths.dir, tmp_path / name)
-    return cfg, pipeline.RunPaths.of(str(tmp_path), name), rows
+    return cfg, stages.RunPaths.of(str(tmp_path), name), rows
 
 
 def test_truncated_checkpoint_names_file_and_way_out(tiny_run, tmp_path):
@@ -293,13 +299,13 @@ def test_truncated_checkpoint_names_file_and_way_out(tiny_run, tmp_path):
     ckpt = Path(checkpoint.latest(paths.reflow_dir).removeprefix("file://"))
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError) as exc:
-        pipeline.run_local(cfg, paths.root, paths.run)
+        stages.run_local(cfg, paths.root, paths.run)
     msg = str(exc.value)
     assert ckpt.name in msg and "truncated or corrupt" in msg and "--redo-stage" in msg
-    removed = pipeline.reset_stage(paths, "reflow")
+    removed = stages.reset_stage(paths, "reflow")
     assert removed == [paths.reflow_dir, paths.eval_dir]
     assert Path(paths.teacher_dir).exists() and Path(paths.pairs_url).exists()
-    rows = pipeline.run_local(cfg, paths.root, paths.run)
+    rows = stages.run_local(cfg, paths.root, paths.run)
     assert {r["model"] for r in rows} == {"teacher", "reflow"}
     assert checkpoint.load(checkpoint.latest(paths.reflow_dir))["step"] == cfg.reflow.train.steps
 
@@ -311,7 +317,7 @@ def _chunk_files(paths) -> list[Path]:
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupt_pair_chunk_is_caught_before_training(tiny_run, tmp_path, damage):
     cfg, paths, _ = _copy_run(tiny_run, tmp_path)
-    pipeline.reset_stage(paths, "reflow")
+    stages.reset_stage(paths, "reflow")
     chunks = _chunk_files(paths)
     assert len(chunks) == 8
     victim = chunks[5]  # chunk 5 of 125 rows: shard 2
@@ -325,8 +331,8 @@ def test_corrupt_pair_chunk_is_caught_before_training(tiny_run, tmp_path, damage
     assert store.is_complete()  # the markers alone do not see it ...
     if damage == "flip":
         assert not store.verify_shard(2) and store.verify_shard(1)
-    with pytest.raises(pipeline.PairStoreCorrupt) as exc:  # ... the reflow stage's hash check does
-        pipeline.run_local(cfg, paths.root, paths.run)
+    with pytest.raises(pairs.PairStoreCorrupt) as exc:  # ... the reflow stage's hash check does
+        stages.run_local(cfg, paths.root, paths.run)
     msg = str(exc.value)
     assert "shard 2 " in msg and "chunks 4..5" in msg and "--redo-stage pairs" in msg and paths.pairs_url in msg
     assert "shard 1 " not in msg
@@ -345,7 +351,7 @@ def test_truncated_config_json_is_a_config_error(tiny_run, tmp_path):
     cfg, paths, _ = _copy_run(tiny_run, tmp_path)
     p = Path(paths.config_json)
     p.write_text(p.read_text()[:40])
-    for call in (lambda: pipeline.prepare_run(cfg, paths.root, paths.run), paths.config,
+    for call in (lambda: stages.prepare_run(cfg, paths.root, paths.run), paths.config,
                  lambda: cli._run_config(paths.root, paths.run)):
         with pytest.raises(ConfigError, match="config.json is not valid JSON") as exc:
             call()
@@ -355,26 +361,31 @@ def test_truncated_config_json_is_a_config_error(tiny_run, tmp_path):
         paths.config()
 
 
-def test_redo_stage_cli_and_flow_parameter():
+def test_redo_stage_cli_and_flow_parameter(tmp_path, capsys):
     args = cli.build_parser().parse_args(["run", "--redo-stage", "pairs", "--redo-stage", "evaluate"])
     assert args.redo_stage == ["pairs", "evaluate"]
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["run", "--redo-stage", "nope"])
+    # stage names depend on the plan (pairs-2, reflow-2, ...): an unknown one is refused by the command, before any
+    # work (no run directory is created)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--local", "--preset", "toy2d", "--root", str(tmp_path), "--run", "r",
+                  "--redo-stage", "nope"])
+    assert exc.value.code == 2 and "nope" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     from flows.reflow import reflow
     assert "redo_stages" in reflow.parameters.properties
 
 
 def test_reset_stage(tmp_path):
-    paths = pipeline.RunPaths.of(str(tmp_path), "r")
+    paths = stages.RunPaths.of(str(tmp_path), "r")
     for url in (paths.teacher_dir, paths.pairs_url, paths.reflow_dir, paths.eval_dir):
         Path(url).mkdir(parents=True)
         (Path(url) / "x").write_text("x")
     Path(paths.config_json).write_text("{}")
-    assert pipeline.reset_stage(paths, "evaluate") == [paths.eval_dir]
-    assert pipeline.reset_stage(paths, "teacher") == [paths.teacher_dir, paths.pairs_url, paths.reflow_dir]
+    assert stages.reset_stage(paths, "evaluate") == [paths.eval_dir]
+    assert stages.reset_stage(paths, "teacher") == [paths.teacher_dir, paths.pairs_url, paths.reflow_dir]
     assert [p.name for p in Path(paths.dir).iterdir()] == ["config.json"]
-    with pytest.raises(ValueError, match="unknown stage"):
-        pipeline.reset_stage(paths, "nope")
+    with pytest.raises(ValueError, match="unknown stage"):  # a ConfigError (a ValueError)
+        stages.reset_stage(paths, "nope")
 
 
 # =====================================================================================================================
@@ -388,26 +399,32 @@ def test_reset_stage(tmp_path):
 ])
 def test_changed_identity_refused_and_new_run(tmp_path, change, expect):
     root = str(tmp_path)
-    pipeline.prepare_run(load_preset("toy2d", TINY), root, "r")
+    stages.prepare_run(load_preset("toy2d", TINY), root, "r")
     other = load_preset("toy2d", TINY | change)
     with pytest.raises(ConfigError) as exc:
-        pipeline.prepare_run(other, root, "r")
+        stages.prepare_run(other, root, "r")
     assert expect in str(exc.value) and "--new" in str(exc.value)
-    assert pipeline.prepare_run(other, root, "r", new=True).run == "r-2"
-    assert pipeline.prepare_run(load_preset("toy2d", TINY | {"eval.n_samples": 300}), root, "r").run == "r"
+    assert stages.prepare_run(other, root, "r", new=True).run == "r-2"
+    assert stages.prepare_run(load_preset("toy2d", TINY | {"eval.n_samples": 300}), root, "r").run == "r"
 
 
 def test_execution_settings_may_change_on_resume(tmp_path):
     """A failed run resumed elsewhere (other workers, a Dask cluster, compile on, a bigger pair batch) keeps its
     name and artifacts; config.json then records the new settings."""
     root = str(tmp_path)
-    pipeline.prepare_run(load_preset("toy2d", TINY), root, "r")
+    stages.prepare_run(load_preset("toy2d", TINY), root, "r")
     moved = load_preset("toy2d", TINY | {"pairs.workers": 4, "pairs.engine": "dask", "pairs.batch_size": 1000,
                                          "pairs.auto_batch": True, "pairs.compile": True,
                                          "reflow.train.compile": True, "teacher.train.log_every": 7})
-    paths = pipeline.prepare_run(moved, root, "r")
+    paths = stages.prepare_run(moved, root, "r")
     assert paths.run == "r"
-    assert pipeline.read_run_config(paths.config_json).pairs.engine == "dask"
+    assert stages.read_run_config(paths.config_json).pairs.engine == "dask"
+
+
+def _stage(cfg, paths, name, **inputs) -> stages.StageOutput:
+    """Run one stage instance of the run's plan with the given inputs (role -> earlier stage output)."""
+    s = stages.find(stages.plan(cfg, paths), name)
+    return stages.module(s).run(s, stages.Context(cfg, paths, NullCallback()), inputs)
 
 
 def test_pairs_of_another_teacher_are_never_mixed_in(tmp_path):
@@ -417,42 +434,44 @@ def test_pairs_of_another_teacher_are_never_mixed_in(tmp_path):
     teachers = []
     for seed in (0, 1):
         cfg = load_preset("toy2d", small | {"teacher.train.seed": seed})
-        paths = pipeline.prepare_run(cfg, str(tmp_path), f"t{seed}")
-        teachers.append(pipeline.train_teacher(cfg, paths))
+        paths = stages.prepare_run(cfg, str(tmp_path), f"t{seed}")
+        teachers.append(_stage(cfg, paths, "teacher").urls["model"])
     given = tmp_path / "teacher.pt"
     given.write_bytes(Path(teachers[0]).read_bytes())
     cfg = load_preset("toy2d", small | {"teacher.checkpoint": str(given)})
-    paths = pipeline.prepare_run(cfg, str(tmp_path), "student")
-    teacher = pipeline.train_teacher(cfg, paths)
+    paths = stages.prepare_run(cfg, str(tmp_path), "student")
+    teacher_out = _stage(cfg, paths, "teacher")
+    teacher = teacher_out.urls["model"]
     assert teacher == str(given)
-    pending = pipeline.pair_shards(cfg, paths, teacher)
-    pipeline.simulate_pair_shard(cfg, paths, teacher, pending[0])  # one shard by teacher 0
+    ctx, pairs_stage = stages.Context(cfg, paths), stages.find(stages.plan(cfg, paths), "pairs")
+    pending = stages.pairs.pending(pairs_stage, ctx, {"model": teacher_out})
+    stages.pairs.simulate(pairs_stage, ctx, {"model": teacher_out}, pending[0])  # one shard by teacher 0
 
     given.write_bytes(Path(teachers[1]).read_bytes())  # someone replaces the file
     with pytest.raises(PairStoreMismatch, match="teacher_hash") as exc:
-        pipeline.simulate_pairs(cfg, paths, teacher)
+        _stage(cfg, paths, "pairs", model=teacher_out)
     assert "--redo-stage pairs" in str(exc.value)
     store = PairStore.open(paths.pairs_url)
     assert store.done_shards() == {0}  # nothing written by teacher 1
     given.write_bytes(Path(teachers[0]).read_bytes())  # a finished store of teacher 0 ...
-    pipeline.simulate_pairs(cfg, paths, teacher)
+    pairs_out = _stage(cfg, paths, "pairs", model=teacher_out)
     given.write_bytes(Path(teachers[1]).read_bytes())
-    with pytest.raises(RuntimeError, match="another teacher"):  # ... is not trained on with teacher 1 either
-        pipeline.reflow_finetune(cfg, paths, teacher)
+    with pytest.raises(RuntimeError, match="another model"):  # ... is not trained on with teacher 1 either
+        _stage(cfg, paths, "reflow", pairs=pairs_out, init=teacher_out)
     assert checkpoint.latest(paths.reflow_dir) is None
-    pipeline.reset_stage(paths, "pairs")
-    pipeline.simulate_pairs(cfg, paths, teacher)
+    stages.reset_stage(paths, "pairs")
+    _stage(cfg, paths, "pairs", model=teacher_out)
     assert PairStore.open(paths.pairs_url).attrs["teacher_hash"] == storage.sha256(given.read_bytes())
 
 
 def test_nonfinite_data_stops_the_teacher_stage(tmp_path, monkeypatch):
     cfg = load_preset("toy2d", TINY | {"teacher.train.max_bad_steps": 3})
-    paths = pipeline.prepare_run(cfg, str(tmp_path), "nan")
-    ds = pipeline.dataset(cfg)
+    paths = stages.prepare_run(cfg, str(tmp_path), "nan")
+    ds = stages.dataset(cfg)
     bad = dataclasses.replace(ds, x=torch.full_like(ds.x, math.nan))
-    monkeypatch.setattr(pipeline, "dataset", lambda c: bad)
+    monkeypatch.setattr(stages.teacher, "dataset", lambda c: bad)  # the teacher stage's data
     with pytest.raises(NonFiniteLossError, match="max_bad_steps=3"):
-        pipeline.train_teacher(cfg, paths)
+        _stage(cfg, paths, "teacher")
     assert checkpoint.latest(paths.teacher_dir) is None  # nothing poisoned was saved
 
 

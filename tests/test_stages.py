@@ -205,3 +205,24 @@ def test_k_rectified_flow_evaluates_every_model(uninterrupted):
     assert cli.main(["sample", "--root", str(uninterrupted), "--run", "r", "--model", "reflow-2", "--n", "16",
                      "--out", str(out)]) == 0
     assert out.exists()
+
+
+def test_time_grid_is_one_tagged_union():
+    from reflow_core.config import EvalConfig, ListGrid, PairsConfig, RhoGrid, UniformGrid
+    assert isinstance(EvalConfig().grid, UniformGrid) and isinstance(PairsConfig().grid, RhoGrid)
+    assert EvalConfig(grid="rho").grid == RhoGrid()  # a bare kind: that kind with its defaults
+    g = EvalConfig(grid={"kind": "rho", "rho": 3.0, "per_nfe": {2: 1.5}}).grid
+    assert g.solver_args(2) == {"grid": "rho", "rho": 1.5, "times": None}  # the tuned rho of that NFE
+    assert g.solver_args(4) == {"grid": "rho", "rho": 3.0, "times": None}  # the others: rho
+    lst = EvalConfig(nfes=[3], grid={"kind": "list", "times": [1.0, 0.6, 0.2, 0.0]}).grid
+    assert isinstance(lst, ListGrid) and lst.solver_args(3)["times"] == [1.0, 0.6, 0.2, 0.0]
+    for bad, match in (({"kind": "list", "times": [1.0, 0.5]}, "strictly down"),
+                       ({"kind": "rho", "rho": 2.0, "times": [1.0, 0.0]}, "times"),  # fields of another kind
+                       ({"kind": "cosine"}, "kind"), ({"kind": "rho", "per_nfe": {0: 2.0}}, "per_nfe")):
+        with pytest.raises(ValueError, match=match):
+            EvalConfig(grid=bad)
+    with pytest.raises(ValueError, match="3 steps"):  # a list grid fixes the NFE of each solver
+        EvalConfig(nfes=[2], grid={"kind": "list", "times": [1.0, 0.6, 0.2, 0.0]})
+    with pytest.raises(ValueError, match="kind"):  # inversion needs a grid it can reverse: no list for pairs
+        PairsConfig(grid={"kind": "list", "times": [1.0, 0.0]})
+    assert UniformGrid().solver_args(8) == {"grid": "uniform", "rho": 1.0, "times": None}

@@ -18,7 +18,7 @@ from .. import solvers
 from ..config import PairsConfig
 from ..solvers import Velocity
 from .store import (ARRAYS, BACKWARD, FORWARD, PairStore, PairStoreMismatch, Shard, _Hasher, forward_indices,
-                    row_labels, row_noise)
+                    row_labels, row_noise, solver_attrs)
 
 # velocity_for(labels on the device, or None for unconditional teachers) -> the batch's (x, t) -> v
 VelocityFor = Callable[["torch.Tensor | None"], Velocity]
@@ -106,9 +106,8 @@ class _ShardWriter:
 
 
 def _check_cfg(store: PairStore, cfg: PairsConfig) -> None:
-    a = store.attrs
-    diff = {k: (a[k], getattr(cfg, k)) for k in ("solver", "nfe", "grid", "rho", "seed")
-            if k in a and a[k] != getattr(cfg, k)}
+    a, want = store.attrs, solver_attrs(cfg)
+    diff = {k: (a[k], want[k]) for k in want if k in a and a[k] != want[k]}
     if diff:
         raise PairStoreMismatch(f"pairs config differs from the store at {store.url}: "
                                 + ", ".join(f"{k}: store={s!r} cfg={c!r}" for k, (s, c) in diff.items()))
@@ -134,7 +133,7 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
     _check_cfg(store, cfg)
     if shard.direction == FORWARD and data_x is None:
         raise ValueError(f"shard {shard.index} holds forward pairs: pass data_x (the real data) to simulate_shard")
-    seed = cfg.seed
+    seed, grid = cfg.seed, cfg.grid.solver_args(cfg.nfe)
     t0 = time.perf_counter()
     writer = _ShardWriter(store, shard)
     done = 0
@@ -154,10 +153,10 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
             with torch.no_grad():
                 xd = x0.to(device)
                 if shard.direction == BACKWARD:
-                    out = solvers.sample(v, xd, cfg.nfe, cfg.solver, cfg.grid, cfg.rho).float().cpu()
+                    out = solvers.sample(v, xd, cfg.nfe, cfg.solver, grid["grid"], grid["rho"]).float().cpu()
                     noise, sample = x0, out
                 else:
-                    out = solvers.invert(v, xd, cfg.nfe, cfg.solver, cfg.grid, cfg.rho).float().cpu()
+                    out = solvers.invert(v, xd, cfg.nfe, cfg.solver, grid["grid"], grid["rho"]).float().cpu()
                     noise, sample = out, x0
             writer.put(b0, noise, sample, labels, shard.direction)
             done += b1 - b0

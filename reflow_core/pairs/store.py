@@ -244,6 +244,12 @@ class _Hasher:
 
 
 # --------------------------------------------------------------------------------------------------- store
+def solver_attrs(cfg: PairsConfig) -> dict:
+    """The simulation settings a store records (and a reopening config must match): solver, NFE, grid, rho, seed."""
+    g = cfg.grid.solver_args(cfg.nfe)
+    return {"solver": cfg.solver, "nfe": cfg.nfe, "grid": g["grid"], "rho": g["rho"], "seed": cfg.seed}
+
+
 class PairStore:
     """A pairs.zarr group plus its per-shard completion markers. Safe for concurrent writers of distinct shards."""
 
@@ -378,8 +384,7 @@ class PairStore:
     def create_from_config(cls, url: str, cfg: PairsConfig, *, shape: Sequence[int], teacher_hash: str,
                            extra_attrs: dict | None = None, storage_options: dict | None = None) -> "PairStore":
         """`create` with the counts, sizes, dtype and solver attrs taken from a PairsConfig."""
-        attrs = {"teacher_hash": teacher_hash, "solver": cfg.solver, "nfe": cfg.nfe, "grid": cfg.grid,
-                 "rho": cfg.rho, "seed": cfg.seed, **(extra_attrs or {})}
+        attrs = {"teacher_hash": teacher_hash, **solver_attrs(cfg), **(extra_attrs or {})}
         return cls.create(url, shape=shape, n_backward=cfg.n_pairs, n_forward=cfg.n_forward,
                           chunk_size=cfg.chunk_size, shard_size=cfg.shard_size, dtype=cfg.dtype, attrs=attrs,
                           storage_options=storage_options, zarr_shards=cfg.zarr_shards, compress=cfg.compress)

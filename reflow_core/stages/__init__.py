@@ -25,7 +25,7 @@ from .base import (Context, RunPaths, Stage, StageOutput, dataset, default_devic
 from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
                     upstream)
 
-__all__ = ["Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
+__all__ = ["teacher", "pairs", "reflow", "evaluate", "Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
            "inputs_of", "suffix", "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config",
            "dataset", "load_model", "schedule", "run_local", "model_checkpoint", "sample_model"]
 

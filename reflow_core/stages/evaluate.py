@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .. import checkpoint, metrics, plots, solvers, storage
+from .. import metrics, plots, solvers, storage
 from ..config import ConfigError, PipelineConfig
 from ..data import DataSet, real_reference
 from ..velocity import VelocityModel, generate
@@ -84,7 +84,6 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     quality = _quality_fn(cfg, ds, ctx.paths, real)
     # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
-    rho_of = dict(zip(ec.nfes, ec.rhos)) if ec.rhos is not None else {}
     combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
     rows, samples, total = [], {}, len(models) * len(combos)
     for name, model in models.items():
@@ -92,14 +91,15 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
         s = metrics.straightness(model.solver_velocity(lab), noise.to(dev), steps=ec.straightness_steps)
         for solver, nfe in combos:
             t0 = time.perf_counter()
-            rho = rho_of.get(nfe, ec.rho)
-            x, counted = generate(model, noise, nfe, solver, ec.grid, rho, label=label, device=dev, times=ec.times,
-                                  guidance=ec.guidance, weight=ec.guidance_weight, guide=guide, return_nfe=True)
+            g = ec.grid.solver_args(nfe)
+            x, counted = generate(model, noise, nfe, solver, g["grid"], g["rho"], label=label, device=dev,
+                                  times=g["times"], guidance=ec.guidance, weight=ec.guidance_weight, guide=guide,
+                                  return_nfe=True)
             assert counted == nfe, (solver, nfe, counted)  # the accounting is measured, not assumed
             row = {"model": name, "nfe": nfe, "solver": solver, "straightness": float(s), **quality(x),
                    "seconds": time.perf_counter() - t0, "steps": solvers.steps_for_nfe(
                        solver, solvers.solver_nfe_for_budget(solver, nfe, guided)),
-                   "grid": "list" if ec.times else ec.grid, "rho": rho, "guidance": ec.guidance,
+                   "grid": g["grid"], "rho": g["rho"], "guidance": ec.guidance,
                    "guidance_weight": ec.guidance_weight if guided else 1.0}
             rows.append(row)
             samples[(name, solver, nfe)] = x
