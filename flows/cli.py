@@ -53,6 +53,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stages = parse_stages(args.stages)
     cfg = load_preset(args.preset, overrides)  # fail fast with a clear message, before Prefect starts
     _check_stage_names(cfg, (stages or []) + (args.redo_stage or []))
+    if args.run is not None:
+        from reflow_core.stages import check_run_name
+        check_run_name(args.run)
     if args.local:
         from reflow_core import stages as st
         from reflow_core.callbacks import ConsoleCallback
@@ -116,9 +119,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _run_config(root: str, run: str):
     """The validated config stored with an existing run."""
     from reflow_core import storage
-    from reflow_core.stages import read_run_config
+    from reflow_core.stages import RunPaths, read_run_config
 
-    url = storage.join(root, run, "config.json")
+    url = RunPaths.of(root, run).config_json  # refuses a run name that would leave the root
     if not storage.exists(url):
         raise ConfigError(f"no run {run!r} under {root} ({url} not found)")
     return read_run_config(url)  # truncated / invalid JSON: a ConfigError naming the file

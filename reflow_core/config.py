@@ -273,7 +273,7 @@ class TrackingConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    name: str = Field("toy2d", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("toy2d", pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="the default run name")
     data: DataConfig = Field(default_factory=DataConfig)
     net: NetConfig = Field(default_factory=NetConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -284,6 +284,8 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
+        if self.name in (".", ".."):
+            raise ValueError(f"name {self.name!r} is not a run name (it would leave the run root)")
         if self.data.name == "toy2d" and self.net.kind != "mlp":
             raise ValueError("net.kind must be 'mlp' for data.name='toy2d'")
         if self.data.name != "toy2d" and self.net.kind != "unet":

@@ -5,16 +5,18 @@ import pytest
 import torch
 from torch import nn
 
-from reflow_core import checkpoint, solvers
+from reflow_core import checkpoint, solvers, stages
 from reflow_core.config import ConfigError, EvalConfig, NetConfig, TrainConfig, load_preset, preset_names
 from reflow_core.losses import HighPass, huber_c, mse, normalise, pseudo_huber
 from reflow_core.nets import build_net
+from reflow_core.callbacks import NullCallback
 from reflow_core.pairs import PairSampler, PairStore
 from reflow_core.paths import sample_time
-from reflow_core.pipeline import (evaluate, generate, guide_checkpoint, guided_velocity, load_model, prepare_run,
-                                  reflow_finetune, simulate_pairs, train_teacher, velocity)
+from reflow_core.stages import load_model, prepare_run
+from reflow_core.stages.evaluate import guide_checkpoint
 from reflow_core.train import Batch, flow_matching_loss
 from reflow_core.tuning import search_rho
+from reflow_core.velocity import build_velocity_model, generate
 
 
 # --- 1. loss normalisation -----------------------------------------------------------------------------------------
@@ -121,19 +123,27 @@ TINY = {
 }
 
 
+def _stage(cfg, paths, name, **inputs) -> stages.StageOutput:
+    """Run one stage instance of cfg's plan with the given inputs (role -> earlier stage output)."""
+    s = stages.find(stages.plan(cfg, paths), name)
+    return stages.module(s).run(s, stages.Context(cfg, paths, NullCallback()), inputs)
+
+
 @pytest.fixture(scope="module")
 def tiny_digits(tmp_path_factory):
+    """(cfg, paths, teacher stage output, reflow stage output): teacher, pairs and reflow stages, no evaluation."""
     root = str(tmp_path_factory.mktemp("improvements"))
     cfg = load_preset("digits", TINY)
     paths = prepare_run(cfg, root, "tiny")
-    teacher = train_teacher(cfg, paths)
-    simulate_pairs(cfg, paths, teacher)
-    reflow = reflow_finetune(cfg, paths, teacher)
+    teacher = _stage(cfg, paths, "teacher")
+    pairs = _stage(cfg, paths, "pairs", model=teacher)
+    reflow = _stage(cfg, paths, "reflow", pairs=pairs, init=teacher)
     return cfg, paths, teacher, reflow
 
 
 def test_reflow_dropout_differs_from_the_teachers(tiny_digits):
-    cfg, _, teacher, reflow = tiny_digits
+    cfg, _, teacher_out, reflow_out = tiny_digits
+    teacher, reflow = teacher_out.urls["model"], reflow_out.urls["model"]
     t_net, r_net = load_model(teacher).train(), load_model(reflow).train()
     t_p = {m.p for m in t_net.modules() if isinstance(m, nn.Dropout)}
     r_p = {m.p for m in r_net.modules() if isinstance(m, nn.Dropout)}
@@ -157,10 +167,10 @@ def test_forward_pair_fraction_is_exact_in_every_batch(tiny_digits):
 
 
 def test_guide_snapshot_is_the_teacher_ema_at_a_quarter(tiny_digits):
-    cfg, _, teacher, _ = tiny_digits
-    url = guide_checkpoint(cfg, teacher)
+    cfg, _, teacher_out, _ = tiny_digits
+    url = guide_checkpoint(cfg, teacher_out)
     assert url.endswith("teacher/guide.pt") and checkpoint.load(url)["step"] == 2
-    g, t = load_model(url), load_model(teacher)
+    g, t = load_model(url), load_model(teacher_out.urls["model"])
     assert any(not torch.equal(a, b) for a, b in zip(g.state_dict().values(), t.state_dict().values()))
 
 
@@ -170,7 +180,8 @@ def test_evaluate_reports_network_evaluations(tiny_digits, guidance):
     cfg = cfg.model_copy(deep=True)
     cfg.eval = EvalConfig(**(TINY["eval"] | {"guidance": guidance, "guidance_weight": 1.5, "nfes": [1, 2, 4],
                                              "solvers": ["euler", "heun"]}))
-    rows = evaluate(cfg, paths, teacher, reflow)
+    ev = stages.find(stages.plan(cfg, paths), "evaluate")  # reads reflow (+ guide: the teacher, autoguidance)
+    rows = _stage(cfg, paths, "evaluate", **stages.inputs_of(ev, {"teacher": teacher, "reflow": reflow})).info["rows"]
     got = {(r["solver"], r["nfe"], r["steps"]) for r in rows}
     if guidance == "none":
         assert got == {("euler", 1, 1), ("euler", 2, 2), ("euler", 4, 4), ("heun", 1, 1)}
@@ -237,7 +248,7 @@ def test_user_time_grid_and_per_nfe_rhos_validate():
 
 def _cond_mlp(seed):
     torch.manual_seed(seed)
-    net = build_net(NetConfig(kind="mlp", hidden=32, depth=2, class_cond=True), (2,), num_classes=3).eval()
+    net = build_velocity_model(NetConfig(kind="mlp", hidden=32, depth=2, class_cond=True), (2,), num_classes=3).eval()
     with torch.no_grad():  # random weights everywhere (some layers start at zero): a visible class effect
         for p in net.parameters():
             p.normal_(0, 0.5)
@@ -251,37 +262,39 @@ def test_cfg_weight_one_is_conditional_zero_is_unconditional():
     with torch.no_grad():
         cond, unc = net(x, t, y), net(x, t, null)
         assert not torch.allclose(cond, unc)
-        assert torch.allclose(guided_velocity(net, y, "cfg", 1.0)(x, t), cond, atol=1e-6)
-        assert torch.allclose(guided_velocity(net, y, "cfg", 0.0)(x, t), unc, atol=1e-6)
+        assert torch.allclose(net.solver_velocity(y, guidance="cfg", weight=1.0)(x, t), cond, atol=1e-6)
+        assert torch.allclose(net.solver_velocity(y, guidance="cfg", weight=0.0)(x, t), unc, atol=1e-6)
         w = 2.5
-        assert torch.allclose(guided_velocity(net, y, "cfg", w)(x, t), unc + w * (cond - unc), atol=1e-5)
+        assert torch.allclose(net.solver_velocity(y, guidance="cfg", weight=w)(x, t), unc + w * (cond - unc),
+                              atol=1e-5)
     noise = torch.randn(16, 2)
     for nfe, steps in ((2, 1), (4, 2), (8, 4)):
-        xg, counted = generate(net, noise, nfe, "euler", label=y, guidance="cfg", guidance_weight=1.0,
+        xg, counted = generate(net, noise, nfe, "euler", label=y, guidance="cfg", weight=1.0,
                                return_nfe=True, device="cpu")
         assert counted == nfe  # 2 network evaluations per guided Euler step
         assert torch.allclose(xg, generate(net, noise, steps, "euler", label=y, device="cpu"), atol=1e-5)
-    xu = generate(net, noise, 4, "euler", label=y, guidance="cfg", guidance_weight=0.0, device="cpu")
+    xu = generate(net, noise, 4, "euler", label=y, guidance="cfg", weight=0.0, device="cpu")
     assert torch.allclose(xu, generate(net, noise, 2, "euler", label=null, device="cpu"), atol=1e-5)
     with pytest.raises(ValueError, match="cannot be spent"):
         generate(net, noise, 3, "euler", label=y, guidance="cfg")
     with pytest.raises(ConfigError, match="class-conditional"):
-        guided_velocity(build_net(NetConfig(kind="mlp", hidden=8, depth=1), (2,)), None, "cfg", 2.0)
+        build_velocity_model(NetConfig(kind="mlp", hidden=8, depth=1), (2,)).solver_velocity(None, guidance="cfg",
+                                                                                             weight=2.0)
 
 
 def test_autoguidance_weight_one_is_the_model_zero_is_the_guide():
     net, guide = _cond_mlp(0), _cond_mlp(1)
     y, noise = torch.randint(3, (16,)), torch.randn(16, 2)
-    a, counted = generate(net, noise, 18, "heun", label=y, guidance="autoguidance", guidance_weight=1.0,
+    a, counted = generate(net, noise, 18, "heun", label=y, guidance="autoguidance", weight=1.0,
                           guide=guide, return_nfe=True, device="cpu")
     assert counted == 18  # heun 5 steps = 9 velocities = 18 network evaluations (9 each)
     assert torch.allclose(a, generate(net, noise, 9, "heun", label=y, device="cpu"), atol=1e-5)
-    b = generate(net, noise, 18, "heun", label=y, guidance="autoguidance", guidance_weight=0.0, guide=guide)
+    b = generate(net, noise, 18, "heun", label=y, guidance="autoguidance", weight=0.0, guide=guide)
     assert torch.allclose(b, generate(guide, noise, 9, "heun", label=y, device="cpu"), atol=1e-5)
-    v = velocity(net, y)
+    v = net.solver_velocity(y)
     x, t = torch.randn(16, 2), torch.rand(16)
     with torch.no_grad():
-        g = guided_velocity(net, y, "autoguidance", 2.0, guide)(x, t)
+        g = net.solver_velocity(y, guidance="autoguidance", weight=2.0, guide=guide)(x, t)
         assert torch.allclose(g, guide(x, t, y) + 2.0 * (v(x, t) - guide(x, t, y)), atol=1e-5)
 
 

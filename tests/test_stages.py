@@ -226,3 +226,27 @@ def test_time_grid_is_one_tagged_union():
     with pytest.raises(ValueError, match="kind"):  # inversion needs a grid it can reverse: no list for pairs
         PairsConfig(grid={"kind": "list", "times": [1.0, 0.0]})
     assert UniformGrid().solver_args(8) == {"grid": "uniform", "rho": 1.0, "times": None}
+
+
+# --- hostile run names (one check, where run paths are built) -------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["../../escape", "a/b", "..", ".", "", "x" * 101, "a b", "ok\n", "s3://b/x"])
+def test_run_names_that_would_leave_the_root_are_refused_before_any_io(tmp_path, capsys, bad):
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError, match="invalid run name"):
+        stages.RunPaths.of(str(root), bad)
+    with pytest.raises(ConfigError, match="invalid run name"):
+        stages.prepare_run(load_preset("toy2d"), str(root), bad)
+    for argv in (["run", "--local", "--preset", "toy2d", "--root", str(root), "--run", bad],
+                 ["sample", "--root", str(root), "--run", bad, "--out", str(tmp_path / "x.npy")]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2 and "invalid run name" in capsys.readouterr().err
+    assert not root.exists() and not any(tmp_path.iterdir())  # nothing written anywhere
+    with pytest.raises(ConfigError):
+        load_preset("toy2d", {"name": bad if bad else ".."})
+
+
+def test_safe_run_names_are_accepted():
+    for ok in ("toy2d", "run-2", "a.b_c", "x" * 100):
+        assert stages.RunPaths.of("/r", ok).dir == f"/r/{ok}"

@@ -20,14 +20,14 @@ from .. import checkpoint
 from ..callbacks import Callback, NullCallback
 from ..config import ConfigError, PipelineConfig
 from . import evaluate, pairs, reflow, teacher
-from .base import (Context, RunPaths, Stage, StageOutput, dataset, default_device, load_model, prepare_run,
-                   read_run_config)
+from .base import (Context, RunPaths, Stage, StageOutput, check_run_name, dataset, default_device, load_model,
+                   prepare_run, read_run_config)
 from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
                     upstream)
 
 __all__ = ["teacher", "pairs", "reflow", "evaluate", "Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
            "inputs_of", "suffix", "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config",
-           "dataset", "load_model", "schedule", "run_local", "model_checkpoint", "sample_model"]
+           "dataset", "load_model", "check_run_name", "schedule", "run_local", "model_checkpoint", "sample_model"]
 
 
 def schedule(ctx: Context, selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage]]:

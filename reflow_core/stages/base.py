@@ -6,6 +6,7 @@ whose outputs it reads, and the one artifact (a directory or a zarr store under 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -51,12 +52,29 @@ class StageOutput:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+# A run name is one path component: letters, digits and . _ -, at most 100 characters, not "." or "..", so every
+# path built from (root, run) stays under the root (a run name may come from anyone who can start a flow run).
+RUN_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,100}")
+
+
+def check_run_name(run: str) -> str:
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
+        raise ConfigError(f"invalid run name {run!r}: a run name must match {RUN_NAME.pattern} (letters, digits, "
+                          "'.', '_', '-'; 1 to 100 characters; not '.' or '..'), so its directory stays under the root")
+    return run
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Where one pipeline run keeps its artifacts; all fsspec URLs. Stage artifacts are named by the plan."""
+    """Where one pipeline run keeps its artifacts; all fsspec URLs. Stage artifacts are named by the plan.
+
+    The run name is checked here, the one place every run path is built from (`check_run_name`)."""
 
     root: str
     run: str
+
+    def __post_init__(self) -> None:
+        check_run_name(self.run)
 
     @classmethod
     def of(cls, root: str, run: str) -> "RunPaths":
@@ -141,7 +159,7 @@ def prepare_run(cfg: PipelineConfig, root: str, run: str | None = None, *, new: 
 
     Reopening a run with a different identity (`PipelineConfig.identity`) is refused: its artifacts would mix two
     configurations. `new=True` picks a fresh run name instead (<run>-2, <run>-3, ...)."""
-    run = run or cfg.name
+    run = cfg.name if run is None else run
     paths = RunPaths.of(root, run)
     if storage.exists(paths.config_json):
         changes = _diff(read_run_config(paths.config_json).identity(), cfg.identity())

@@ -40,7 +40,7 @@ def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
 
 
 def stage_names(cfg: PipelineConfig) -> list[str]:
-    return [s.name for s in plan(cfg, RunPaths("", ""))]
+    return [s.name for s in plan(cfg, RunPaths("", cfg.name))]
 
 
 def find(stages: list[Stage], name: str) -> Stage:
