@@ -34,6 +34,7 @@ __all__ = [
     "digit_features",
     "digit_accuracy",
     "digit_fd",
+    "digit_stats",
     "fid_torch_fidelity",
     "INCEPTION_URL",
     "inception_cache_path",
@@ -385,11 +386,18 @@ def digit_accuracy(x: torch.Tensor, y: torch.Tensor, net: DigitFeatureNet, batch
     return float((preds == torch.as_tensor(y).cpu().long()).float().mean().item())
 
 
-def digit_fd(fake: torch.Tensor, real: torch.Tensor, net: DigitFeatureNet, batch_size: int = 1024) -> float:
-    """Frechet distance between the penultimate DigitFeatureNet features of ``fake`` and ``real`` digits."""
-    mu1, s1 = feature_stats(digit_features(fake, net, batch_size))
-    mu2, s2 = feature_stats(digit_features(real, net, batch_size))
+def digit_fd(fake: torch.Tensor, real, net: DigitFeatureNet, batch_size: int = 1024) -> float:
+    """Frechet distance between the penultimate DigitFeatureNet features of ``fake`` and ``real`` digits.
+
+    ``real`` is the images, or their ``(mu, sigma)`` from :func:`digit_stats` (computed once per evaluation)."""
+    mu1, s1 = digit_stats(fake, net, batch_size)
+    mu2, s2 = real if isinstance(real, tuple) else digit_stats(real, net, batch_size)
     return frechet_distance(mu1, s1, mu2, s2)
+
+
+def digit_stats(x: torch.Tensor, net: DigitFeatureNet, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the DigitFeatureNet features of ``x``: the reference side of :func:`digit_fd`."""
+    return feature_stats(digit_features(x, net, batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -231,13 +231,18 @@ def test_search_rho_picks_the_lowest_error_grid(where):
 
 
 def test_user_time_grid_and_per_nfe_rhos_validate():
-    assert EvalConfig(nfes=[3], times=[1.0, 0.6, 0.2, 0.0]).times == [1.0, 0.6, 0.2, 0.0]
+    # eval.grid is one tagged union: {kind: list, times} / {kind: rho, rho, per_nfe} / uniform
+    listed = {"kind": "list", "times": [1.0, 0.6, 0.2, 0.0]}
+    assert EvalConfig(nfes=[3], grid=listed).grid.times == [1.0, 0.6, 0.2, 0.0]
     with pytest.raises(ValueError, match="costs 3 NFE"):
-        EvalConfig(nfes=[4], times=[1.0, 0.6, 0.2, 0.0])
+        EvalConfig(nfes=[4], grid=listed)
     with pytest.raises(ValueError, match="strictly down"):
-        EvalConfig(nfes=[2], times=[1.0, 0.0, 0.5])
-    with pytest.raises(ValueError, match="one rho"):
-        EvalConfig(nfes=[2, 4], grid="rho", rhos=[2.0])
+        EvalConfig(nfes=[2], grid={"kind": "list", "times": [1.0, 0.0, 0.5]})
+    # a rho per NFE (was the list eval.rhos, one per NFE): a map NFE -> rho, the rest use grid.rho
+    with pytest.raises(ValueError, match="per_nfe"):
+        EvalConfig(nfes=[2, 4], grid={"kind": "rho", "per_nfe": {0: 2.0}})
+    tuned = EvalConfig(nfes=[2, 4], grid={"kind": "rho", "rho": 7.0, "per_nfe": {2: 2.0}}).grid
+    assert tuned.solver_args(2)["rho"] == 2.0 and tuned.solver_args(4)["rho"] == 7.0
     x = torch.randn(5, 2)
     g = solvers.time_grid(3, "list", times=[1.0, 0.6, 0.2, 0.0])
     assert torch.allclose(solvers.sample(lambda x, t: x, x, 3, "euler", "list", times=[1.0, 0.6, 0.2, 0.0]),
@@ -310,8 +315,8 @@ def test_simple_and_baseline_presets_validate_and_differ_as_documented():
         assert s.loss_norm and s.time_dist == "exponential" and s.loss == "pseudo_huber"
         assert base.pairs.n_forward == 0 and base.reflow.forward_ratio == 0
         assert simple.pairs.n_forward > 0 and simple.reflow.forward_ratio > 0
-        assert base.eval.solvers == ["euler"] and base.eval.grid == "uniform"
-        assert "heun" in simple.eval.solvers and simple.eval.grid == "rho"
+        assert base.eval.solvers == ["euler"] and base.eval.grid.kind == "uniform"
+        assert "heun" in simple.eval.solvers and simple.eval.grid.kind == "rho"
         assert base.reflow.dropout is None
     assert load_preset("digits_simple").reflow.train.hpf > 0
     assert load_preset("digits_simple").reflow.dropout < load_preset("digits_simple").net.dropout

@@ -205,6 +205,7 @@ def test_digit_fd_real_vs_noise(digits, digit_net):
     fd_real = M.digit_fd(a, b, digit_net)
     noise = torch.rand(800, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fd_noise = M.digit_fd(noise, b, digit_net)
+    assert M.digit_fd(noise, M.digit_stats(b, digit_net), digit_net) == fd_noise  # reference stats computed once
     assert isinstance(fd_real, float)
     assert fd_real >= 0
     assert fd_noise > 10 * fd_real

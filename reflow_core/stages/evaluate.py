@@ -124,7 +124,8 @@ def _quality_fn(cfg: PipelineConfig, ds: DataSet, paths: RunPaths, real: torch.T
     if ds.name == "digits":
         net = metrics.load_or_train_digit_classifier(storage.join(paths.root, "_cache", "digit_classifier.pt"),
                                                      ds.x, ds.y)
-        return lambda x: {"fd_digits": metrics.digit_fd(x, real, net)}
+        ref = metrics.digit_stats(real, net)
+        return lambda x: {"fd_digits": metrics.digit_fd(x, ref, net)}
     weights = cfg.eval.inception_weights
     return lambda x: {"fid": metrics.fid_torch_fidelity(x, real, inception_weights=weights)}
 
