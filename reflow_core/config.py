@@ -342,9 +342,31 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _legacy_grids(raw: dict) -> dict:
+    """Configs written before the time grid became one tagged union (flat `grid`, `rho`, `rhos`, `times` fields)
+    read as the union, so an existing run reopens with the same identity."""
+    raw = dict(raw)
+    for section in ("pairs", "eval"):
+        sec = raw.get(section)
+        if not isinstance(sec, dict) or not ({"rho", "rhos", "times"} & sec.keys()) or isinstance(sec.get("grid"), dict):
+            continue
+        sec = dict(sec)
+        kind, rho, rhos, times = sec.pop("grid", None), sec.pop("rho", None), sec.pop("rhos", None), sec.pop("times", None)
+        if times is not None:
+            sec["grid"] = {"kind": "list", "times": times}
+        elif kind == "rho":
+            per_nfe = dict(zip(sec.get("nfes", []), rhos)) if rhos is not None else None
+            sec["grid"] = {"kind": "rho", **({"rho": rho} if rho is not None else {}),
+                           **({"per_nfe": per_nfe} if per_nfe else {})}
+        elif kind is not None:
+            sec["grid"] = {"kind": kind}
+        raw[section] = sec
+    return raw
+
+
 def validate(raw: dict, source: str = "config") -> PipelineConfig:
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(_legacy_grids(raw))
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
 

@@ -250,3 +250,18 @@ def test_run_names_that_would_leave_the_root_are_refused_before_any_io(tmp_path,
 def test_safe_run_names_are_accepted():
     for ok in ("toy2d", "run-2", "a.b_c", "x" * 100):
         assert stages.RunPaths.of("/r", ok).dir == f"/r/{ok}"
+
+
+def test_a_config_json_with_the_old_flat_grid_fields_reopens_with_the_same_identity(tmp_path):
+    from reflow_core.config import RhoGrid, validate
+    new = load_preset("digits_simple")
+    old = new.model_dump(mode="json")
+    old["pairs"] = {k: v for k, v in old["pairs"].items() if k != "grid"} | {"grid": "uniform", "rho": 1.5}
+    old["eval"] = {k: v for k, v in old["eval"].items() if k != "grid"} | {
+        "grid": "rho", "rho": 2.0, "rhos": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "times": None}
+    cfg = validate(old, "config.json")
+    assert cfg.identity() == new.identity()
+    assert cfg.eval.grid == RhoGrid(rho=2.0, per_nfe={1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 9: 6.0})
+    old["eval"] |= {"grid": "uniform", "rho": 1.0, "rhos": None, "times": [1.0, 0.5, 0.0], "nfes": [2],
+                    "solvers": ["euler"]}
+    assert validate(old).eval.grid.times == [1.0, 0.5, 0.0]

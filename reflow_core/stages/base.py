@@ -115,10 +115,6 @@ class RunPaths:
     def config(self) -> PipelineConfig:
         return read_run_config(self.config_json)
 
-    def stage_done(self, name: str) -> bool:
-        from .graph import stage_done
-        return stage_done(self, name)
-
 
 @dataclass
 class Context:
