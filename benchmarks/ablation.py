@@ -1,8 +1,8 @@
 """Simple ReFlow ablation (issue 6): what each of the seven improvements buys, added one at a time.
 
 One teacher and one pair store (backward pairs plus forward pairs from inverting real data) per dataset, shared by
-every configuration; each configuration only re-runs `reflow_finetune` (when its reflow settings differ from the
-previous row's) and `evaluate`. Rows are cumulative, like the paper's ablation table:
+every configuration; each configuration only re-runs the reflow stage (when its reflow settings differ from the
+previous row's) and the evaluate stage (`reflow_core.stages`). Rows are cumulative, like the paper's ablation table:
 
     baseline -> +loss_norm -> +time_dist (exponential, b = 10) -> +hpf/pseudo-huber -> +lower dropout (digits only)
     -> +forward pairs -> +heun -> +tuned grid (rho per NFE by reflow_core.tuning.search_rho) [-> guidance rows,
@@ -18,7 +18,6 @@ better for both). Last stdout line: RESULT {json}, "<data>/<config>" -> {nfe: me
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -32,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from reflow_core import solvers  # noqa: E402
-from reflow_core.config import PipelineConfig, load_preset  # noqa: E402
-from reflow_core import checkpoint  # noqa: E402
-from reflow_core.pipeline import (RunPaths, dataset, eval_noise, evaluate,  # noqa: E402
-                                  prepare_run, reflow_finetune, simulate_pairs, train_teacher, _labels)
+from reflow_core.config import EvalConfig, PipelineConfig, load_preset  # noqa: E402
+from reflow_core import checkpoint, stages  # noqa: E402
+from reflow_core.callbacks import NullCallback  # noqa: E402
+from reflow_core.stages import RunPaths, StageOutput, dataset, prepare_run  # noqa: E402
+from reflow_core.stages.evaluate import eval_labels, eval_noise  # noqa: E402
 from reflow_core.velocity import velocity_model_from_state  # noqa: E402
 from reflow_core.tuning import search_rho  # noqa: E402
 
@@ -93,13 +93,19 @@ def _set(raw: dict, key: str, value) -> None:
     raw[leaf] = value
 
 
+def run_stage(cfg: PipelineConfig, paths: RunPaths, name: str, **inputs: StageOutput) -> StageOutput:
+    """One stage instance of cfg's plan, in this process, with the given inputs (role -> earlier stage output)."""
+    st = stages.find(stages.plan(cfg, paths), name)
+    return stages.module(st).run(st, stages.Context(cfg, paths, NullCallback()), inputs)
+
+
 def tune(cfg: PipelineConfig, ckpt: str, solver: str, nfes: list[int], guidance: str = "none", w: float = 1.0,
          guide_ckpt: str | None = None) -> tuple[list[float], dict]:
     """rho per NFE from a held-out noise batch (not the evaluation's), against a 31-NFE Heun solve of the same model."""
     ds, ec = dataset(cfg), cfg.eval
     n = min(128, ec.n_samples)
     noise = eval_noise(ds.shape, n, ec.seed + 1000)
-    label = _labels(ds, cfg.net.class_cond, n, ec.seed + 1000)
+    label = eval_labels(ds, cfg.net.class_cond, n, ec.seed + 1000)
     net = velocity_model_from_state(checkpoint.load(ckpt))
     guide = velocity_model_from_state(checkpoint.load(guide_ckpt)) if guide_ckpt else None
     v = net.solver_velocity(label, guidance=guidance, weight=w, guide=guide)
@@ -119,17 +125,20 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
     base.eval.nfes = EULER_NFES
     metric = "sliced_w2" if data == "toy2d" else "fd_digits"
     shared = prepare_run(base, out, f"{data}-shared")
-    teacher = train_teacher(base, shared)
+    teacher_out = run_stage(base, shared, "teacher")  # urls: model, and guide (teacher/guide.pt) for AutoGuidance
+    teacher = teacher_out.urls["model"]
     log(f"[{data}] teacher {teacher} ({time.perf_counter() - t_start:.0f} s)")
-    simulate_pairs(base, shared, teacher)
-    log(f"[{data}] pairs {shared.pairs_url} ({time.perf_counter() - t_start:.0f} s)")
+    pairs_out = run_stage(base, shared, "pairs", model=teacher_out)  # the shared store, read by every row's reflow
+    log(f"[{data}] pairs {pairs_out.urls['pairs']} ({time.perf_counter() - t_start:.0f} s)")
     results, details = {}, {}
 
     def run_eval(name: str, cfg: PipelineConfig, reflow_ckpt: str, models=("reflow",)) -> list[dict]:
         cfg.eval.models = list(models)
         paths = _paths(cfg, name)
         t0 = time.perf_counter()
-        rows = evaluate(cfg, paths, teacher, reflow_ckpt)
+        ev = stages.find(stages.plan(cfg, paths), "evaluate")  # reads the models in eval.models (+ guide)
+        rows = run_stage(cfg, paths, "evaluate", **stages.inputs_of(
+            ev, {"teacher": teacher_out, "reflow": StageOutput({"model": reflow_ckpt})})).info["rows"]
         rows = [r for r in rows if r["model"] in models]
         results[name] = {r["nfe"]: r[metric] for r in rows}
         details[name] = {"rows": rows, "eval": cfg.eval.model_dump(), "reflow": cfg.reflow.model_dump()}
@@ -139,8 +148,7 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
 
     def _paths(cfg: PipelineConfig, name: str) -> RunPaths:
         run = f"{data}-" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        paths = prepare_run(cfg, out, run)
-        return dataclasses.replace(paths, pairs_url=shared.pairs_url)  # the shared store, not a copy
+        return prepare_run(cfg, out, run)  # its reflow stage reads the shared store (pairs_out), not a copy
 
     # the teacher itself (1-rectified flow), for reference
     tcfg = base.model_copy(deep=True)
@@ -158,13 +166,14 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
         key = json.dumps(cfg.reflow.model_dump(), sort_keys=True)
         if key != last_reflow_key:
             t0 = time.perf_counter()
-            reflow_ckpt = reflow_finetune(cfg, _paths(cfg, name), teacher)
+            reflow_ckpt = run_stage(cfg, _paths(cfg, name), "reflow", pairs=pairs_out,
+                                    init=teacher_out).urls["model"]
             log(f"[{data}] {name}: reflow {cfg.reflow.train.steps} steps ({time.perf_counter() - t0:.0f} s)")
             last_reflow_key = key
         if do_tune:
             rhos, detail = tune(cfg, reflow_ckpt, cfg.eval.solvers[0], cfg.eval.nfes)
-            cfg.eval.rhos = rhos
-            raw["eval"]["rhos"] = rhos
+            raw["eval"]["grid"] = {"kind": "rho", "per_nfe": dict(zip(cfg.eval.nfes, rhos))}
+            cfg = PipelineConfig.model_validate(raw)
             log(f"[{data}] {name}: tuned rho per NFE {dict(zip(cfg.eval.nfes, rhos))}")
             run_eval(name, cfg, reflow_ckpt)
             details[name]["tuning"] = detail
@@ -176,8 +185,9 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
                                    ("+autoguidance w=1.5", "autoguidance", 1.5)):
             g = cfg.model_copy(deep=True)
             # Euler on a uniform grid (not re-tuned: the guided rows compare guidance, at 2 NFE a step)
-            g.eval = g.eval.model_copy(update={"solvers": ["euler"], "nfes": GUIDED_NFES, "rhos": None,
-                                               "grid": "uniform", "guidance": guidance, "guidance_weight": w})
+            g.eval = EvalConfig.model_validate(g.eval.model_dump() | {
+                "solvers": ["euler"], "nfes": GUIDED_NFES, "grid": {"kind": "uniform"}, "guidance": guidance,
+                "guidance_weight": w})
             run_eval(gname, g, reflow_ckpt)
     return {"metric": metric, "results": results, "details": details, "seconds": time.perf_counter() - t_start}
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
-# what `python -c "import benchmarks.gpu, reflow_core.pipeline"` imports that the GPU image does not hold
+# what `python -c "import benchmarks.gpu, reflow_core.stages"` imports that the GPU image does not hold
 # (its package list: /work/.library/device/KINDS.md); typing-extensions too, as pydantic wants a recent one
 pkgs=(pydantic pydantic-core annotated-types typing-inspection typing-extensions zarr numcodecs donfig google-crc32c)
 specs=$("$PY" -c 'import sys, importlib.metadata as m; print(" ".join(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' \

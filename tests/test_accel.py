@@ -187,10 +187,10 @@ def test_largest_fitting_doubles_until_the_first_oom():
 
 def test_pair_auto_batch_off_cuda_keeps_the_configured_batch():
     from reflow_core.config import ConfigError, PairsConfig, load_preset
-    from reflow_core.pipeline import pair_batch_size
-    net = MLP(dim=2, hidden=16, depth=2)
+    from reflow_core.stages.pairs import pair_batch_size
+    model = VelocityModel(MLP(dim=2, hidden=16, depth=2))  # unconditional
     pc = PairsConfig(batch_size=100, auto_batch=True, max_batch_size=1000)
-    assert pair_batch_size(net, pc, (2,), rows=500, class_cond=False, device=torch.device("cpu")) == 100
-    assert pair_batch_size(net, pc, (2,), rows=50, class_cond=False, device=torch.device("cpu")) == 50
+    assert pair_batch_size(model, pc, (2,), rows=500, device=torch.device("cpu")) == 100
+    assert pair_batch_size(model, pc, (2,), rows=50, device=torch.device("cpu")) == 50
     with pytest.raises(ConfigError, match="max_batch_size"):
         load_preset("toy2d", {"pairs.auto_batch": True, "pairs.batch_size": 2000, "pairs.max_batch_size": 1000})

@@ -56,7 +56,7 @@ def test_gpu_benchmark_imports_only_what_the_gpu_machine_can_hold():
     import subprocess
     import sys
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu; "
-            "import reflow_core.pipeline, reflow_core.pairs, reflow_core.metrics, reflow_core.plots, reflow_core.accel; "
+            "import reflow_core.stages, reflow_core.pairs, reflow_core.metrics, reflow_core.plots, reflow_core.accel; "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
                                 text=True).stdout.split())

@@ -6,9 +6,9 @@ import textwrap
 import pytest
 import torch
 
-from reflow_core import checkpoint, distributed, storage
+from reflow_core import checkpoint, distributed, stages, storage
 from reflow_core.config import load_preset
-from reflow_core.pipeline import prepare_run, train_teacher
+from reflow_core.stages import prepare_run
 
 pytestmark = pytest.mark.slow  # each torchrun launch starts 3 Python processes (~10-20 s on a busy 2-core box)
 
@@ -52,6 +52,12 @@ def _cfg(nproc=2):
     return load_preset("toy2d", {"data.n_train": 512, "net.hidden": 16, "net.depth": 2,
                                  "teacher.train": {"steps": 20, "batch_size": 32, "warmup": 2, "ckpt_every": 10,
                                                    "log_every": 10, "nproc": nproc}})
+
+
+def train_teacher(cfg, paths) -> str:
+    """The teacher stage of cfg's plan (nproc > 1: it launches torchrun); its checkpoint URL."""
+    st = stages.find(stages.plan(cfg, paths), "teacher")
+    return stages.module(st).run(st, stages.Context(cfg, paths), {}).urls["model"]
 
 
 def test_pipeline_teacher_via_torchrun_resumes_exactly(tmp_path, monkeypatch):

@@ -137,9 +137,9 @@ def test_resume_after_fault_in_reflow_stage(tmp_path, monkeypatch, prefect_api, 
     the reflow training from its checkpoint and logs into the same MLflow parent run."""
     root = str(tmp_path / "runs")
     run_dir = str(tmp_path / "runs" / "faulty")
-    # no task-level retry here: the retry would resume and succeed inside the first flow run
-    monkeypatch.setattr(reflow_module, "reflow_finetune_task",
-                        reflow_module.reflow_finetune_task.with_options(retries=0))
+    # no task-level retry here: the retry would resume and succeed inside the first flow run (the reflow stage runs
+    # as a stage_task, the task of every non-shard stage instance)
+    monkeypatch.setattr(reflow_module, "stage_task", reflow_module.stage_task.with_options(retries=0))
     monkeypatch.setenv("REFLOW_FAULT_STAGE", "reflow")
     monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "100")
     with pytest.raises(RuntimeError, match="injected fault"):

@@ -125,9 +125,9 @@ def test_find_max_batch_stops_at_oom_and_memory_is_usable_after():
 
 
 def test_pair_shard_with_every_knob_matches_plain(tmp_path):
-    """pipeline.simulate_pair_shard with amp + compile + cuda_graph + auto_batch on the GPU against the plain fp32
+    """stages.pairs.simulate (one pair shard) with amp + compile + cuda_graph + auto_batch on the GPU against the plain fp32
     eager simulation: the same noise rows, samples within bf16 tolerance; auto_batch grew the batch."""
-    from reflow_core import pipeline
+    from reflow_core import stages
     from reflow_core.callbacks import NullCallback
     from reflow_core.config import load_preset
     from reflow_core.pairs import PairStore
@@ -138,21 +138,24 @@ def test_pair_shard_with_every_knob_matches_plain(tmp_path):
             "pairs.n_pairs": 4096, "pairs.shard_size": 4096, "pairs.chunk_size": 512, "pairs.batch_size": 256,
             "pairs.nfe": 9}
     cfg = load_preset("toy2d", tiny)
-    paths = pipeline.prepare_run(cfg, str(tmp_path), "teacher")
-    teacher = pipeline.train_teacher(cfg, paths, device=DEV)
+    paths = stages.prepare_run(cfg, str(tmp_path), "teacher")
+    tst = stages.find(stages.plan(cfg, paths), "teacher")
+    teacher = stages.module(tst).run(tst, stages.Context(cfg, paths, device=DEV), {}).urls["model"]
     stores, batches = [], []
     for name, knobs in (("plain", {}),
                         ("fast", {"pairs.amp": True, "pairs.compile": True, "pairs.cuda_graph": True,
                                   "pairs.auto_batch": True, "pairs.max_batch_size": 4096})):
         c = load_preset("toy2d", tiny | knobs | {"teacher.checkpoint": teacher})
-        p = pipeline.prepare_run(c, str(tmp_path), name)
-        pipeline.pair_shards(c, p, teacher)
+        p = stages.prepare_run(c, str(tmp_path), name)
+        pst = stages.find(stages.plan(c, p), "pairs")
+        inputs = {"model": stages.StageOutput({"model": teacher})}
+        stages.pairs.pending(pst, stages.Context(c, p), inputs)  # creates the store
         seen: dict = {}
 
         class Rec(NullCallback):
             def on_metrics(self, stage, step, m):
                 seen.update(m)
-        pipeline.simulate_pair_shard(c, p, teacher, 0, callback=Rec(), device=DEV)
+        stages.pairs.simulate(pst, stages.Context(c, p, Rec(), DEV), inputs, 0)
         stores.append(PairStore.open(p.pairs_url))
         batches.append(seen.get("batch_size"))
     plain, fast = (s.read(torch.arange(4096)) for s in stores)

@@ -52,7 +52,9 @@ def test_stored_pairs_are_the_teachers_trajectories(toy_run):
     assert store.is_complete() and store.n == 8000
     batch = store.read(torch.tensor([0, 1, 2, 1999, 2000, 7999]))
     teacher = load_model(f"{paths.teacher_dir}/ckpt-0001500.pt")
-    again = solvers.sample(teacher.solver_velocity(), batch.noise, cfg.pairs.nfe, cfg.pairs.solver, cfg.pairs.grid)
+    grid = cfg.pairs.grid.solver_args(cfg.pairs.nfe)  # pairs.grid is a tagged union (uniform | rho)
+    again = solvers.sample(teacher.solver_velocity(), batch.noise, cfg.pairs.nfe, cfg.pairs.solver, grid["grid"],
+                           grid["rho"])
     assert torch.allclose(again, batch.sample, atol=1e-4)
     assert store.attrs["convention"] == "t0=data,t1=noise"
 

@@ -220,7 +220,7 @@ tracker.log_params(parent, cfg.model_dump(mode="json"))
 print("parent", parent, flush=True)
 
 def stage(name, fn):  # as flows.reflow._run_stage: a finished stage is called with a silent callback
-    done = name != "evaluate" and paths.stage_done(name)
+    done = name != "evaluate" and stages.stage_done(paths, name)
     cb = tracker.stage_callback(name)
     cb.flush_every = flush_every  # 1: every metric is its own MLflow write, so a kill lands inside one
     out = fn(NullCallback() if done else cb)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from reflow_core import pipeline
+from reflow_core import stages
+from reflow_core.callbacks import NullCallback
 from reflow_core.config import load_preset
 from reflow_core.pairs import PairStore, simulate_shard
 
@@ -29,6 +30,12 @@ TINY = {
     "reflow.train.log_every": 20,
     "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
 }
+
+
+def _stage(cfg, paths, name, device=None, **inputs) -> stages.StageOutput:
+    """Run one stage instance of cfg's plan in this process with the given inputs (role -> earlier stage output)."""
+    s = stages.find(stages.plan(cfg, paths), name)
+    return stages.module(s).run(s, stages.Context(cfg, paths, NullCallback(), device), inputs)
 
 
 def assert_same_store(a: PairStore, b: PairStore) -> None:
@@ -71,9 +78,9 @@ def test_pair_task_runner_choice():
     runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.engine": "dask",
                                                         "pairs.dask_address": "tcp://10.0.0.1:8786"}))
     assert runner.address == "tcp://10.0.0.1:8786"
-    assert pipeline.shard_device(5, "cpu") == torch.device("cpu")
+    assert stages.pairs.shard_device(5, "cpu") == torch.device("cpu")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert pipeline.shard_device(5) == (torch.device(f"cuda:{5 % n}") if n else torch.device("cpu"))
+    assert stages.pairs.shard_device(5) == (torch.device(f"cuda:{5 % n}") if n else torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -87,17 +94,19 @@ def test_dask_engine_matches_threads_bit_for_bit(tmp_path, prefect_api, monkeypa
                  stages=["teacher", "pairs"])
     t_dask = time.perf_counter() - t0
     teacher = out["teacher_checkpoint"]
-    dask_store = PairStore.open(pipeline.RunPaths.of(root, "dask").pairs_url)
+    dask_store = PairStore.open(stages.RunPaths.of(root, "dask").pairs_url)
     assert dask_store.is_complete() and len(dask_store.plan) == 4
     assert all(dask_store.verify_shard(k) for k in range(4))
 
     # the same config on the threads engine (run in-process, shard by shard: what each thread task calls)
     t0 = time.perf_counter()
     cfg = load_preset("toy2d", {**TINY, "pairs.engine": "threads", "teacher.checkpoint": teacher})
-    tpaths = pipeline.prepare_run(cfg, root, "threads")
-    pipeline.simulate_pairs(cfg, tpaths, teacher, device="cpu")
+    tpaths = stages.prepare_run(cfg, root, "threads")
+    tteacher = _stage(cfg, tpaths, "teacher")  # teacher.checkpoint given: the dask run's teacher, not trained
+    assert tteacher.urls["model"] == teacher
+    _stage(cfg, tpaths, "pairs", device="cpu", model=tteacher)
     t_threads = time.perf_counter() - t0
-    threads_store = PairStore.open(pipeline.RunPaths.of(root, "threads").pairs_url)
+    threads_store = PairStore.open(stages.RunPaths.of(root, "threads").pairs_url)
     assert threads_store.attrs["teacher_hash"] == dask_store.attrs["teacher_hash"]
     assert_same_store(dask_store, threads_store)
     print(f"dask flow (teacher + pairs) {t_dask:.1f}s, threads engine (pairs) {t_threads:.1f}s")
@@ -111,9 +120,9 @@ def s3_pipeline(moto_s3, tmp_path_factory):
     root = "s3://reflow-scale/runs"
     cfg = load_preset("toy2d", TINY)
     t0 = time.perf_counter()
-    rows = pipeline.run_local(cfg, root, "toy", device="cpu")
+    rows = stages.run_local(cfg, root, "toy", device="cpu")
     print(f"s3 pipeline {time.perf_counter() - t0:.1f}s")
-    return {"root": root, "cfg": cfg, "rows": rows, "paths": pipeline.RunPaths.of(root, "toy"), **moto_s3}
+    return {"root": root, "cfg": cfg, "rows": rows, "paths": stages.RunPaths.of(root, "toy"), **moto_s3}
 
 
 def _keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -143,7 +152,9 @@ def test_whole_pipeline_on_s3_root(s3_pipeline):
                                                           Key="runs/toy/eval/metrics.json")["Body"].read())
     assert {(r["model"], r["nfe"]) for r in metrics["rows"]} == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
     paths = s3_pipeline["paths"]
-    assert all(paths.stage_done(s) for s in pipeline.STAGES)
+    names = [s.name for s in stages.plan(s3_pipeline["cfg"], paths)]
+    assert names == ["teacher", "pairs", "reflow", "evaluate"]
+    assert all(stages.stage_done(paths, s) for s in names)
     assert PairStore.open(paths.pairs_url).is_complete()
 
 
@@ -165,11 +176,13 @@ def test_no_credentials_in_written_objects(s3_pipeline):
 _WORKER = """
 import sys, torch
 torch.set_num_threads(1)
-from reflow_core import pipeline
+from reflow_core import stages
 from reflow_core.config import PipelineConfig
 cfg = PipelineConfig.model_validate_json(sys.argv[1])
-print(pipeline.simulate_pair_shard(cfg, pipeline.RunPaths.of(sys.argv[2], sys.argv[3]), sys.argv[4], 0,
-                                   device="cpu"), flush=True)
+paths = stages.RunPaths.of(sys.argv[2], sys.argv[3])
+st = stages.find(stages.plan(cfg, paths), "pairs")
+inputs = {"model": stages.StageOutput({"model": sys.argv[4]})}  # the teacher checkpoint
+print(stages.pairs.simulate(st, stages.Context(cfg, paths, device="cpu"), inputs, 0), flush=True)
 """
 
 
@@ -177,13 +190,16 @@ print(pipeline.simulate_pair_shard(cfg, pipeline.RunPaths.of(sys.argv[2], sys.ar
 @pytest.mark.slow
 def test_worker_killed_mid_shard_then_resumed(s3_pipeline, tmp_path):
     client, root = s3_pipeline["client"], s3_pipeline["root"]
-    teacher = pipeline.model_checkpoint(s3_pipeline["paths"], "teacher")
+    teacher = stages.model_checkpoint(s3_pipeline["paths"], "teacher")
     # one big shard written in many small chunks, so the worker is still busy when the first chunk lands
     over = {**TINY, "teacher.checkpoint": teacher, "pairs.n_pairs": 8_000, "pairs.shard_size": 4_000,
             "pairs.chunk_size": 100, "pairs.batch_size": 400, "pairs.nfe": 15}
     cfg = load_preset("toy2d", over)
-    paths = pipeline.prepare_run(cfg, root, "killed")
-    assert pipeline.pair_shards(cfg, paths, teacher) == [0, 1]
+    paths = stages.prepare_run(cfg, root, "killed")
+    teacher_out = _stage(cfg, paths, "teacher")  # teacher.checkpoint given: checked, not trained
+    assert teacher_out.urls["model"] == teacher
+    pairs_stage = stages.find(stages.plan(cfg, paths), "pairs")
+    assert stages.pairs.pending(pairs_stage, stages.Context(cfg, paths), {"model": teacher_out}) == [0, 1]
     proc = subprocess.Popen([sys.executable, "-c", _WORKER, cfg.model_dump_json(), root, "killed", teacher],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
     first = "runs/killed/pairs.zarr/noise/c/0/0"
@@ -206,13 +222,13 @@ def test_worker_killed_mid_shard_then_resumed(s3_pipeline, tmp_path):
     assert 0 < len(written) < 40, len(written)  # partial: some of shard 0's 40 chunks
 
     t0 = time.perf_counter()
-    pipeline.simulate_pairs(cfg, paths, teacher, device="cpu")  # the resume
+    _stage(cfg, paths, "pairs", device="cpu", model=teacher_out)  # the resume
     t_resume = time.perf_counter() - t0
     resumed = PairStore.open(paths.pairs_url)
     assert resumed.is_complete()
 
-    ref_paths = pipeline.prepare_run(cfg, str(tmp_path / "runs"), "clean")  # one clean pass, local
-    pipeline.simulate_pairs(cfg, ref_paths, teacher, device="cpu")
+    ref_paths = stages.prepare_run(cfg, str(tmp_path / "runs"), "clean")  # one clean pass, local
+    _stage(cfg, ref_paths, "pairs", device="cpu", model=_stage(cfg, ref_paths, "teacher"))
     assert_same_store(resumed, PairStore.open(ref_paths.pairs_url))
     print(f"killed after {len(written)} noise chunks; resume {t_resume:.1f}s")
 
@@ -220,6 +236,10 @@ def test_worker_killed_mid_shard_then_resumed(s3_pipeline, tmp_path):
 # --------------------------------------------------------------------------------------------------- zarr layout
 def _velocity(x, t, label):
     return x * (0.3 + 0.2 * t.reshape(-1, *([1] * (x.dim() - 1))))
+
+
+def _velocity_for(label):  # simulate_shard's velocity_for: the batch's labels -> v(x, t)
+    return lambda x, t: _velocity(x, t, label)
 
 
 @pytest.mark.parametrize("layout", [{"zarr_shards": True}, {"compress": True},
@@ -234,7 +254,7 @@ def test_zarr_layout_switches_keep_values(tmp_path, layout):
         c = PairsConfig(**base, **extra)
         s = PairStore.create_from_config(str(tmp_path / f"p{i}.zarr"), c, shape=(3, 4, 4), teacher_hash="t")
         for sh in s.plan:
-            simulate_shard(s, sh, _velocity, cfg=c, data_x=x)
+            simulate_shard(s, sh, _velocity_for, cfg=c, data_x=x)
         stores.append(PairStore.open(str(tmp_path / f"p{i}.zarr")))
     assert_same_store(*stores)
     plain, other = stores
