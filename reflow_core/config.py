@@ -334,10 +334,16 @@ class ConfigError(ValueError):
     """A preset or override that does not validate; the message names the field."""
 
 
+_GRID_KINDS = ("uniform", "rho", "list")
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        parts = [str(p) for p in e["loc"]]
+        # a tagged union puts the tag into the location (pairs.grid.rho.rho0); the field path is pairs.grid.rho0
+        parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "grid" and p in _GRID_KINDS)]
+        loc = ".".join(parts) or "(root)"
         lines.append(f"  {loc}: {e['msg']}")
     return "\n".join(lines)
 
@@ -345,6 +351,8 @@ def _format(err: ValidationError, source: str) -> str:
 def _legacy_grids(raw: dict) -> dict:
     """Configs written before the time grid became one tagged union (flat `grid`, `rho`, `rhos`, `times` fields)
     read as the union, so an existing run reopens with the same identity."""
+    if not isinstance(raw, dict):
+        return raw  # not a config at all: pydantic's error says so
     raw = dict(raw)
     for section in ("pairs", "eval"):
         sec = raw.get(section)

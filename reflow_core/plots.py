@@ -22,7 +22,18 @@ from reflow_core import storage  # noqa: E402
 
 __all__ = ["trajectory_plot", "sample_grid", "scatter_samples", "quality_vs_nfe", "loss_curve", "save_figure"]
 
-_MODEL_COLORS = {"teacher": "tab:blue", "reflow": "tab:orange", "reflow2": "tab:green", "distill": "tab:red"}
+_MODEL_COLORS = {"teacher": "tab:blue", "reflow": "tab:orange", "distilled": "tab:red", "slim": "tab:brown"}
+_ROUND_COLORS = ("tab:green", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def model_color(name: str) -> str:
+    """One colour per model across all plots: teacher blue, reflow orange, reflow-2, reflow-3, ... from a palette."""
+    base = name.split(" ")[0]  # "reflow-2 (1 NFE)" -> "reflow-2"
+    if base in _MODEL_COLORS:
+        return _MODEL_COLORS[base]
+    if base.startswith("reflow-") and base[7:].isdigit():
+        return _ROUND_COLORS[(int(base[7:]) - 2) % len(_ROUND_COLORS)]
+    return "tab:gray"
 
 
 def _np(x) -> np.ndarray:
@@ -77,7 +88,7 @@ def trajectory_plot(
         if tgt is not None:
             ax.scatter(tgt[:, 0], tgt[:, 1], s=2, c="0.75", alpha=0.5, label="target", zorder=0)
         k = min(max_lines, tr.shape[1])
-        ax.plot(tr[:, :k, 0], tr[:, :k, 1], color=_MODEL_COLORS.get(name, "tab:purple"), lw=0.5, alpha=0.4, zorder=1)
+        ax.plot(tr[:, :k, 0], tr[:, :k, 1], color=model_color(name), lw=0.5, alpha=0.4, zorder=1)
         ax.scatter(tr[0, :k, 0], tr[0, :k, 1], s=5, c="k", alpha=0.6, label="noise (t=1)", zorder=2)
         ax.scatter(tr[-1, :k, 0], tr[-1, :k, 1], s=5, c="tab:red", alpha=0.8, label="sample (t=0)", zorder=3)
         ax.set_title(f"{name} ({tr.shape[0] - 1} steps)")
@@ -142,7 +153,7 @@ def scatter_samples(
     for ax, (name, s) in zip(axes, arrs.items()):
         if tgt is not None:
             ax.scatter(tgt[:, 0], tgt[:, 1], s=2, c="0.75", alpha=0.5, label="target")
-        ax.scatter(s[:, 0], s[:, 1], s=2, c=_MODEL_COLORS.get(name, "tab:purple"), alpha=0.6, label=name)
+        ax.scatter(s[:, 0], s[:, 1], s=2, c=model_color(name), alpha=0.6, label=name)
         ax.set_title(name)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
@@ -183,9 +194,12 @@ def quality_vs_nfe(rows: Sequence[Mapping], metric: str, path: str, title: str |
         ax.plot(
             xs, ys, marker="o", ms=4,
             linestyle=styles[solvers.index(solver) % len(styles)],
-            color=_MODEL_COLORS.get(model),
+            color=model_color(model),
             label=f"{model} / {solver}" if solver else model,
         )
+    values = [v for pts in series.values() for _, v in pts]
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")  # a 1-NFE teacher 10x worse than the rest would flatten every other curve
     if nfes:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(sorted(nfes)))

@@ -183,7 +183,7 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
     from reflow_core import checkpoint, stages
     from reflow_core.config import load_preset
     from reflow_core.pairs import PairStore
-    from tests.test_stages import TINY as TWO_ROUNDS, _assert_same_tensors
+    from test_stages import TINY as TWO_ROUNDS, assert_same_tensors  # pytest puts tests/ on sys.path
 
     local_root, flow_root = str(tmp_path / "local"), str(tmp_path / "flow")
     local_rows = stages.run_local(load_preset("toy2d", TWO_ROUNDS), local_root, "r")
@@ -193,8 +193,8 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
         a = checkpoint.load_latest(storage.join(local_root, "r", stage))
         b = checkpoint.load_latest(storage.join(flow_root, "r", stage))
         assert a["step"] == b["step"] > 0
-        _assert_same_tensors(a["ema"], b["ema"], stage)
-        _assert_same_tensors(a["net"], b["net"], stage)
+        assert_same_tensors(a["ema"], b["ema"], stage)
+        assert_same_tensors(a["net"], b["net"], stage)
     for store in ("pairs.zarr", "pairs-2.zarr"):
         a, b = (PairStore.open(storage.join(r, "r", store)) for r in (local_root, flow_root))
         for arr in ("noise", "sample"):
@@ -206,6 +206,9 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
     assert strip(storage.read_json(storage.join(local_root, "r", "eval", "metrics.json"))["rows"]) == \
         strip(storage.read_json(result["metrics_json"])["rows"])
     assert {r["model"] for r in local_rows} == {"teacher", "reflow", "reflow-2"}
+    _, _, children = _runs(result["mlflow_tracking_uri"])
+    assert {c.data.tags[tracking.STAGE_TAG] for c in children} == {"teacher", "pairs", "reflow", "pairs-2",
+                                                                   "reflow-2", "evaluate"}  # a child run per stage
 
 
 def test_invalid_config_fails_before_any_work(tmp_path, prefect_api, clean_env):
@@ -213,6 +216,14 @@ def test_invalid_config_fails_before_any_work(tmp_path, prefect_api, clean_env):
     with pytest.raises(ConfigError, match="chunk_size"):
         reflow_module.reflow(preset="toy2d", overrides={**TINY, "pairs.chunk_size": 3000}, root=str(root), run="bad")
     assert not root.exists() or not any(root.iterdir())
+
+
+def test_flow_refuses_a_run_name_that_leaves_the_root(tmp_path, prefect_api, clean_env):
+    root = tmp_path / "runs"
+    for bad in ("../escape", "a/b", ".."):
+        with pytest.raises(ConfigError, match="invalid run name"):
+            reflow_module.reflow(preset="toy2d", overrides=TINY, root=str(root), run=bad)
+    assert not any(tmp_path.iterdir())  # nothing written, under the root or beside it
 
 
 def test_subset_needs_finished_upstream(tmp_path, prefect_api, clean_env):
