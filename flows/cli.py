@@ -72,6 +72,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # telemetry heartbeat only adds database-lock noise to a short local run, so it is off unless asked for.
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for that server by default: too short on a busy 2-core machine (seen timing out here)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.reflow import reflow
 
     result = reflow(preset=args.preset, overrides=overrides or None, root=args.root, run=args.run, new=args.new,

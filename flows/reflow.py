@@ -126,9 +126,10 @@ def finish_pairs_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, 
     return _run_stage(tracker, stage.name, False, lambda cb: st.pairs.finish(stage, _ctx(cfg, paths, cb)), after)
 
 
-def _pairs(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
-           tracker: MlflowTracker, logger) -> st.StageOutput:
-    """A pairs stage: plan the shards, one task per pending shard (at most pairs.workers in flight), finish."""
+def _walk_stage(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
+                tracker: MlflowTracker, logger) -> st.StageOutput:
+    """One stage instance of the plan as tasks: a pairs stage with work to do as plan, one task per pending shard
+    (at most pairs.workers in flight) and finish; any other stage (or finished pairs) as one stage task."""
     if stage.kind != "pairs" or st.pairs.done(stage, _ctx(cfg, paths)):
         return stage_task(cfg, paths, stage, inputs, tracker)
     pending = pair_shards_task(cfg, paths, stage, inputs, tracker)
@@ -202,7 +203,7 @@ def reflow(
     outputs: dict[str, st.StageOutput] = {}
     try:
         for s in walk:
-            outputs[s.name] = _pairs(cfg, paths, s, st.inputs_of(s, outputs), tracker, logger)
+            outputs[s.name] = _walk_stage(cfg, paths, s, st.inputs_of(s, outputs), tracker, logger)
     except BaseException:
         tracker.finish_open("FAILED")
         raise

@@ -35,18 +35,18 @@ def training_state(step: int) -> dict:
             "meta": meta}
 
 
-def _assert_same(a, b, where="state"):
+def assert_same(a, b, where="state"):
     assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (where, type(a), type(b))
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
     elif isinstance(a, dict):
         assert list(a) == list(b), where
         for k in a:
-            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
+            assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
 
@@ -70,7 +70,7 @@ def test_training_state_round_trips_with_weights_only(root):
     assert url == storage.join(d, "ckpt-0000007.pt")
     assert checkpoint.latest(d) == url
     out = checkpoint.load(url)
-    _assert_same(state, out)
+    assert_same(state, out)
     # the state restores a real module and optimizer
     net = _net(5)
     net.load_state_dict(out["net"])
@@ -80,7 +80,7 @@ def test_training_state_round_trips_with_weights_only(root):
     # and it is a plain torch file that weights_only=True reads directly
     direct = torch.load(_local(url), map_location="cpu", weights_only=True)
     assert direct["step"] == 7
-    _assert_same(checkpoint.load_latest(d), out)
+    assert_same(checkpoint.load_latest(d), out)
 
 
 def test_latest_points_to_newest_and_old_ones_are_pruned(root):
@@ -262,8 +262,8 @@ def test_save_file_load_file_round_trip(root):
     assert checkpoint.save_file(url, state) == url
     side = _local(url + ".sha256").read_text()
     assert side == f"{storage.sha256(_local(url).read_bytes())}  guide.pt\n"  # sha256sum -c format
-    _assert_same(checkpoint.load_file(url), state)
-    _assert_same(checkpoint.load(url), state)  # load() checks the sidecar when there is one
+    assert_same(checkpoint.load_file(url), state)
+    assert_same(checkpoint.load(url), state)  # load() checks the sidecar when there is one
     assert not list(_local(url).parent.glob("*.tmp-*"))
 
 

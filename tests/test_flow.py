@@ -183,7 +183,8 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
     from reflow_core import checkpoint, stages
     from reflow_core.config import load_preset
     from reflow_core.pairs import PairStore
-    from test_stages import TINY as TWO_ROUNDS, assert_same_tensors  # pytest puts tests/ on sys.path
+    from test_checkpoint import assert_same  # pytest puts tests/ on sys.path
+    from test_stages import TINY as TWO_ROUNDS
 
     local_root, flow_root = str(tmp_path / "local"), str(tmp_path / "flow")
     local_rows = stages.run_local(load_preset("toy2d", TWO_ROUNDS), local_root, "r")
@@ -193,8 +194,8 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
         a = checkpoint.load_latest(storage.join(local_root, "r", stage))
         b = checkpoint.load_latest(storage.join(flow_root, "r", stage))
         assert a["step"] == b["step"] > 0
-        assert_same_tensors(a["ema"], b["ema"], stage)
-        assert_same_tensors(a["net"], b["net"], stage)
+        assert_same(a["ema"], b["ema"], stage)
+        assert_same(a["net"], b["net"], stage)
     for store in ("pairs.zarr", "pairs-2.zarr"):
         a, b = (PairStore.open(storage.join(r, "r", store)) for r in (local_root, flow_root))
         for arr in ("noise", "sample"):

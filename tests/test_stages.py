@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from flows import cli
+from test_checkpoint import assert_same  # pytest puts tests/ on sys.path
 from reflow_core import checkpoint, stages, storage
 from reflow_core.config import ConfigError, load_preset
 
@@ -145,21 +145,6 @@ def _final_state(root: Path, run: str, stage: str) -> dict:
     return checkpoint.load_latest(storage.join(str(root), run, stage))
 
 
-def assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
@@ -180,9 +165,9 @@ def test_kill_9_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_pa
     for s in ("teacher", "reflow", "reflow-2"):  # the killed stage and every later one
         a, b = _final_state(uninterrupted, "r", s), _final_state(root, "r", s)
         assert a["step"] == b["step"]
-        assert_same_tensors(a["ema"], b["ema"], f"{s}.ema")
-        assert_same_tensors(a["net"], b["net"], f"{s}.net")
-        assert_same_tensors(a["opt"], b["opt"], f"{s}.opt")
+        assert_same(a["ema"], b["ema"], f"{s}.ema")
+        assert_same(a["net"], b["net"], f"{s}.net")
+        assert_same(a["opt"], b["opt"], f"{s}.opt")
     rows = [storage.read_json(str(r / "r" / "eval" / "metrics.json"))["rows"] for r in (uninterrupted, root)]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in rows[0]] == \
            [{k: v for k, v in row.items() if k != "seconds"} for row in rows[1]]
