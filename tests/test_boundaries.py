@@ -24,6 +24,43 @@ def test_reflow_core_imports_neither_prefect_nor_mlflow():
         assert not _imports(f) & {"prefect", "mlflow", "prefect_dask", "prefect_ray"}, f
 
 
+def _internal_imports() -> dict[str, set[str]]:
+    """reflow_core module -> the reflow_core modules it imports (relative imports, module level or not); a package's
+    imports of its own submodules are not edges."""
+    core = ROOT / "reflow_core"
+    mods = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+            for f in core.rglob("*.py")}
+    graph = {}
+    for name, f in mods.items():
+        pkg = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+                deps |= {m for m in [base] + [f"{base}.{a.name}" for a in node.names] if m in mods}
+        graph[name] = {d for d in deps if d != name and not d.startswith(name + ".") and not name.startswith(d + ".")}
+    return graph
+
+
+def test_reflow_core_has_no_import_cycles():
+    graph, state = _internal_imports(), {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if state.get(m) != "done":
+            state[m] = "open"
+            for d in sorted(graph[m]):
+                visit(d, path + [m])
+            state[m] = "done"
+
+    for m in sorted(graph):
+        visit(m, [])
+    assert "reflow_core.train" not in graph["reflow_core.distributed"]  # the cycle this check was added for
+    assert graph["reflow_core.stages.graph"] >= {"reflow_core.stages.teacher", "reflow_core.stages.base"}
+
+
 def test_only_tracking_imports_mlflow():
     users = {f.name for f in (ROOT / "flows").rglob("*.py") if "mlflow" in _imports(f)}
     assert users <= {"tracking.py"}, users
