@@ -5,6 +5,9 @@ message naming the field and the allowed values.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -229,6 +232,40 @@ class ReflowConfig(_Strict):
                                                              "larger one is streamed by chunks (same batches)")
 
 
+class AnnealConfig(_Strict):
+    """SlimFlow's Annealing Reflow: a smaller student trained from random init on the distill pairs, its source
+    noise mixed as sqrt(1 - beta^2) noise + beta fresh, beta annealed from 1 to 0 over `steps` steps."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    steps: int = Field(1000, ge=1, description="beta goes 1 -> 0 over these steps, then stays 0 (plain reflow)")
+    schedule: Literal["linear", "cosine", "exponential"] = "linear"
+    flip: bool = Field(True, description="joint horizontal flip of data and noise (images only)")
+
+
+class DistillConfig(_Strict):
+    """A one-step student, x_data_hat = x_noise - v_s(x_noise, t=1), trained on pairs simulated by the last reflow
+    model (its own store). Same size as the reflow model (initialised from its EMA), or a smaller `net` (SlimFlow:
+    Annealing Reflow from random init, then this distillation)."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distance: Literal["pseudo_huber", "l2", "lpips"] = Field(
+        "pseudo_huber", description="lpips needs the `lpips` extra and local backbone weights (never downloaded "
+        "silently)")
+    fgd_weight: float = Field(0.0, ge=0.0, description="SlimFlow's flow-guided distillation term (0 = off)")
+    fgd_t: tuple[float, float] = Field((0.2, 0.8), description="t range of the flow-guided term")
+    net: NetConfig | None = Field(None, description="a smaller student net (SlimFlow); None = the reflow model's")
+    anneal: AnnealConfig | None = Field(None, description="Annealing Reflow of the smaller student (needs net)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        lo, hi = self.fgd_t
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(f"distill.fgd_t must satisfy 0 < lo <= hi < 1, got {self.fgd_t}")
+        if (self.net is None) != (self.anneal is None):
+            raise ValueError("distill.net (a smaller student) and distill.anneal (its Annealing Reflow) go together")
+        return self
+
+
 class EvalConfig(_Strict):
     nfes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
     solvers: list[SolverName] = Field(default_factory=lambda: ["euler"])
@@ -252,7 +289,7 @@ class EvalConfig(_Strict):
         if not self.nfes or any(n < 1 for n in self.nfes):
             raise ValueError(f"eval.nfes must be a non-empty list of positive ints, got {self.nfes}")
         if self.models is not None:
-            bad = [m for m in self.models if not re.fullmatch(r"teacher|reflow(-[2-9]|-10)?", m)]
+            bad = [m for m in self.models if not re.fullmatch(r"teacher|reflow(-[2-9]|-10)?|distilled|slim|anneal", m)]
             if not self.models or bad:
                 raise ValueError(f"eval.models must name models of the run (teacher, reflow, reflow-2, ...), "
                                  f"got {self.models}")
@@ -279,6 +316,7 @@ class PipelineConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     reflow: ReflowConfig = Field(default_factory=ReflowConfig)
+    distill: DistillConfig | None = Field(None, description="a one-step student after the last reflow round")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -292,20 +330,30 @@ class PipelineConfig(_Strict):
             raise ValueError(f"net.kind must be 'unet' for image data (data.name={self.data.name!r})")
         if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:
             raise ValueError("reflow.forward_ratio > 0 needs pairs.n_forward > 0")
-        rounds = ["reflow"] + [f"reflow-{r}" for r in range(2, self.reflow.rounds + 1)]
-        unknown = [m for m in self.eval.models or [] if m not in ["teacher", *rounds]]
+        trained = self.model_names()
+        unknown = [m for m in self.eval.models or [] if m not in trained]
         if unknown:
-            raise ValueError(f"eval.models {unknown} are not trained by this run (reflow.rounds="
-                             f"{self.reflow.rounds}: {['teacher', *rounds]})")
+            raise ValueError(f"eval.models {unknown} are not trained by this run (reflow.rounds={self.reflow.rounds}, "
+                             f"distill {'on' if self.distill else 'off'}: {trained})")
+        if self.distill is not None and self.distill.net is not None and self.data.name == "toy2d" \
+                and self.distill.net.kind != "mlp":
+            raise ValueError("distill.net.kind must be 'mlp' for data.name='toy2d'")
         return self
+
+    def model_names(self) -> list[str]:
+        """The models this run trains, by the names evaluation and `reflow sample --model` use."""
+        names = ["teacher", "reflow"] + [f"reflow-{r}" for r in range(2, self.reflow.rounds + 1)]
+        if self.distill is not None:
+            names += ["anneal", "slim"] if self.distill.net is not None else ["distilled"]
+        return names
 
     def identity(self) -> dict:
         """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused.
 
-        data, net, teacher, pairs and reflow, less every field typed `Exec[...]` (speed and placement only, e.g. a
+        data, net, teacher, pairs, reflow and distill, less every field typed `Exec[...]` (speed and placement only, e.g. a
         resume on other workers). eval and tracking are not part of it: evaluation is redone when its settings
         differ."""
-        return _identity(self, ("data", "net", "teacher", "pairs", "reflow"))
+        return _identity(self, ("data", "net", "teacher", "pairs", "reflow", "distill"))
 
 
 def _identity(model: BaseModel, fields) -> dict:
@@ -405,6 +453,48 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineCon
                 raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is {node!r}, not a section")
         node[leaf] = value
     return validate(raw, str(path))
+
+
+PRESET_DIR_ENV = "REFLOW_PRESET_DIR"
+# set by the CLI around its in-process flow call: the caller of `reflow run` may load any YAML it can read. A
+# deployment's flow run never has it (a flow parameter would be chosen by whoever starts the run).
+_ANY_PRESET_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar("reflow_any_preset_path", default=False)
+
+
+@contextlib.contextmanager
+def allow_any_preset_path():
+    """Within this block `deployment_preset` accepts any path (the CLI's caller chose it on their own machine)."""
+    token = _ANY_PRESET_PATH.set(True)
+    try:
+        yield
+    finally:
+        _ANY_PRESET_PATH.reset(token)
+
+
+def deployment_preset(preset: str, env: dict | None = None) -> str:
+    """The preset a flow run (over a deployment: its parameters are chosen by whoever starts it) may load: a shipped
+    name (`preset_names()`), or a .yaml/.yml file under the directory named by $REFLOW_PRESET_DIR (a relative path is
+    taken relative to it; both are resolved, so `..` and symlinks cannot leave it). Returns the name or the resolved
+    path to pass to `load_preset`; anything else is a ConfigError naming the rule, raised before the file is read."""
+    if _ANY_PRESET_PATH.get():
+        return preset
+    env = os.environ if env is None else env
+    names = preset_names()
+    if preset in names:
+        return preset
+    base = env.get(PRESET_DIR_ENV) or ""
+    rule = (f"a flow run loads a preset by name ({', '.join(names)}) or a .yaml file under ${PRESET_DIR_ENV} "
+            f"({base or 'not set'}); `reflow run --preset PATH` on the command line may load any file")
+    if not isinstance(preset, str) or not preset or "\x00" in preset:
+        raise ConfigError(f"preset {preset!r} refused: {rule}")
+    if not base:
+        raise ConfigError(f"preset {preset!r} refused: not a shipped preset name and ${PRESET_DIR_ENV} is not set; "
+                          f"{rule}")
+    root = Path(base).resolve()
+    path = (root / preset).resolve()  # an absolute preset replaces root; `..` and symlinks are resolved
+    if not path.is_relative_to(root) or path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"preset {preset!r} refused: it resolves to {path}, not a .yaml file under {root}; {rule}")
+    return str(path)
 
 
 def reference_markdown() -> str:

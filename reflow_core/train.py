@@ -75,13 +75,18 @@ def _fault_requested(stage: str, step: int) -> bool:
     return os.environ.get("REFLOW_FAULT_STAGE") == stage and os.environ.get("REFLOW_FAULT_AT_STEP") == str(step)
 
 
+# loss(model, batch, step, generator) -> per-sample loss (B,); model is the forward module (DDP/compiled wrapper)
+LossFn = Callable[[nn.Module, Batch, int, torch.Generator], torch.Tensor]
+
+
 def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, ckpt_dir: str, stage: str = "train",
           meta: dict | None = None, callback: Callback | None = None, device: torch.device | str = "cpu",
-          ema_init: nn.Module | None = None) -> str:
+          ema_init: nn.Module | None = None, loss_fn: LossFn | None = None) -> str:
     """Train `net` for cfg.steps steps (resuming from ckpt_dir if it holds a checkpoint); returns the final checkpoint.
 
     batches(step) -> Batch on any device; meta (net config, data shape, ...) is stored in every checkpoint so a
-    checkpoint is loadable on its own (nanoGPT's model_args).
+    checkpoint is loadable on its own (nanoGPT's model_args). loss_fn(model, batch, step, generator) -> per-sample
+    loss replaces the flow-matching loss (a distillation objective); it may depend on the step, never on wall time.
     """
     dinfo = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: DDP; otherwise a no-op
     cb = callback if (callback is not None and dinfo.is_main) else NullCallback()  # rank 0 reports
@@ -145,7 +150,8 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         with amp:
-            loss = flow_matching_loss(fwd, b, cfg, gen, hpf).mean()
+            per = (flow_matching_loss(fwd, b, cfg, gen, hpf) if loss_fn is None else loss_fn(fwd, b, step, gen))
+            loss = per.mean()
         opt.zero_grad(set_to_none=True)
         if not distributed.all_finite(loss, dinfo):
             bad += 1

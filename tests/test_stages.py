@@ -132,8 +132,8 @@ def test_execution_only_fields_are_marked_in_the_schema_not_a_side_table():
 
 # --- exact resume after kill -9 ------------------------------------------------------------------------------------
 
-def _run_local(root: Path, run: str, **env) -> subprocess.CompletedProcess:
-    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+def _run_local(root: Path, run: str, sets: dict = TINY, **env) -> subprocess.CompletedProcess:
+    sets = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     e = {k: v for k, v in os.environ.items() if not k.startswith(("REFLOW_FAULT", "MLFLOW"))}
     e.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)
     code = "import sys, torch; torch.set_num_threads(1); from flows.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -250,3 +250,67 @@ def test_a_config_json_with_the_old_flat_grid_fields_reopens_with_the_same_ident
     old["eval"] |= {"grid": "uniform", "rho": 1.0, "rhos": None, "times": [1.0, 0.5, 0.0], "nfes": [2],
                     "solvers": ["euler"]}
     assert validate(old).eval.grid.times == [1.0, 0.5, 0.0]
+
+
+# --- one-step students: the distill stages are modules in the same plan ----------------------------------------------
+
+def test_plan_with_a_distilled_and_a_slim_student():
+    same = stages.plan(load_preset("digits_distill"), stages.RunPaths("/r", "d"))
+    assert [s.name for s in same] == ["teacher", "pairs", "reflow", "distill-pairs", "distill", "evaluate"]
+    dp, d, ev = same[3], same[4], same[5]
+    assert dp.kind == "pairs" and dp.inputs == {"model": "reflow"} and dp.writes == "/r/d/distill-pairs.zarr"
+    assert d.inputs == {"pairs": "distill-pairs", "teacher": "reflow", "init": "reflow"} and d.model == "distilled"
+    assert ev.inputs == {"teacher": "teacher", "reflow": "reflow", "distilled": "distill"}
+    slim = stages.plan(load_preset("digits_slim"), stages.RunPaths("/r", "s"))
+    assert [s.name for s in slim] == ["teacher", "pairs", "reflow", "distill-pairs", "anneal", "distill", "evaluate"]
+    assert stages.find(slim, "anneal").inputs == {"pairs": "distill-pairs", "teacher": "reflow"}
+    assert stages.find(slim, "distill").inputs["init"] == "anneal" and stages.find(slim, "distill").model == "slim"
+    assert "anneal" not in stages.find(slim, "evaluate").inputs  # evaluated on request only (eval.models)
+    k = load_preset("digits_slim", {"reflow.rounds": 2})
+    assert stages.find(stages.plan(k, stages.RunPaths("/r", "s")), "distill-pairs").inputs == {"model": "reflow-2"}
+
+
+def test_distill_config_is_checked():
+    with pytest.raises(ConfigError, match="go together"):
+        load_preset("digits_slim", {"distill.anneal": None})
+    with pytest.raises(ConfigError, match="fgd_t"):
+        load_preset("digits_slim", {"distill.fgd_t": [0.5, 1.0]})
+    with pytest.raises(ConfigError, match="slim"):
+        load_preset("digits", {"eval.models": ["teacher", "slim"]})
+    assert load_preset("digits_slim").model_names() == ["teacher", "reflow", "anneal", "slim"]
+
+
+TINY_SLIM = {k: v for k, v in TINY.items() if k != "reflow.rounds"} | {
+    "distill.net": {"kind": "mlp", "hidden": 16, "depth": 1},
+    "distill.anneal": {"steps": 10, "train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "log_every": 10,
+                                              "warmup": 5, "seed": 3}},
+    "distill.train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "log_every": 10, "warmup": 5, "seed": 2},
+    "distill.fgd_weight": 1.0,
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_slim(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slim")
+    proc = _run_local(root, "s", sets=TINY_SLIM)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,step", [("anneal", 10), ("distill", 20)])
+def test_student_stages_resume_after_kill_9_bit_identically(tmp_path, uninterrupted_slim, stage, step):
+    root = tmp_path / "runs"
+    killed = _run_local(root, "s", sets=TINY_SLIM, REFLOW_FAULT_STAGE=stage, REFLOW_FAULT_AT_STEP=str(step),
+                        REFLOW_FAULT_KILL="1")
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert _run_local(root, "s", sets=TINY_SLIM).returncode == 0
+    for s in ("anneal", "distill"):
+        a, b = _final_state(uninterrupted_slim, "s", s), _final_state(root, "s", s)
+        assert a["step"] == b["step"] == 30
+        assert_same(a["ema"], b["ema"], f"{s}.ema")
+        assert_same(a["opt"], b["opt"], f"{s}.opt")
+    m = storage.read_json(str(root / "s" / "eval" / "metrics.json"))
+    assert m["models"] == ["teacher", "reflow", "slim"]
+    params = {r["model"]: r["params"] for r in m["rows"]}
+    assert params["slim"] < params["reflow"] / 3  # the SlimFlow student is the small net

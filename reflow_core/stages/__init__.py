@@ -19,13 +19,13 @@ import torch
 from .. import checkpoint
 from ..callbacks import Callback, NullCallback
 from ..config import ConfigError, PipelineConfig
-from . import evaluate, pairs, reflow, teacher
+from . import anneal, distill, evaluate, pairs, reflow, teacher
 from .base import (Context, RunPaths, Stage, StageOutput, check_run_name, dataset, default_device, load_model,
                    prepare_run, read_run_config)
 from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
                     upstream)
 
-__all__ = ["teacher", "pairs", "reflow", "evaluate", "Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
+__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
            "inputs_of", "suffix", "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config",
            "dataset", "load_model", "check_run_name", "schedule", "run_local", "model_checkpoint", "sample_model"]
 
@@ -61,17 +61,17 @@ def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: 
 
 
 def model_checkpoint(paths: RunPaths, model: str) -> str:
-    """The latest checkpoint of a model of the run: teacher, reflow, reflow-2, ..."""
+    """The latest checkpoint of a model of the run: teacher, reflow, reflow-2, ..., anneal, distilled or slim."""
     cfg = paths.config()
-    models = [s for s in plan(cfg, paths) if s.kind in ("teacher", "reflow")]
-    if model not in [s.name for s in models]:
-        raise ConfigError(f"model must be one of {[s.name for s in models]} for this run, got {model!r}")
+    models = {s.model: s for s in plan(cfg, paths) if s.model}
+    if model not in models:
+        raise ConfigError(f"model must be one of {list(models)} for this run, got {model!r}")
     if model == "teacher" and cfg.teacher.checkpoint:
         return cfg.teacher.checkpoint
-    url = checkpoint.latest(find(models, model).writes)
+    url = checkpoint.latest(models[model].writes)
     if url is None:
-        raise checkpoint.CheckpointError(f"no {model} checkpoint under {find(models, model).writes}; run the "
-                                         "pipeline first")
+        raise checkpoint.CheckpointError(f"no {model} checkpoint under {models[model].writes}; run the pipeline "
+                                         "first")
     return url
 
 

@@ -31,6 +31,7 @@ class Stage:
     round:    the reflow round of pairs/reflow stages (1, 2, ...); 0 otherwise
     reads:    role -> name of the earlier stage whose output fills that role (e.g. {"model": "teacher"})
     writes:   the URL of the one artifact it owns (deleted by --redo-stage)
+    model:    the name of the model it trains (teacher, reflow, reflow-2, anneal, distilled, slim), if any
     """
 
     name: str
@@ -38,6 +39,7 @@ class Stage:
     round: int
     reads: tuple[tuple[str, str], ...]
     writes: str
+    model: str | None = None
 
     @property
     def inputs(self) -> dict[str, str]:

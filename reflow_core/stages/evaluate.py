@@ -1,5 +1,5 @@
-"""Stage `evaluate`: every model of the run (teacher, reflow, reflow-2, ...) at every (solver, NFE), from the same
-noise, against real data; straightness per model.
+"""Stage `evaluate`: every model of the run (teacher, reflow, reflow-2, ..., distilled or slim) at every (solver,
+NFE), from the same noise, against real data; straightness and parameter count per model.
 
 reads:  {model name: the stage that trained it, for each evaluated model; "guide": teacher (AutoGuidance)}
 writes: <run>/eval/metrics.json + plots (quality vs NFE, straightness, trajectories or sample grids)
@@ -14,6 +14,7 @@ import torch
 from .. import metrics, plots, solvers, storage
 from ..config import ConfigError, PipelineConfig
 from ..data import DataSet, real_reference
+from ..nets import count_params
 from ..velocity import VelocityModel, generate
 from .base import Context, RunPaths, Stage, StageOutput, dataset, default_device, load_model
 
@@ -96,7 +97,8 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
                                   times=g["times"], guidance=ec.guidance, weight=ec.guidance_weight, guide=guide,
                                   return_nfe=True)
             assert counted == nfe, (solver, nfe, counted)  # the accounting is measured, not assumed
-            row = {"model": name, "nfe": nfe, "solver": solver, "straightness": float(s), **quality(x),
+            row = {"model": name, "params": count_params(model), "nfe": nfe, "solver": solver,
+                   "straightness": float(s), **quality(x),
                    "seconds": time.perf_counter() - t0, "steps": solvers.steps_for_nfe(
                        solver, solvers.solver_nfe_for_budget(solver, nfe, guided)),
                    "grid": g["grid"], "rho": g["rho"], "guidance": ec.guidance,

@@ -1,6 +1,6 @@
 """The plan of a run: the ordered stage instances a config asks for. The list of stages is written here and only here.
 
-    teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 -> ...] [-> distill] -> evaluate
+    teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 -> ...] [-> distill-pairs [-> anneal] -> distill] -> evaluate
 
 Round r > 1 simulates pairs from round r-1's reflow model and fine-tunes that model (k-rectified flow). With
 reflow.rounds = 1 the names and the artifact layout are the historical ones (teacher/, pairs.zarr, reflow/, eval/).
@@ -11,10 +11,11 @@ from types import ModuleType
 
 from .. import storage
 from ..config import ConfigError, PipelineConfig
-from . import evaluate, pairs, reflow, teacher
+from . import anneal, distill, evaluate, pairs, reflow, teacher
 from .base import Context, RunPaths, Stage, StageOutput
 
-KINDS: dict[str, ModuleType] = {"teacher": teacher, "pairs": pairs, "reflow": reflow, "evaluate": evaluate}
+KINDS: dict[str, ModuleType] = {"teacher": teacher, "pairs": pairs, "reflow": reflow, "anneal": anneal,
+                                "distill": distill, "evaluate": evaluate}
 
 
 def suffix(r: int) -> str:
@@ -23,16 +24,27 @@ def suffix(r: int) -> str:
 
 def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
     """The stage instances of `cfg`, in the order they run; each names the stages it reads and the artifact it writes."""
-    out = [Stage("teacher", "teacher", 0, (), paths.url("teacher"))]
-    models, prev = ["teacher"], "teacher"
+    out = [Stage("teacher", "teacher", 0, (), paths.url("teacher"), model="teacher")]
+    prev = "teacher"
     for r in range(1, cfg.reflow.rounds + 1):
         s = suffix(r)
         out.append(Stage(f"pairs{s}", "pairs", r, (("model", prev),), paths.url(f"pairs{s}.zarr")))
-        out.append(Stage(f"reflow{s}", "reflow", r, (("pairs", f"pairs{s}"), ("init", prev)), paths.url(f"reflow{s}")))
+        out.append(Stage(f"reflow{s}", "reflow", r, (("pairs", f"pairs{s}"), ("init", prev)), paths.url(f"reflow{s}"),
+                         model=f"reflow{s}"))
         prev = f"reflow{s}"
-        models.append(prev)
-    evaluated = cfg.eval.models if cfg.eval.models is not None else models
-    reads = tuple((m, m) for m in evaluated)
+    if cfg.distill is not None:  # a one-step student of the last reflow model, on pairs of its own
+        r = cfg.reflow.rounds + 1  # the round number only picks the store's own noise seed
+        out.append(Stage("distill-pairs", "pairs", r, (("model", prev),), paths.url("distill-pairs.zarr")))
+        init = prev
+        if cfg.distill.net is not None:  # SlimFlow: a smaller student, first a flow of its own (Annealing Reflow)
+            out.append(Stage("anneal", "anneal", r, (("pairs", "distill-pairs"), ("teacher", prev)),
+                             paths.url("anneal"), model="anneal"))
+            init = "anneal"
+        out.append(Stage("distill", "distill", r, (("pairs", "distill-pairs"), ("teacher", prev), ("init", init)),
+                         paths.url("distill"), model="slim" if cfg.distill.net is not None else "distilled"))
+    by_model = {s.model: s.name for s in out if s.model}
+    evaluated = cfg.eval.models if cfg.eval.models is not None else [m for m in by_model if m != "anneal"]
+    reads = tuple((m, by_model[m]) for m in evaluated)
     if cfg.eval.guidance == "autoguidance" and not cfg.eval.guide_checkpoint:
         reads += (("guide", "teacher"),)  # AutoGuidance's weaker model: the teacher stage's guide.pt
     out.append(Stage("evaluate", "evaluate", 0, reads, paths.url("eval")))
@@ -94,9 +106,10 @@ def inputs_of(stage: Stage, outputs: dict[str, StageOutput]) -> dict[str, StageO
 
 def describe(stages: list[Stage], root_dir: str) -> str:
     """The plan as text: one line per stage (`reflow plan`)."""
-    lines = []
+    rows = []
     for i, s in enumerate(stages, 1):
         reads = ", ".join(f"{role}={src}" for role, src in s.reads) or "-"
         writes = s.writes[len(root_dir) + 1:] if s.writes.startswith(root_dir + "/") else s.writes
-        lines.append(f"{i:>2}. {s.name:<10} {s.kind:<9} reads {reads:<32} writes <run>/{writes}")
-    return "\n".join(lines)
+        rows.append((f"{i:>2}.", s.name, s.kind, reads, f"<run>/{writes}"))
+    w = [max(len(r[c]) for r in rows) for c in range(4)]
+    return "\n".join(f"{a:>{w[0]}} {n:<{w[1]}}  {k:<{w[2]}}  reads {r:<{w[3]}}  writes {o}" for a, n, k, r, o in rows)

@@ -10,11 +10,14 @@ uninterrupted run would have.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import checkpoint, distributed
+from ..config import TrainConfig
 from ..nets import set_dropout
-from ..pairs import PairSampler
+from ..pairs import PairSampler, PairStore
 from ..train import Batch, train
 from . import pairs as pairs_stage
 from .base import Context, Stage, StageOutput, dataset, default_device, load_model, model_meta, round_seed
@@ -28,34 +31,50 @@ def done(stage: Stage, ctx: Context) -> bool:
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
     cfg = ctx.cfg
     rc = cfg.reflow.train.model_copy(update={"seed": round_seed(cfg.reflow.train.seed, stage.round)})
-    init_ckpt, pairs_url = inputs["init"].urls["model"], inputs["pairs"].urls["pairs"]
-    pairs_name = stage.inputs["pairs"]
-    # shard hashes are checked once, before training reads the pairs
-    store = pairs_stage.check_store(pairs_url, pairs_name, verify=not done(stage, ctx))
-    if store.attrs.get("teacher_hash") != pairs_stage.model_hash(init_ckpt):
-        raise RuntimeError(f"pairs at {pairs_url} were made by another model than {init_ckpt}; refusing to mix "
-                           f"them (rerun with --redo-stage {pairs_name})")
+    init_ckpt = inputs["init"].urls["model"]
+    store = checked_pairs(stage, ctx, inputs, init_ckpt, done(stage, ctx))
     if rc.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this stage on every rank
         url = distributed.launch_torchrun(rc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
         return StageOutput({"model": url})
-    ds = dataset(cfg)
     model = load_model(init_ckpt, ema=True).train()
     if cfg.reflow.dropout is not None:
         set_dropout(model, cfg.reflow.dropout)
     net_cfg = cfg.net.model_copy(update={"dropout": cfg.reflow.dropout}) if cfg.reflow.dropout is not None else None
-    sampler = PairSampler(store, rc.batch_size, forward_ratio=cfg.reflow.forward_ratio, seed=rc.seed,
-                          ram_budget_bytes=cfg.reflow.ram_budget_mb * 2**20)
+    with pair_batches(store, model, rc, cfg.reflow.forward_ratio, cfg.reflow.ram_budget_mb) as (batches, mode):
+        url = train(net=model, batches=batches, cfg=rc, ckpt_dir=stage.writes, stage=stage.name,
+                    meta=model_meta(cfg, dataset(cfg), net_cfg), callback=ctx.callback,
+                    device=default_device(ctx.device))
+    return StageOutput({"model": url}, {"sampler": mode})
 
-    def batches(key: int) -> Batch:  # key = step (under DDP: step * world_size + rank)
+
+def checked_pairs(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], simulated_by: str,
+                  finished: bool) -> PairStore:
+    """The stage's pair store (input role "pairs"), complete, re-hashed once before training reads it (not when the
+    stage is finished), and made by the checkpoint `simulated_by` (pairs are never mixed across models)."""
+    url, name = inputs["pairs"].urls["pairs"], stage.inputs["pairs"]
+    store = pairs_stage.check_store(url, name, verify=not finished)
+    if store.attrs.get("teacher_hash") != pairs_stage.model_hash(simulated_by):
+        raise RuntimeError(f"pairs at {url} were made by another model than {simulated_by}; refusing to mix them "
+                           f"(rerun with --redo-stage {name})")
+    return store
+
+
+@contextlib.contextmanager
+def pair_batches(store: PairStore, model, tc: TrainConfig, forward_ratio: float, ram_budget_mb: int):
+    """(batches, sampler mode): `batches(key)` is the training Batch of key = step (under DDP step * world + rank),
+    a pure function of the store, tc.seed and the key: stored sample as data, stored noise as noise, labels (with
+    CFG label dropout) when the model is class-conditional."""
+    sampler = PairSampler(store, tc.batch_size, forward_ratio=forward_ratio, seed=tc.seed,
+                          ram_budget_bytes=ram_budget_mb * 2**20)
+
+    def batches(key: int) -> Batch:
         b = sampler.batch(key)
         label = b.label if model.class_cond else None
-        if label is not None and rc.label_dropout > 0:
-            label = model.drop_labels(label, rc.label_dropout, torch.Generator().manual_seed(rc.seed * 7_919 + key))
+        if label is not None and tc.label_dropout > 0:
+            label = model.drop_labels(label, tc.label_dropout, torch.Generator().manual_seed(tc.seed * 7_919 + key))
         return Batch(b.sample, b.noise, label)
 
     try:
-        url = train(net=model, batches=batches, cfg=rc, ckpt_dir=stage.writes, stage=stage.name,
-                    meta=model_meta(cfg, ds, net_cfg), callback=ctx.callback, device=default_device(ctx.device))
+        yield batches, sampler.mode
     finally:
         sampler.close()
-    return StageOutput({"model": url}, {"sampler": sampler.mode})

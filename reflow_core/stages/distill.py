@@ -1,0 +1,41 @@
+"""Stage `distill`: a one-step student x_data_hat = x_noise - v_s(x_noise, t=1) trained on pairs simulated by the
+last reflow model (Liu et al.'s k = 1 distillation, InstaFlow), optionally with SlimFlow's flow-guided term; the
+student is the reflow model's EMA (same size: model `distilled`) or the annealed smaller net (model `slim`).
+
+reads:  {"pairs": distill-pairs, "teacher": the last reflow stage, "init": that stage, or anneal (smaller student)}
+writes: <run>/distill/ckpt-<step>.pt + latest.json
+output: {"model": checkpoint URL}
+"""
+from __future__ import annotations
+
+from .. import checkpoint
+from ..train import train
+from ..velocity import velocity_model_from_state
+from .base import Context, Stage, StageOutput, default_device, load_model
+from .reflow import checked_pairs, pair_batches
+
+
+def done(stage: Stage, ctx: Context) -> bool:
+    info = checkpoint.latest_info(stage.writes)
+    return info is not None and info.step >= ctx.cfg.distill.train.steps
+
+
+def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
+    from .. import distill as dmath  # TEMP-LAZY
+    cfg, dc = ctx.cfg, ctx.cfg.distill
+    teacher_ckpt = inputs["teacher"].urls["model"]
+    store = checked_pairs(stage, ctx, inputs, teacher_ckpt, done(stage, ctx))
+    dev = default_device(ctx.device)
+    init = checkpoint.load(inputs["init"].urls["model"])
+    student = velocity_model_from_state(init, ema=True).train()
+    teacher = load_model(teacher_ckpt, device=dev).requires_grad_(False) if dc.fgd_weight > 0 else None
+    tc = dc.train
+
+    def loss_fn(m, batch, step, gen):
+        return dmath.slim_distill_loss(m, teacher, batch, gen, fgd_weight=dc.fgd_weight, t_range=dc.fgd_t,
+                                       distance=dc.distance, huber_scale=tc.huber_scale)
+
+    with pair_batches(store, student, tc, 0.0, cfg.reflow.ram_budget_mb) as (batches, mode):
+        url = train(net=student, batches=batches, cfg=tc, ckpt_dir=stage.writes, stage=stage.name,
+                    meta=init["meta"], callback=ctx.callback, device=dev, loss_fn=loss_fn)
+    return StageOutput({"model": url}, {"sampler": mode})
