@@ -27,6 +27,7 @@ refused with CheckpointError before that object is built; there is no fallback t
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import pickle
 import re
@@ -151,11 +152,39 @@ def save(ckpt_dir: str, state: dict, keep: int = 2) -> str:
     data = _serialise(state)
     name = f"ckpt-{step:07d}.pt"
     url = storage.join(ckpt_dir, name)
-    storage.atomic_write_bytes(url, data)
-    ptr = LatestPointer(step=step, file=name, sha256=storage.sha256(data), bytes=len(data))
-    storage.write_json(storage.join(ckpt_dir, POINTER), ptr.model_dump())
-    _prune(ckpt_dir, name, keep)
+    ptr_url = storage.join(ckpt_dir, POINTER)
+    with _write_errors(ckpt_dir, f"{name} was not marked done: {ptr_url} still names the previous checkpoint"):
+        storage.atomic_write_bytes(url, data)
+        ptr = LatestPointer(step=step, file=name, sha256=storage.sha256(data), bytes=len(data))
+        storage.write_json(ptr_url, ptr.model_dump())
+    with _write_errors(ckpt_dir, f"{name} is complete and {ptr_url} names it; only pruning of older files failed"):
+        _prune(ckpt_dir, name, keep)
     return url
+
+
+def _is_write_error(err: BaseException) -> bool:
+    """A storage failure (permission, disk full, read-only file system, object store access denied / unreachable):
+    OSError, or botocore-style errors found by class name (no botocore import here)."""
+    if isinstance(err, OSError):
+        return True
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(names & {"ClientError", "BotoCoreError", "NoCredentialsError", "EndpointConnectionError"})
+
+
+@contextlib.contextmanager
+def _write_errors(where: str, state: str):
+    """Turn a storage failure inside the block into a CheckpointError naming `where`, the cause and what is (not)
+    trusted afterwards, so a stage ends with one clear message instead of an fsspec / botocore traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - filtered by _is_write_error
+        if not _is_write_error(e):
+            raise
+        cause = e.__cause__ if isinstance(e, storage.StorageWriteError) and e.__cause__ is not None else e
+        detail = str(cause).replace("\n", " ")[:300]
+        raise CheckpointError(f"cannot write to {where} ({type(cause).__name__}: {detail}); {state}. Make {where} "
+                              f"writable (permissions, free space, object-store policy / credentials) and rerun: "
+                              f"the stage resumes from its last complete checkpoint") from e
 
 
 def _prune(ckpt_dir: str, current: str, keep: int) -> None:
@@ -241,8 +270,10 @@ def set_rng_state(state) -> None:
 def save_file(url: str, state: dict) -> str:
     """Write one artifact atomically plus its sidecar `<url>.sha256` (after it). Returns url."""
     data = _serialise(state)
-    storage.atomic_write_bytes(url, data)
-    storage.atomic_write_bytes(url + SIDECAR_SUFFIX, f"{storage.sha256(data)}  {_name(url)}\n".encode())
+    with _write_errors(url, f"{_name(url)} has no matching sidecar {_name(url)}{SIDECAR_SUFFIX}, so it is not "
+                            f"trusted and is rebuilt"):
+        storage.atomic_write_bytes(url, data)
+        storage.atomic_write_bytes(url + SIDECAR_SUFFIX, f"{storage.sha256(data)}  {_name(url)}\n".encode())
     return url
 
 

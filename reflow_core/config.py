@@ -10,7 +10,7 @@ import contextvars
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -512,11 +512,14 @@ def reference_markdown() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 subs.append((ann, f"{prefix}{name}."))
                 continue
+            optional = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(optional) == 1 and type(None) in get_args(ann):  # an optional section: listed, then walked
+                subs.append((optional[0], f"{prefix}{name}."))
             bounds = [f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
                       if getattr(m, k, None) is not None]
             default = f.default_factory() if f.default_factory is not None else f.default
             typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*Grid\b)", "", typ)  # __main__.RhoGrid -> RhoGrid
+            typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*(Grid|Config)\b)", "", typ)  # __main__.RhoGrid -> RhoGrid
             typ = typ.replace("|", "\\|")  # a pipe inside a table cell must be escaped, even in code
             meaning = (f.description or "").replace("|", "/") + (" *(execution-only)*" if is_execution_only(f) else "")
             rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {', '.join(bounds)} | {meaning.strip()} |")

@@ -24,10 +24,24 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+class StorageWriteError(OSError):
+    """A write under the root failed (permission, read-only or full file system, object store access denied or
+    unreachable). The message names the URL; nothing was replaced there (the write is all-or-nothing)."""
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write all-or-nothing: temp file + rename locally; a single PUT on object stores (atomic there)."""
+    """Write all-or-nothing: temp file + rename locally; a single PUT on object stores (atomic there). A failure is a
+    StorageWriteError (an OSError, errno kept) naming the URL and the way out, not an fsspec / botocore traceback."""
     fs, path = fs_and_path(url)
-    write_atomic(fs, path, data)
+    try:
+        write_atomic(fs, path, data)
+    except OSError as e:
+        detail = str(e).replace("\n", " ")[:300]
+        err = StorageWriteError(f"cannot write {url} ({type(e).__name__}: {detail}); nothing was replaced there (a "
+                                f"previous version, if any, is intact). Make the root writable (permissions, free "
+                                f"space, object-store policy or credentials) and rerun: finished work is kept")
+        err.errno = e.errno
+        raise err from e
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -36,11 +50,18 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if "file" in protocols or "local" in protocols:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # disk full, read-only, interrupted: never leave a half-written temp file behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
     else:
         fs.pipe_file(path, data)
 

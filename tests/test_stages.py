@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_checkpoint import assert_same  # pytest puts tests/ on sys.path
 
 from flows import cli
-from test_checkpoint import assert_same  # pytest puts tests/ on sys.path
 from reflow_core import checkpoint, stages, storage
 from reflow_core.config import ConfigError, load_preset
 
@@ -314,3 +315,20 @@ def test_student_stages_resume_after_kill_9_bit_identically(tmp_path, uninterrup
     assert m["models"] == ["teacher", "reflow", "slim"]
     params = {r["model"]: r["params"] for r in m["rows"]}
     assert params["slim"] < params["reflow"] / 3  # the SlimFlow student is the small net
+
+
+@pytest.mark.slow
+def test_a_distilled_student_of_the_same_size_runs_and_samples(tmp_path):
+    cfg = load_preset("toy2d_distill", {k: v for k, v in TINY.items() if k != "reflow.rounds"} | {
+        "distill.train": {"steps": 20, "batch_size": 64, "ckpt_every": 10, "log_every": 10, "warmup": 5}})
+    rows = stages.run_local(cfg, str(tmp_path), "d")
+    assert {r["model"] for r in rows} == {"teacher", "reflow", "distilled"}
+    assert len({r["params"] for r in rows}) == 1  # initialised from the reflow model: the same net
+    paths = stages.RunPaths.of(str(tmp_path), "d")
+    student = checkpoint.load_latest(str(tmp_path / "d" / "distill"))
+    reflow = checkpoint.load(stages.model_checkpoint(paths, "reflow"))
+    assert student["step"] == 20 and student["meta"] == reflow["meta"]
+    assert not all(torch.equal(student["ema"][k], reflow["ema"][k]) for k in student["ema"])  # it was trained
+    out = tmp_path / "x.npy"
+    assert cli.main(["sample", "--root", str(tmp_path), "--run", "d", "--model", "distilled", "--n", "8",
+                     "--out", str(out)]) == 0 and out.exists()

@@ -35,6 +35,7 @@ import fsspec
 import numpy as np
 import torch
 import zarr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import storage
 from ..config import PairsConfig
@@ -52,6 +53,11 @@ _TAG_NOISE, _TAG_LABEL, _TAG_PERM = 0x6E6F697365, 0x6C6162656C, 0x7065726D
 
 class PairStoreMismatch(ValueError):
     """An existing store at the URL was made with different structure or teacher/solver settings."""
+
+
+class PairStoreInvalid(PairStoreMismatch):
+    """The store's metadata (the group's zarr attributes) is unreadable or invalid: torn, hand-edited or written by
+    something else. Never trusted; the message names the store and `--redo-stage`."""
 
 
 class PairStoreIncomplete(RuntimeError):
@@ -90,6 +96,90 @@ def _with_retries(fn: Callable[[], None], url: str, what: str) -> None:
                                      f"({type(err).__name__}: {err}); the shard has no done marker and is redone on "
                                      "the next run (free disk space / check the object store, then rerun)") from err
             time.sleep(WRITE_BACKOFF_S * 2 ** attempt)
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+# Stored metadata is validated when read: a team shares one root, so whatever another writer left there is data to
+# check, not to trust. The bounds keep a hostile attrs document from making the shard plan explode.
+MAX_SHARDS = 1_000_000
+_HEX64 = r"^[0-9a-f]{64}$"
+_Count = Field(strict=True, ge=0, le=2 ** 48)
+_Size = Field(strict=True, ge=1, le=2 ** 40)
+
+
+class StoreAttrs(BaseModel):
+    """The attrs of a pair store's zarr group that this module relies on (what `create` writes). Unknown keys are
+    kept (a caller's extra attrs); the simulation settings are optional (a store made by `create` with other attrs)
+    but typed when present."""
+
+    model_config = ConfigDict(extra="allow")
+
+    convention: str = Field(pattern=f"^{re.escape(CONVENTION)}$")
+    n_backward: int = _Count
+    n_forward: int = _Count
+    shape: list[int] = Field(min_length=0, max_length=8)
+    chunk_size: int = _Size
+    shard_size: int = _Size
+    dtype: str = Field(pattern=f"^({'|'.join(DTYPES)})$")
+    storage_dtype: str | None = Field(None, pattern=r"^(float32|float16|uint16)$")
+    zarr_shards: bool | None = Field(None, strict=True)
+    compress: bool | None = Field(None, strict=True)
+    solver: str | None = Field(None, max_length=64)
+    nfe: int | None = Field(None, strict=True, ge=1, le=100_000)
+    grid: str | None = Field(None, max_length=64)
+    rho: float | None = Field(None, allow_inf_nan=False)
+    seed: int | None = Field(None, strict=True)
+    teacher_hash: str | None = Field(None, max_length=256)
+    stage: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StoreAttrs":
+        if any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 2 ** 31 for d in self.shape):
+            raise ValueError(f"shape must be positive ints, got {self.shape}")
+        if self.shard_size % self.chunk_size:
+            raise ValueError(f"shard_size {self.shard_size} is not a multiple of chunk_size {self.chunk_size}")
+        if self.n_backward + self.n_forward < 1:
+            raise ValueError("a pair store holds at least one row")
+        shards = -(-self.n_backward // self.shard_size) + -(-self.n_forward // self.shard_size)
+        if shards > MAX_SHARDS:
+            raise ValueError(f"{shards} shards (more than {MAX_SHARDS})")
+        want = "uint16" if self.dtype == "bfloat16" else self.dtype
+        if self.storage_dtype is not None and self.storage_dtype != want:
+            raise ValueError(f"storage_dtype {self.storage_dtype} does not go with dtype {self.dtype}")
+        return self
+
+
+class ShardMarker(BaseModel):
+    """done/shard-NNNNN.json: written after a shard's rows, with the sha256 of the bytes written."""
+
+    model_config = ConfigDict(extra="allow")  # simulate_shard adds seconds, solver, nfe
+
+    shard: int = Field(strict=True, ge=0)
+    start: int = Field(strict=True, ge=0)
+    stop: int = Field(strict=True, ge=0)
+    direction: int = Field(strict=True, ge=0, le=1)
+    rows: int = Field(strict=True, ge=0)
+    sha256: dict[str, str]
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardMarker":
+        missing = [k for k in (*ARRAYS, "all") if not re.match(_HEX64, str(self.sha256.get(k, "")))]
+        if missing:
+            raise ValueError(f"sha256 lacks a hex digest for {missing}")
+        return self
+
+
+def redo_hint(url: str) -> str:
+    """`--redo-stage NAME` for the store at url (pairs.zarr -> pairs, pairs-2.zarr -> pairs-2)."""
+    m = re.search(r"(pairs(?:-\d+)?)\.zarr/?$", url)
+    return f"--redo-stage {m.group(1) if m else '<the pairs stage that writes it>'}"
+
+
+def _invalid(url: str, what: str, err: BaseException | str) -> PairStoreInvalid:
+    detail = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    detail = str(detail).replace("\n", " ")[:400]
+    return PairStoreInvalid(f"pair store {url}: {what} is unreadable or invalid ({detail}); it is not trusted. "
+                            f"Rerun with {redo_hint(url)} to simulate the pairs again")
 
 
 # --------------------------------------------------------------------------------------------------- seeding
@@ -258,9 +348,31 @@ class PairStore:
         self._group = group
         self._fs = fs
         self._root = root.rstrip("/")
-        self._attrs = dict(group.attrs)
+        self._attrs = self._valid_attrs(self.url, group)
         self._arrays = {k: group[k] for k in ARRAYS}
+        self._check_arrays()
         self._plan = shard_plan(self.n_backward, self.n_forward, self.shard_size)
+
+    @staticmethod
+    def _valid_attrs(url: str, group: zarr.Group) -> dict:
+        """The group's attrs, validated (`StoreAttrs`); PairStoreInvalid naming the store and --redo-stage."""
+        try:
+            attrs = dict(group.attrs)
+            StoreAttrs.model_validate(attrs)
+        except (ValidationError, ValueError, TypeError) as e:
+            raise _invalid(url, "its attributes (zarr.json)", e) from None
+        return attrs
+
+    def _check_arrays(self) -> None:
+        """The arrays must be what the attrs say (rows, row shape, storage dtype): rows are addressed by the attrs."""
+        n, want = self.n, ("uint16" if self.dtype == "bfloat16" else self.dtype)
+        for k in ARRAYS:
+            a = self._arrays[k]
+            shape = (n, *self.shape) if k in ("noise", "sample") else (n,)
+            if tuple(a.shape) != shape:
+                raise _invalid(self.url, f"array {k!r}", f"shape {tuple(a.shape)}, the attributes say {shape}")
+            if k in ("noise", "sample") and str(a.dtype) != want:
+                raise _invalid(self.url, f"array {k!r}", f"dtype {a.dtype}, the attributes say {want}")
 
     # ---- opening
     @staticmethod
@@ -293,7 +405,10 @@ class PairStore:
         if not cls.exists(url, opts):
             raise FileNotFoundError(f"no pair store at {url}")
         store = cls._zarr_store(url, opts, read_only)
-        group = zarr.open_group(store=store, mode="r" if read_only else "r+")
+        try:
+            group = zarr.open_group(store=store, mode="r" if read_only else "r+")
+        except (ValueError, TypeError, KeyError) as e:  # a torn zarr.json (JSONDecodeError is a ValueError)
+            raise _invalid(url, "its group metadata (zarr.json)", e) from None
         missing = []
         for k in ARRAYS:  # look arrays up by name: listing members would trip over the done/ markers folder
             try:
@@ -452,12 +567,30 @@ class PairStore:
             names = self._fs.ls(done_dir, detail=False)
         except FileNotFoundError:
             return set()
-        out = set()
+        found = {}
         for name in names:
             m = _MARKER_RE.search(str(name))
             if m and int(m.group(1)) < len(self._plan):
-                out.add(int(m.group(1)))
-        return out
+                found[int(m.group(1))] = self._marker_path(int(m.group(1)))
+        if not found:
+            return set()
+        # a marker counts only when it validates (ShardMarker, matching this store's plan): a torn or foreign one is
+        # not trusted, so its shard is pending and simulated again (same values: noise is seeded per row), and
+        # writing the shard replaces the marker. One batched read (concurrent GETs on object stores).
+        data = self._fs.cat(list(found.values()), on_error="omit")
+        data = {str(p).rstrip("/").rsplit("/", 1)[-1]: v for p, v in data.items()}
+        return {k for k, p in found.items()
+                if (raw := data.get(p.rsplit("/", 1)[-1])) is not None and self._valid_marker(k, raw) is not None}
+
+    def _valid_marker(self, k: int, raw: bytes) -> dict | None:
+        try:
+            m = ShardMarker.model_validate_json(raw)
+        except (ValidationError, ValueError):
+            return None
+        s = self._plan[k]
+        if (m.shard, m.start, m.stop, m.direction, m.rows) != (s.index, s.start, s.stop, s.direction, s.rows):
+            return None
+        return json.loads(raw)
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
@@ -467,10 +600,12 @@ class PairStore:
         return not self.pending_shards()
 
     def marker(self, k: int) -> dict | None:
+        """Shard k's done marker, None when it is missing or does not validate (torn, foreign: not trusted)."""
         try:
-            return json.loads(self._fs.cat_file(self._marker_path(k)))
+            raw = self._fs.cat_file(self._marker_path(k))
         except FileNotFoundError:
             return None
+        return self._valid_marker(k, raw)
 
     def _write_marker(self, shard: Shard, digests: dict[str, str], extra: dict | None = None) -> None:
         obj = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "direction": shard.direction,
@@ -606,5 +741,5 @@ def verify_pairs(store: PairStore, shards: list[int] | None = None) -> list[str]
             continue
         if not ok:
             bad.append(f"shard {k} (rows [{sh.start}, {sh.stop}), {chunks}): "
-                       + ("no done marker" if store.marker(k) is None else "sha256 differs from its done marker"))
+                       + ("no valid done marker" if store.marker(k) is None else "sha256 differs from its done marker"))
     return bad

@@ -10,6 +10,7 @@ output: {"model": checkpoint URL}
 from __future__ import annotations
 
 from .. import checkpoint
+from .. import distill as dmath
 from ..losses import HighPass
 from ..train import flow_matching_loss, train
 from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
@@ -22,7 +23,6 @@ def done(stage: Stage, ctx: Context) -> bool:
 
 
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
-    from .. import distill as dmath  # TEMP-LAZY
     cfg, dc = ctx.cfg, ctx.cfg.distill
     ac = dc.anneal
     store = checked_pairs(stage, ctx, inputs, inputs["teacher"].urls["model"], done(stage, ctx))

@@ -9,6 +9,7 @@ output: {"model": checkpoint URL}
 from __future__ import annotations
 
 from .. import checkpoint
+from .. import distill as dmath
 from ..train import train
 from ..velocity import velocity_model_from_state
 from .base import Context, Stage, StageOutput, default_device, load_model
@@ -21,7 +22,6 @@ def done(stage: Stage, ctx: Context) -> bool:
 
 
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
-    from .. import distill as dmath  # TEMP-LAZY
     cfg, dc = ctx.cfg, ctx.cfg.distill
     teacher_ckpt = inputs["teacher"].urls["model"]
     store = checked_pairs(stage, ctx, inputs, teacher_ckpt, done(stage, ctx))
