@@ -263,6 +263,9 @@ class DistillConfig(_Strict):
             raise ValueError(f"distill.fgd_t must satisfy 0 < lo <= hi < 1, got {self.fgd_t}")
         if (self.net is None) != (self.anneal is None):
             raise ValueError("distill.net (a smaller student) and distill.anneal (its Annealing Reflow) go together")
+        if self.train.nproc > 1 or (self.anneal is not None and self.anneal.train.nproc > 1):
+            raise ValueError("distill.train.nproc / distill.anneal.train.nproc: the student stages run in one "
+                             "process (no DDP launcher for them yet); set 1")
         return self
 
 

@@ -90,6 +90,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     for name, model in models.items():
         lab = None if label is None else label.to(dev)
         s = metrics.straightness(model.solver_velocity(lab), noise.to(dev), steps=ec.straightness_steps)
+        cb.on_metrics(stage.name, 0, {f"{name}_params": float(count_params(model))})
         for solver, nfe in combos:
             t0 = time.perf_counter()
             g = ec.grid.solver_args(nfe)
