@@ -76,8 +76,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.reflow import reflow
 
-    result = reflow(preset=args.preset, overrides=overrides or None, root=args.root, run=args.run, new=args.new,
-                    stages=stages, teacher_checkpoint=args.teacher_checkpoint, redo_stages=args.redo_stage or None)
+    from reflow_core.config import allow_any_preset_path
+
+    with allow_any_preset_path():  # the caller may load any YAML it can read (a deployment may not)
+        result = reflow(preset=args.preset, overrides=overrides or None, root=args.root, run=args.run, new=args.new,
+                        stages=stages, teacher_checkpoint=args.teacher_checkpoint,
+                        redo_stages=args.redo_stage or None)
     for row in result.get("metrics", []):
         print(row)
     return 0

@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.tracking import MlflowTracker, resolve_tracking_uri, ui_command
 from reflow_core import stages as st
 from reflow_core.callbacks import ConsoleCallback, MultiCallback, NullCallback
-from reflow_core.config import PipelineConfig, load_preset
+from reflow_core.config import PipelineConfig, deployment_preset, load_preset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +163,8 @@ def reflow(
     """Run (or resume) a ReFlow pipeline: walk the plan of the config's stage instances (`reflow plan`).
 
     Args:
-        preset: preset name (deployments/presets/NAME.yaml) or a YAML path.
+        preset: preset name (deployments/presets/NAME.yaml) or a YAML path under $REFLOW_PRESET_DIR (any path
+            when called by `reflow run`; see docs/reliability.md, threat model).
         overrides: dotted-key overrides, e.g. {"teacher.train.steps": 500, "pairs.n_pairs": 4000}.
         root: fsspec root of all runs (`./runs`, `s3://bucket/reflow`).
         run: run name under the root; re-use it to resume. None: the preset's name.
@@ -175,20 +176,21 @@ def reflow(
             redone (e.g. ["pairs"] after a corrupt pair store); their MLflow child runs are reused.
     """
     logger = get_run_logger()
+    # over a deployment whoever starts a run picks `preset`: a shipped name or a file under $REFLOW_PRESET_DIR only
+    # (the CLI, whose caller may read any file, allows any path); a ConfigError fails the flow before any I/O
+    preset_source = deployment_preset(preset)
     overrides = dict(overrides or {})
     if teacher_checkpoint:
         overrides["teacher.checkpoint"] = teacher_checkpoint
-    cfg = load_preset(preset, overrides)  # a ConfigError fails the flow here, before any work
+    cfg = load_preset(preset_source, overrides)  # a ConfigError fails the flow here, before any work
     names = st.stage_names(cfg)
     for s in (stages or []) + (redo_stages or []):
         if s not in names:
             raise ValueError(f"unknown stage {s!r}; this run's stages are {names}")
     paths = st.prepare_run(cfg, root, run, new=new)
-    for name in redo_stages or []:
-        logger.info("redo: removed %s", st.reset_stage(paths, name))
-    if stages and "evaluate" in stages:  # asked for by name: recompute even if metrics.json is current
-        st.reset_stage(paths, "evaluate")
-    walk, chosen = st.schedule(_ctx(cfg, paths), stages)
+    walk, chosen, removed = st.begin(cfg, paths, redo_stages or (), stages)
+    if removed:
+        logger.info("redo: removed %s", removed)
 
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, root)
     params = cfg.model_dump(mode="json")

@@ -22,6 +22,7 @@ import fsspec
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
@@ -37,6 +38,37 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "reflow.stage"
 _SECRET = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+class TrackingFileError(RuntimeError):
+    """`<run dir>/mlflow_run.json` is unreadable or invalid; the message names it and the way out."""
+
+
+class MlflowRunFile(BaseModel):
+    """`<run dir>/mlflow_run.json`: the pipeline run's MLflow parent run. Validated when read: the root is shared, so
+    a torn or hand-edited file must not be passed on to MLflow as a run id."""
+
+    model_config = ConfigDict(extra="ignore")  # a later writer may add fields
+
+    run_id: str = Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    experiment: str | None = None
+
+
+def read_run_file(url: str) -> MlflowRunFile | None:
+    """The validated mlflow_run.json at url, None when there is none yet; TrackingFileError when it is torn or
+    invalid (naming the file and the fix: delete it; the run's artifacts do not depend on it)."""
+    if not storage.exists(url):
+        return None
+    try:
+        return MlflowRunFile.model_validate_json(storage.read_bytes(url))
+    except (ValidationError, ValueError, OSError) as e:
+        detail = str(e).replace("\n", " ")[:300]
+        raise TrackingFileError(
+            f"{url} is unreadable or invalid ({type(e).__name__}: {detail}); delete it to start a new MLflow "
+            f"parent run for this pipeline run (the run's artifacts, checkpoints and pairs are unaffected and are "
+            f"resumed as usual)") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,8 +226,8 @@ class MlflowTracker:
             if self._parent_id is not None:
                 return self._parent_id
             url = storage.join(self.run_dir_url, RUN_FILE)
-            stored = storage.read_json(url) if storage.exists(url) else {}
-            run_id = stored.get("run_id")
+            stored = read_run_file(url)  # a torn / invalid file: TrackingFileError naming it and the fix
+            run_id = stored.run_id if stored is not None else None
             if run_id and self._run_exists(run_id):
                 self.client.update_run(run_id, status="RUNNING")
             else:

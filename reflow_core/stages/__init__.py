@@ -25,9 +25,10 @@ from .base import (Context, RunPaths, Stage, StageOutput, check_run_name, datase
 from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
                     upstream)
 
-__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "Context", "RunPaths", "Stage", "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream",
-           "inputs_of", "suffix", "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config",
-           "dataset", "load_model", "check_run_name", "schedule", "run_local", "model_checkpoint", "sample_model"]
+__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "Context", "RunPaths", "Stage",
+           "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream", "inputs_of", "suffix",
+           "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config", "dataset", "load_model",
+           "check_run_name", "schedule", "begin", "run_local", "model_checkpoint", "sample_model"]
 
 
 def schedule(ctx: Context, selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage]]:
@@ -44,16 +45,26 @@ def schedule(ctx: Context, selected: Sequence[str] | None = None) -> tuple[list[
     return walk, chosen
 
 
+def begin(cfg: PipelineConfig, paths: RunPaths, redo_stages: Sequence[str] = (),
+          selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage], list[str]]:
+    """What both runners do before walking: delete the artifacts of `redo_stages` (and every later stage's), and of
+    `evaluate` when it is selected by name (asked for: recomputed even if metrics.json is current); then
+    `schedule`. Returns (stages to walk, stages selected, URLs removed)."""
+    removed = [url for name in redo_stages for url in reset_stage(paths, name)]
+    if selected and "evaluate" in selected:
+        removed += reset_stage(paths, "evaluate")
+    walk, chosen = schedule(Context(cfg, paths), selected)
+    return walk, chosen, removed
+
+
 def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: Callback | None = None,
               device=None, new: bool = False, redo_stages: Sequence[str] = (),
               stages: Sequence[str] | None = None) -> list[dict]:
     """Walk the plan in this process, each stage skipped when its artifacts say it is done.
     redo_stages: delete these stages' artifacts (and later stages') first (`reset_stage`). Returns the metric rows."""
     paths = prepare_run(cfg, root, run, new=new)
-    for name in redo_stages:
-        reset_stage(paths, name)
+    walk, _, _ = begin(cfg, paths, redo_stages, stages)
     ctx = Context(cfg, paths, callback or NullCallback(), device)
-    walk, _ = schedule(ctx, stages)
     outputs: dict[str, StageOutput] = {}
     for s in walk:
         outputs[s.name] = module(s).run(s, ctx, inputs_of(s, outputs))
