@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
 
 from reflow_core import storage  # noqa: E402
 
@@ -200,6 +200,9 @@ def quality_vs_nfe(rows: Sequence[Mapping], metric: str, path: str, title: str |
     values = [v for pts in series.values() for _, v in pts]
     if values and min(values) > 0 and max(values) / min(values) > 10:
         ax.set_yscale("log")  # a 1-NFE teacher 10x worse than the rest would flatten every other curve
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if max(values) / min(values) < 30 else NullFormatter())
     if nfes:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(sorted(nfes)))
