@@ -1,4 +1,6 @@
-import pytest  # noqa: F401
+import os
+
+import pytest
 
 
 def pytest_configure(config):
@@ -10,6 +12,23 @@ def pytest_sessionstart(session):
     # (measured: a 300-step MLP run took 6.8 s with 1 thread, 45 s with 2 under load).
     import torch
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect API server (SQLite) for one test module's flow runs (no telemetry: offline and quiet)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # read by the server subprocess
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
 
 
 # --- issue 5: a moto S3 API server on 127.0.0.1, endpoint and throw-away credentials in the environment -------------

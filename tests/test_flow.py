@@ -11,7 +11,6 @@ import time
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows import cli, tracking
 from flows import reflow as reflow_module
@@ -32,21 +31,6 @@ TINY = {
     "reflow.train.log_every": 20,
     "eval.n_samples": 500, "eval.nfes": [1, 2], "eval.straightness_steps": 8,
 }
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect API server (SQLite) for this module's flow runs (no telemetry: offline and quiet)."""
-    old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # read by the server subprocess
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
-        else:
-            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
 
 
 @pytest.fixture()

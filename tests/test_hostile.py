@@ -19,19 +19,9 @@ from reflow_core import stages as st
 from reflow_core.config import (ConfigError, allow_any_preset_path, deployment_preset, load_preset,
                                 PRESET_DIR, PRESET_DIR_ENV)
 from reflow_core.pairs.store import PairStore, PairStoreInvalid, PairStoreMismatch, verify_pairs
+from test_stages import TINY as TWO_ROUNDS  # pytest puts tests/ on sys.path
 
-# a one-round version of tests/test_stages.py's TINY
-TINY = {
-    "data.n_train": 1000,
-    "net.hidden": 32, "net.depth": 2,
-    "teacher.train.steps": 40, "teacher.train.batch_size": 64, "teacher.train.ckpt_every": 10,
-    "teacher.train.log_every": 10, "teacher.train.warmup": 5,
-    "pairs.n_pairs": 500, "pairs.shard_size": 250, "pairs.chunk_size": 125, "pairs.batch_size": 250,
-    "pairs.nfe": 5, "pairs.solver": "heun", "pairs.grid": "uniform",
-    "reflow.train.steps": 30, "reflow.train.batch_size": 64, "reflow.train.ckpt_every": 10,
-    "reflow.train.log_every": 10, "reflow.train.warmup": 5, "reflow.rounds": 1,
-    "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
-}
+TINY = TWO_ROUNDS | {"reflow.rounds": 1}  # a one-round version of tests/test_stages.py's TINY
 
 
 def _cfg(**more):
@@ -253,23 +243,6 @@ def test_s3_access_denied_fails_clearly_then_resumes(moto_s3):
 
 
 # --- the Prefect flow: presets, a torn latest.json, a torn mlflow_run.json -----------------------------------------
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect API server (SQLite), as in tests/test_flow.py."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
-        else:
-            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
-
 
 @pytest.mark.slow
 def test_flow_presets_and_stored_metadata(prefect_api, tmp_path, monkeypatch):

@@ -49,21 +49,6 @@ def assert_same_store(a: PairStore, b: PairStore) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- (a) dask
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-    old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
-        else:
-            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
-
-
 def test_pair_task_runner_choice():
     pytest.importorskip("prefect_dask")
     from prefect.task_runners import ThreadPoolTaskRunner
