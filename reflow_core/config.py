@@ -176,8 +176,27 @@ class TrainConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
+    """Where the teacher comes from: trained here (source: train), one of our checkpoints (checkpoint: URL), or a
+    pretrained diffusion model adapted to a velocity in our convention (source: diffusers; reflow_core.teachers)."""
+
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: str | None = Field(None, description="start from this teacher checkpoint (skips training)")
+    source: Literal["train", "diffusers"] = Field("train", description="diffusers: a pretrained UNet2DModel + its "
+                                                                       "scheduler config (pip install -e '.[diffusers]')")
+    path: str | None = Field(None, description="source=diffusers: a local pipeline/model directory or a hub id "
+                                               "(downloaded only when online)")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = Field(
+        None, description="source=diffusers: the model's parametrisation; None = its scheduler config's")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if self.source == "diffusers" and not self.path:
+            raise ValueError("teacher.path is required for teacher.source='diffusers' (a local directory or hub id)")
+        if self.source == "diffusers" and self.checkpoint:
+            raise ValueError("teacher.checkpoint and teacher.source='diffusers' exclude each other")
+        if self.source == "train" and (self.path or self.prediction_type):
+            raise ValueError("teacher.path / teacher.prediction_type need teacher.source='diffusers'")
+        return self
 
 
 class PairsConfig(_Strict):

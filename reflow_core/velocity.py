@@ -188,8 +188,12 @@ def velocity_model_from_state(state: dict, *, ema: bool = True, device: str | to
     `state["ema"]` (or `state["net"]`). Both VelocityModel state dicts (`backbone.` keys) and older bare backbone
     state dicts load."""
     meta = state["meta"]
-    model = build_velocity_model(NetConfig.model_validate(meta["net"]), tuple(meta["shape"]),
-                                 meta.get("num_classes", 0), amp=amp)
+    if meta["net"].get("kind") == "diffusion_vp":  # a pretrained diffusion model adapted to our convention
+        from .teachers import build_from_meta
+        model = VelocityModel(build_from_meta(meta["net"]), meta.get("num_classes", 0), amp=amp)
+    else:
+        model = build_velocity_model(NetConfig.model_validate(meta["net"]), tuple(meta["shape"]),
+                                     meta.get("num_classes", 0), amp=amp)
     model.load_state_dict(state["ema" if ema else "net"])
     return model.to(device).eval()
 

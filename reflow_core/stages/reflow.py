@@ -19,8 +19,9 @@ from ..config import TrainConfig
 from ..nets import set_dropout
 from ..pairs import PairSampler, PairStore
 from ..train import Batch, train
+from ..velocity import velocity_model_from_state
 from . import pairs as pairs_stage
-from .base import Context, Stage, StageOutput, dataset, default_device, load_model, model_meta, round_seed
+from .base import Context, Stage, StageOutput, default_device, round_seed
 
 
 def done(stage: Stage, ctx: Context) -> bool:
@@ -36,14 +37,15 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     if rc.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this stage on every rank
         url = distributed.launch_torchrun(rc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
         return StageOutput({"model": url})
-    model = load_model(init_ckpt, ema=True).train()
-    if cfg.reflow.dropout is not None:
+    init = checkpoint.load(init_ckpt)
+    model, meta = velocity_model_from_state(init, ema=True).train(), dict(init["meta"])
+    if cfg.reflow.dropout is not None:  # Simple ReFlow #4; recorded in the meta, so the checkpoint rebuilds as trained
         set_dropout(model, cfg.reflow.dropout)
-    net_cfg = cfg.net.model_copy(update={"dropout": cfg.reflow.dropout}) if cfg.reflow.dropout is not None else None
+        if "dropout" in meta["net"]:
+            meta["net"] = {**meta["net"], "dropout": cfg.reflow.dropout}
     with pair_batches(store, model, rc, cfg.reflow.forward_ratio, cfg.reflow.ram_budget_mb) as (batches, mode):
-        url = train(net=model, batches=batches, cfg=rc, ckpt_dir=stage.writes, stage=stage.name,
-                    meta=model_meta(cfg, dataset(cfg), net_cfg), callback=ctx.callback,
-                    device=default_device(ctx.device))
+        url = train(net=model, batches=batches, cfg=rc, ckpt_dir=stage.writes, stage=stage.name, meta=meta,
+                    callback=ctx.callback, device=default_device(ctx.device))
     return StageOutput({"model": url}, {"sampler": mode})
 
 

@@ -1,6 +1,6 @@
 """Stage `teacher`: a 1-rectified flow on real data (independent coupling of fresh N(0, I) noise and data).
 
-reads:  nothing (or the given `teacher.checkpoint`, which skips training)
+reads:  nothing (or the given `teacher.checkpoint`, or a pretrained diffusion model: teacher.source=diffusers)
 writes: <run>/teacher/ckpt-<step>.pt + latest.json, and guide.pt (AutoGuidance's weaker model: the EMA at 1/4 of
         training)
 output: {"model": checkpoint URL, "guide": guide.pt URL when there is one}
@@ -11,7 +11,8 @@ import torch
 
 from .. import checkpoint, distributed, storage
 from ..train import Batch, train
-from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
+from ..velocity import VelocityModel
+from .base import CONVENTION, Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
 
 GUIDE_FILE = "guide.pt"
 
@@ -20,6 +21,8 @@ def done(stage: Stage, ctx: Context) -> bool:
     if ctx.cfg.teacher.checkpoint:
         return True
     state = checkpoint.latest_info(stage.writes)
+    if ctx.cfg.teacher.source == "diffusers":
+        return state is not None
     return state is not None and state.step >= ctx.cfg.teacher.train.steps
 
 
@@ -28,6 +31,8 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     if cfg.teacher.checkpoint:
         checkpoint.load(cfg.teacher.checkpoint)  # fail now, clearly, if it is unusable
         return StageOutput({"model": cfg.teacher.checkpoint})
+    if cfg.teacher.source == "diffusers":
+        return output(stage, checkpoint.latest(stage.writes) or import_pretrained(stage, ctx))
     if tc.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this stage on every rank
         url = distributed.launch_torchrun(tc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
         return output(stage, url)
@@ -48,6 +53,21 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
 
     _guide_snapshot(stage, tc.steps, train_to)
     return output(stage, train_to(tc.steps))
+
+
+def import_pretrained(stage: Stage, ctx: Context) -> str:
+    """A pretrained diffusion model as this run's teacher: adapted to a velocity in our convention
+    (`reflow_core.teachers`) and written once as an ordinary checkpoint (step 0) whose meta rebuilds it offline, so
+    the pairs are tied to its hash and the reflow stage fine-tunes it (2-Rectified Flow++ starts from EDM's weights)."""
+    from .. import teachers
+
+    cfg, ds = ctx.cfg, dataset(ctx.cfg)
+    adapter = teachers.from_diffusers(cfg.teacher.path, prediction_type=cfg.teacher.prediction_type)
+    model = VelocityModel(adapter, ds.num_classes if cfg.net.class_cond else 0)
+    state = model.state_dict()
+    meta = {"net": adapter.config(), "shape": list(ds.shape), "num_classes": ds.num_classes,
+            "convention": CONVENTION, "source": cfg.teacher.path, "weights_hash": teachers.weights_hash(adapter)}
+    return checkpoint.save(stage.writes, {"net": state, "ema": state, "step": 0, "meta": meta})
 
 
 def output(stage: Stage, url: str) -> StageOutput:
