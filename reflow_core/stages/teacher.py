@@ -63,9 +63,9 @@ def import_pretrained(stage: Stage, ctx: Context) -> str:
 
     cfg, ds = ctx.cfg, dataset(ctx.cfg)
     adapter = teachers.from_diffusers(cfg.teacher.path, prediction_type=cfg.teacher.prediction_type)
-    model = VelocityModel(adapter, ds.num_classes if cfg.net.class_cond else 0)
-    state = model.state_dict()
-    meta = {"net": adapter.config(), "shape": list(ds.shape), "num_classes": ds.num_classes,
+    num_classes = ds.num_classes if cfg.net.class_cond else 0  # net.class_cond: the pretrained model takes labels
+    state = VelocityModel(adapter, num_classes).state_dict()
+    meta = {"net": adapter.config(), "shape": list(ds.shape), "num_classes": num_classes,
             "convention": CONVENTION, "source": cfg.teacher.path, "weights_hash": teachers.weights_hash(adapter)}
     return checkpoint.save(stage.writes, {"net": state, "ema": state, "step": 0, "meta": meta})
 
