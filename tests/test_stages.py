@@ -332,3 +332,12 @@ def test_a_distilled_student_of_the_same_size_runs_and_samples(tmp_path):
     out = tmp_path / "x.npy"
     assert cli.main(["sample", "--root", str(tmp_path), "--run", "d", "--model", "distilled", "--n", "8",
                      "--out", str(out)]) == 0 and out.exists()
+
+
+def test_every_shipped_preset_validates_and_plans():
+    from reflow_core.config import preset_names
+    for name in preset_names():
+        cfg = load_preset(name)
+        plan = stages.plan(cfg, stages.RunPaths("/r", cfg.name))
+        assert plan[0].name == "teacher" and plan[-1].name == "evaluate", name
+        assert {s.model for s in plan if s.model} == set(cfg.model_names()), name
