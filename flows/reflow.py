@@ -163,7 +163,7 @@ def reflow(
     """Run (or resume) a ReFlow pipeline: walk the plan of the config's stage instances (`reflow plan`).
 
     Args:
-        preset: preset name (deployments/presets/NAME.yaml) or a YAML path under $REFLOW_PRESET_DIR (any path
+        preset: preset name (reflow_core/presets/NAME.yaml) or a YAML path under $REFLOW_PRESET_DIR (any path
             when called by `reflow run`; see docs/reliability.md, threat model).
         overrides: dotted-key overrides, e.g. {"teacher.train.steps": 500, "pairs.n_pairs": 4000}.
         root: fsspec root of all runs (`./runs`, `s3://bucket/reflow`).
