@@ -56,16 +56,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.run is not None:
         from reflow_core.stages import check_run_name
         check_run_name(args.run)
+    root = args.root or os.environ.get("REFLOW_ROOT") or "./runs"
     if args.local:
+        from flows.report import quality_column, summary_table
         from reflow_core import stages as st
         from reflow_core.callbacks import ConsoleCallback
 
         if args.teacher_checkpoint:
             cfg = load_preset(args.preset, overrides | {"teacher.checkpoint": args.teacher_checkpoint})
-        rows = st.run_local(cfg, args.root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
+        rows = st.run_local(cfg, root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
                             redo_stages=args.redo_stage or (), stages=stages)
-        for row in rows:
-            print(row)
+        if rows:
+            print(summary_table(rows, quality_column(rows)))
+        print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
         return 0
 
     # No PREFECT_API_URL: Prefect starts a temporary local API server for this process (ephemeral mode). Its
@@ -76,14 +79,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.reflow import reflow
 
-    from reflow_core.config import allow_any_preset_path
+    from reflow_core.config import allow_any_preset_path, leaf_overrides
 
     with allow_any_preset_path():  # the caller may load any YAML it can read (a deployment may not)
-        result = reflow(preset=args.preset, overrides=overrides or None, root=args.root, run=args.run, new=args.new,
-                        stages=stages, teacher_checkpoint=args.teacher_checkpoint,
-                        redo_stages=args.redo_stage or None)
-    for row in result.get("metrics", []):
-        print(row)
+        # the flow's overrides are typed per config field: `--set pairs.grid.rho=2` becomes `pairs.grid: {...}`
+        reflow(preset=args.preset, overrides=leaf_overrides(args.preset, overrides) or None, root=root, run=args.run,
+               new=args.new, stages=stages, teacher_checkpoint=args.teacher_checkpoint,
+               redo_stages=args.redo_stage or None)  # prints the summary table and the MLflow UI command
     return 0
 
 
@@ -162,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run or resume a pipeline (a Prefect flow; --local: plain Python)")
     r.add_argument("--preset", default="toy2d", help="preset name or YAML path (see `reflow presets`)")
-    r.add_argument("--root", default="./runs", help="root of all runs: a directory or fsspec URL (s3://...)")
+    r.add_argument("--root", default=None, help="root of all runs: a directory or fsspec URL (s3://...); default "
+                   "$REFLOW_ROOT, else ./runs")
     r.add_argument("--run", default=None, help="run name; reuse it to resume (default: a new name)")
     r.add_argument("--new", action="store_true", help="refuse to reuse an existing run directory")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")

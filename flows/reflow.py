@@ -11,20 +11,38 @@ its latest checkpoint, and MLflow logging continues in the same parent run.
 
     from flows.reflow import reflow
     reflow(preset="toy2d", root="./runs", run="demo", overrides={"teacher.train.steps": 500})
+
+The parameters are typed (preset from the shipped list, overrides typed and bounded per config field, run and stage
+names by pattern), so a deployment's form shows them and a Prefect server refuses a bad value when the run is
+created, before any worker picks it up. A flow run holds its run directory's lease (`reflow_core.lease`) while it
+walks: a second flow run on the same `<root>/<run>` is refused with the holder named. It ends with the results in
+MLflow (headline metrics on the parent run, one evaluation run per model, the models logged and registered) and on
+the flow run's page (Prefect artifacts: metric table, summary with the sample grids and plots, MLflow link).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal
+from uuid import UUID
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, runtime, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
-from flows.tracking import MlflowTracker, resolve_tracking_uri, ui_command
+from flows import report
+from flows.tracking import MlflowTracker, TrackingFileError, local_path, resolve_tracking_uri, source_tags, ui_command
+from reflow_core import lease, storage
 from reflow_core import stages as st
 from reflow_core.callbacks import ConsoleCallback, MultiCallback, NullCallback
-from reflow_core.config import PipelineConfig, deployment_preset, load_preset
+from reflow_core.checkpoint import CheckpointError
+from reflow_core.config import (ConfigError, ConfigOverrides, PipelineConfig, deployment_preset, load_preset,
+                                override_dict, preset_names)
+from reflow_core.pairs import PairStoreCorrupt, PairStoreMismatch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,7 +76,24 @@ def _ctx(cfg: PipelineConfig, paths: st.RunPaths, callback=None) -> st.Context:
     return st.Context(cfg, paths, callback or NullCallback())
 
 
-@task(name="stage", task_run_name="{stage.name}", cache_policy=NO_CACHE)
+# Errors a retry cannot fix: a bad config or changed identity (ConfigError), a corrupt store, checkpoint or tracking
+# file, a run directory held by another runner, and programming errors. Anything else (a dropped S3 connection, a
+# pre-empted GPU, an OOM kill of a subprocess) is retried; the retry resumes from the artifacts.
+DETERMINISTIC = (ConfigError, PairStoreMismatch, PairStoreCorrupt, CheckpointError, TrackingFileError, lease.RunInUse, ValueError,
+                 TypeError, KeyError, AttributeError, AssertionError, NotImplementedError)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry unless the failure is deterministic (`DETERMINISTIC`)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # the result could not be read back: judge the error that says so
+        exc = e
+    return not isinstance(exc, DETERMINISTIC)
+
+
+@task(name="stage", task_run_name="{stage.name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
 def stage_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
                tracker: MlflowTracker) -> st.StageOutput:
     """One stage instance (teacher, reflow-r, evaluate, ...): its module's `run`, against its MLflow child run."""
@@ -80,7 +115,7 @@ def pair_shards_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, i
 
 
 @task(name="simulate-shard", task_run_name="{stage.name}-shard-{shard}", retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def simulate_shard_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
                         shard: int, tracker: MlflowTracker) -> dict:
     callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
@@ -145,29 +180,144 @@ def _walk_stage(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs
     return finish_pairs_task(cfg, paths, stage, tracker, results)
 
 
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(cfg: PipelineConfig, paths: st.RunPaths, preset: str, walk: list[st.Stage],
+                 outputs: dict[str, st.StageOutput], wall: dict[str, float], tracker: MlflowTracker,
+                 evaluated: bool) -> dict[str, Any]:
+    """The results where users look: MLflow (headline metrics on the parent, one evaluation run per model, the final
+    models logged with mlflow.pytorch into theirs and registered as `<preset>-<model>`) and the flow run's Prefect
+    artifacts. Idempotent: a model already logged from the same checkpoint is not logged again."""
+    ev = outputs["evaluate"]
+    stored = storage.read_json(ev.urls["metrics"])
+    rows, metric = ev.info["rows"], stored["metric"]
+    parent = tracker.parent_run_id()
+    eval_runs = tracker.log_results(rows, metric, wall) if evaluated or not _has_headline(tracker, parent) else {
+        m: tracker.child_run_id(f"eval/{m}") for m in dict.fromkeys(r["model"] for r in rows)}
+    for model in eval_runs:  # child_run_id re-opened the runs found on a no-op resume
+        tracker.finish(f"eval/{model}", "FINISHED")
+    registered: dict[str, str] = {}
+    final = registered_models(walk)
+    with tempfile.TemporaryDirectory(prefix="reflow-model-") as tmp:
+        config = os.path.join(tmp, "config.json")
+        Path(config).write_bytes(storage.read_bytes(paths.config_json))
+        for model in final & set(eval_runs):
+            ckpt, name = stored["checkpoints"][model], model_registry_name(preset, model)
+            version = tracker.log_model(eval_runs[model], st.load_model(ckpt), name, ckpt, extra_files=[config])
+            if version:
+                registered[name] = version
+    if registered:
+        tracker.set_tags(parent, {"reflow.registered_models": ", ".join(f"{k}/{v}" for k, v in registered.items())})
+    images = sorted(_pngs(st.find(walk, "evaluate").writes))
+    try:
+        artifacts = report.publish(preset=preset, run=paths.run, run_dir=paths.dir, rows=rows, metric=metric,
+                                   images=images, tracking_uri=tracker.tracking_uri, experiment=tracker.experiment,
+                                   experiment_id=tracker.experiment_id, mlflow_run_id=parent, registered=registered,
+                                   ui=ui_command(tracker.tracking_uri))
+    except Exception as e:  # an artifact is a view of results already stored: never fail a finished pipeline on it
+        get_run_logger().warning("could not create the Prefect artifacts: %s", e)
+        artifacts = {}
+    return {"registered": registered, "eval_runs": eval_runs, "artifacts": {k: str(v) for k, v in artifacts.items()},
+            "metric": metric}
+
+
+def _has_headline(tracker: MlflowTracker, run_id: str) -> bool:
+    return any("." in k for k in tracker.client.get_run(run_id).data.metrics)
+
+
+def _pngs(url: str) -> list[str]:
+    fs, path = storage.fs_and_path(url)
+    return [storage.join(url, p.rsplit("/", 1)[-1]) for p in fs.glob(path.rstrip("/") + "/*.png")]
+
+
+def registered_models(walk: list[st.Stage]) -> set[str]:
+    """The models a run registers: its last reflow round and its one-step student, the ones a user deploys."""
+    reflows = [s.model for s in walk if s.kind == "reflow"]
+    return set(reflows[-1:]) | {s.model for s in walk if s.kind == "distill"}
+
+
+def model_registry_name(preset: str, model: str) -> str:
+    """`<preset>-<model>` (toy2d-reflow, digits_distill-distilled); a preset given as a file path by its stem."""
+    return f"{Path(preset).stem}-{model}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flow
 
+ROOT_VARIABLE = "reflow_root"  # `prefect variable set reflow_root s3://bucket/reflow`: the team's root, set once
+ROOT_ENV = "REFLOW_ROOT"  # or per worker (a process pool's job_variables.env, a Kubernetes job template)
 
-@flow(name="reflow", log_prints=True, task_runner=ThreadPoolTaskRunner())
+PresetName = Literal[tuple(preset_names())]  # the shipped presets: the deployment form shows a drop-down
+PresetFile = Annotated[str, Field(pattern=r"^[^\x00]+\.ya?ml$", description="a .yaml file under $REFLOW_PRESET_DIR")]
+RunName = Annotated[str, Field(pattern=f"^(?:{st.RUN_NAME.pattern})$", description="one path component under the root")]
+StageName = Annotated[str, Field(pattern=r"^[a-z]+(-[a-z]+)?(-[0-9]+)?$", description="a stage of `reflow plan`")]
+
+
+def resolve_root(root: str | None) -> tuple[str, str]:
+    """(root, where it came from): the `root` parameter, else the Prefect variable `reflow_root`, else $REFLOW_ROOT;
+    never a worker's working directory by default. A local root is made absolute (logged, so a resume can name
+    it)."""
+    source = "the root parameter"
+    if not root:
+        from prefect.variables import Variable
+
+        root, source = Variable.get(ROOT_VARIABLE, default=None), f"the Prefect variable {ROOT_VARIABLE}"
+        if not root:
+            root, source = os.environ.get(ROOT_ENV), f"${ROOT_ENV}"
+    if not root or not isinstance(root, str):
+        raise ConfigError(f"no run root: pass root=..., or set the team's root once with `prefect variable set "
+                          f"{ROOT_VARIABLE} s3://bucket/reflow` (or ${ROOT_ENV} on every worker); a worker's "
+                          "working directory is never used by default, so a run resumed on another worker finds "
+                          "its artifacts")
+    if storage.is_local(root):
+        root = str(local_path(root))
+    return root, source
+
+
+def _flow_run_name() -> str:
+    """`{preset}-{run}` (the run defaults to the config's name, which is the preset's)."""
+    p = runtime.flow_run.parameters
+    preset = Path(str(p.get("preset") or "toy2d")).stem
+    ov = override_dict(p.get("overrides"))
+    return f"{preset}-{p.get('run') or ov.get('name') or preset}"
+
+
+def _holder_ended(holder: dict) -> bool:
+    """A run directory's lease is stale when the flow run holding it has ended (cancelled, crashed, failed) on this
+    Prefect API; a holder this API does not know (another server, a CLI run) is judged by its heartbeat alone."""
+    fr_id = holder.get("flow_run_id")
+    if not fr_id:
+        return False
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(UUID(fr_id))
+    except Exception:
+        return False
+    return fr.state is not None and fr.state.is_final()
+
+
+@flow(name="reflow", flow_run_name=_flow_run_name, log_prints=True, task_runner=ThreadPoolTaskRunner())
 def reflow(
-    preset: str = "toy2d",
-    overrides: dict[str, Any] | None = None,
-    root: str = "./runs",
-    run: str | None = None,
+    preset: PresetName | PresetFile = "toy2d",
+    overrides: ConfigOverrides | None = None,
+    root: str | None = None,
+    run: RunName | None = None,
     new: bool = False,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
     teacher_checkpoint: str | None = None,
-    redo_stages: list[str] | None = None,
+    redo_stages: list[StageName] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a ReFlow pipeline: walk the plan of the config's stage instances (`reflow plan`).
 
     Args:
-        preset: preset name (reflow_core/presets/NAME.yaml) or a YAML path under $REFLOW_PRESET_DIR (any path
-            when called by `reflow run`; see docs/reliability.md, threat model).
-        overrides: dotted-key overrides, e.g. {"teacher.train.steps": 500, "pairs.n_pairs": 4000}.
-        root: fsspec root of all runs (`./runs`, `s3://bucket/reflow`).
-        run: run name under the root; re-use it to resume. None: the preset's name.
+        preset: a shipped preset (`reflow presets`), or a YAML path under $REFLOW_PRESET_DIR (any path when called
+            by `reflow run`; see docs/reliability.md, threat model).
+        overrides: config fields to change, by dotted key, e.g. {"teacher.train.steps": 500, "pairs.n_pairs": 4000};
+            each is typed and bounded like the field it sets.
+        root: fsspec root of all runs (`/data/runs`, `s3://bucket/reflow`). Empty: the Prefect variable
+            `reflow_root`, else $REFLOW_ROOT (docs/cloud.md).
+        run: run name under the root; re-use it to resume. Empty: the config's name (the preset's).
         new: refuse to reuse an existing run directory (a fresh run).
         stages: run only these stage instances (e.g. ["reflow-2", "evaluate"]); the stages they read from must
             already be finished under this run. A selected evaluate is recomputed even if metrics.json is current.
@@ -179,14 +329,25 @@ def reflow(
     # over a deployment whoever starts a run picks `preset`: a shipped name or a file under $REFLOW_PRESET_DIR only
     # (the CLI, whose caller may read any file, allows any path); a ConfigError fails the flow before any I/O
     preset_source = deployment_preset(preset)
-    overrides = dict(overrides or {})
+    ov = override_dict(overrides)
     if teacher_checkpoint:
-        overrides["teacher.checkpoint"] = teacher_checkpoint
-    cfg = load_preset(preset_source, overrides)  # a ConfigError fails the flow here, before any work
+        ov["teacher.checkpoint"] = teacher_checkpoint
+    cfg = load_preset(preset_source, ov)  # cross-field checks: a ConfigError fails the flow here, before any work
     names = st.stage_names(cfg)
     for s in (stages or []) + (redo_stages or []):
         if s not in names:
-            raise ValueError(f"unknown stage {s!r}; this run's stages are {names}")
+            raise ConfigError(f"unknown stage {s!r}; this run's stages are {names}")
+    root, root_source = resolve_root(root)
+    flow_run_id = str(runtime.flow_run.id or "")
+    owner = flow_run_id or lease.local_owner()
+    requested = st.RunPaths.of(root, run or cfg.name)
+    with lease.hold(requested.dir, owner, is_stale=_holder_ended,
+                    info={"flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name or ""}):
+        return _run(cfg, preset, root, root_source, run, new, stages, redo_stages, logger)
+
+
+def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str | None, new: bool,
+         stages: list[str] | None, redo_stages: list[str] | None, logger) -> dict[str, Any]:
     paths = st.prepare_run(cfg, root, run, new=new)
     walk, chosen, removed = st.begin(cfg, paths, redo_stages or (), stages)
     if removed:
@@ -197,15 +358,26 @@ def reflow(
     tracker = MlflowTracker(uri, cfg.tracking.experiment, paths.dir, run_name=paths.run, params=params)
     parent = tracker.parent_run_id()
     tracker.log_params(parent, params)
-    tracker.set_tags(parent, {"reflow.preset": preset, "reflow.run_dir": paths.dir,
-                              "reflow.stages": ",".join(s.name for s in chosen)})
-    logger.info("run %s at %s; MLflow parent run %s in %s", paths.run, paths.dir, parent, uri)
+    tags = {"reflow.preset": preset, "reflow.run_dir": paths.dir, "reflow.stages": ",".join(s.name for s in chosen),
+            **source_tags()}
+    if runtime.flow_run.id:
+        tags.update({"reflow.prefect_flow_run_id": runtime.flow_run.id, "reflow.prefect_flow_run": runtime.flow_run.name,
+                     "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or ""})
+    tracker.set_tags(parent, tags)
+    logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", paths.run, paths.dir, root_source, parent,
+                uri)
     logger.info("plan:\n%s", st.describe(walk, paths.dir))
 
     outputs: dict[str, st.StageOutput] = {}
+    wall: dict[str, float] = {}
     try:
         for s in walk:
+            t0, was_done = time.perf_counter(), st.module(s).done(s, st.Context(cfg, paths))
             outputs[s.name] = _walk_stage(cfg, paths, s, st.inputs_of(s, outputs), tracker, logger)
+            if not was_done:
+                wall[s.name] = time.perf_counter() - t0
+        published = (publish_task(cfg, paths, preset, walk, outputs, wall, tracker, "evaluate" in wall)
+                     if "evaluate" in outputs else {"registered": {}, "metric": None})
     except BaseException:
         tracker.finish_open("FAILED")
         raise
@@ -215,14 +387,20 @@ def reflow(
     rows = outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
     models = {name: o.urls["model"] for name, o in outputs.items() if "model" in o.urls}
     ui = ui_command(uri)
+    if rows:
+        print(report.summary_table(rows, published["metric"]))
     print(f"run directory:  {paths.dir}")
     print(f"metrics:        {metrics_json}")
     print(f"MLflow run:     {parent} (experiment {cfg.tracking.experiment!r}, store {uri})")
+    for name, version in published["registered"].items():
+        print(f"model:          models:/{name}/{version}")
     print(f"MLflow UI:      {ui}")
     return {"run": paths.run, "run_dir": paths.dir, "metrics_json": metrics_json or paths.metrics_json,
-            "metrics": rows, "checkpoints": models, "teacher_checkpoint": models.get("teacher"),
+            "metrics": rows, "metric": published["metric"], "checkpoints": models,
+            "teacher_checkpoint": models.get("teacher"),
             "reflow_checkpoint": models.get(f"reflow{st.suffix(cfg.reflow.rounds)}"),
-            "mlflow_run_id": parent, "mlflow_tracking_uri": uri, "ui": ui}
+            "registered_models": published["registered"], "mlflow_run_id": parent, "mlflow_tracking_uri": uri,
+            "mlflow_experiment_id": tracker.experiment_id, "ui": ui}
 
 
 if __name__ == "__main__":

@@ -76,9 +76,7 @@ def read_run_file(url: str) -> MlflowRunFile | None:
 
 
 def is_local_root(root: str) -> bool:
-    fs, _ = fsspec.core.url_to_fs(root)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    return storage.is_local(root)
 
 
 def local_path(root: str) -> Path:
@@ -327,14 +325,120 @@ class MlflowTracker:
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         """Log a local file or an fsspec URL (remote files are downloaded to a temp file first)."""
         fs, fpath = fsspec.core.url_to_fs(path)
-        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-        if "file" in protocols or "local" in protocols:
+        if storage.is_local(path):
             self.client.log_artifact(run_id, fpath, artifact_path)
             return
         with tempfile.TemporaryDirectory(prefix="reflow-artifact-") as tmp:
             local = os.path.join(tmp, os.path.basename(fpath.rstrip("/")))
             fs.get_file(fpath, local)
             self.client.log_artifact(run_id, local, artifact_path)
+
+
+    # -- pipeline results ----------------------------------------------------------------------------------------
+    def log_results(self, rows: list[dict], metric: str, wall_seconds: Mapping[str, float]) -> dict[str, str]:
+        """The evaluation as MLflow users compare it. On the parent run, one key per (quality column, model,
+        solver, NFE), e.g. `sliced_w2.reflow.euler.nfe1`, plus `straightness.<model>`, `params.<model>` and
+        `wall_seconds.<stage>`, so the experiment table sorts pipelines by any of them. One evaluation child run
+        per model (`eval/<model>`) with the same keys less the model (`sliced_w2.euler.nfe1`), so the compare view
+        sets teacher, reflow and students side by side. Returns {model: its evaluation run id}."""
+        parent = self.parent_run_id()
+        self.log_metrics(parent, {**headline_metrics(rows), **{f"wall_seconds.{k}": v for k, v in wall_seconds.items()}})
+        self.set_tags(parent, {"reflow.metric": metric})
+        runs = {}
+        for model, metrics in per_model_metrics(rows).items():
+            run_id = self.child_run_id(f"eval/{model}")
+            self.log_metrics(run_id, metrics)
+            self.set_tags(run_id, {"reflow.model": model, "reflow.metric": metric})
+            self.finish(f"eval/{model}", "FINISHED")
+            runs[model] = run_id
+        return runs
+
+    def log_model(self, run_id: str, model, registered_name: str | None, checkpoint_url: str,
+                  extra_files: list[str] = ()) -> str | None:
+        """The model (a torch module: the EMA velocity net with its config) logged with mlflow.pytorch into run_id
+        and registered under `registered_name` (a new version). Once per checkpoint: a run already tagged with
+        this checkpoint is left as it is. Returns the registered version, if any."""
+        import mlflow.pytorch
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        run = self.client.get_run(run_id)
+        if run.data.tags.get("reflow.logged_checkpoint") == checkpoint_url:
+            return run.data.tags.get("reflow.registered_version")
+        with self._lock, _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True,
+                                                                               log_system_metrics=False):
+            info = mlflow.pytorch.log_model(
+                model, name="model", registered_model_name=registered_name, extra_files=list(extra_files) or None,
+                pip_requirements=_requirements(), await_registration_for=60, serialization_format="pickle")
+        version = str(info.registered_model_version) if registered_name and info.registered_model_version else ""
+        self.set_tags(run_id, {"reflow.logged_checkpoint": checkpoint_url, "reflow.model_uri": info.model_uri,
+                               "reflow.registered_model": registered_name or "", "reflow.registered_version": version})
+        self.client.update_run(run_id, status="FINISHED")  # start_run(run_id) re-opened it; leave it as it was
+        return version or None
+
+
+def headline_metrics(rows: list[dict]) -> dict[str, float]:
+    """Parent-run keys of the evaluation rows: `<column>.<model>.<solver>.nfe<N>`, `straightness.<model>`,
+    `params.<model>`."""
+    out: dict[str, float] = {}
+    for model, metrics in per_model_metrics(rows).items():
+        for key, value in metrics.items():
+            head, _, rest = key.partition(".")
+            out[f"{head}.{model}.{rest}" if rest else f"{head}.{model}"] = value
+    return out
+
+
+_ROW_INFO = {"model", "solver", "nfe", "steps", "grid", "rho", "guidance", "guidance_weight", "seconds", "params",
+             "straightness"}
+
+
+def per_model_metrics(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{model: {`<column>.<solver>.nfe<N>`: value, `straightness`: s, `params`: n}} of the evaluation rows."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        m = out.setdefault(r["model"], {})
+        for k, v in r.items():
+            if k not in _ROW_INFO and _is_number(v) and not isinstance(v, bool):
+                m[f"{k}.{r['solver']}.nfe{r['nfe']}"] = float(v)
+        m["straightness"] = float(r["straightness"])
+        if "params" in r:
+            m["params"] = float(r["params"])
+    return out
+
+
+def _requirements() -> list[str]:
+    """The logged model's pip requirements: this package and torch at the versions running now (no inference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("reflow", "torch"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def source_tags(repo: str | os.PathLike | None = None) -> dict[str, str]:
+    """Where the code that ran came from: the git commit (MLflow's own `mlflow.source.git.commit` tag, shown in the
+    run page), whether the tree had local changes, and the package version."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    repo = Path(repo) if repo else Path(__file__).resolve().parent.parent
+    tags = {}
+    try:
+        tags["reflow.version"] = version("reflow")
+    except PackageNotFoundError:
+        tags["reflow.version"] = "unknown"
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        tags["mlflow.source.git.commit"] = tags["reflow.git_commit"] = git("rev-parse", "HEAD")
+        tags["reflow.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        tags["reflow.git_commit"] = "unknown (not a git checkout)"
+    return tags
 
 
 def _is_number(v: Any) -> bool:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 # presets ship inside the package (package data), so a non-editable install (a Docker image) has them
 PRESET_DIR = Path(str(importlib.resources.files("reflow_core") / "presets"))
@@ -106,8 +107,10 @@ def _grid_shorthand(v):
 
 # The time grid of a solver: one tagged union, chosen by `kind`. Pairs integrate on uniform or rho grids (the same
 # grid reversed for inversion); evaluation may also take a list of times.
-TimeGrid = Annotated[UniformGrid | RhoGrid | ListGrid, Field(discriminator="kind"), BeforeValidator(_grid_shorthand)]
-PairGrid = Annotated[UniformGrid | RhoGrid, Field(discriminator="kind"), BeforeValidator(_grid_shorthand)]
+TimeGrid = Annotated[UniformGrid | RhoGrid | ListGrid, Field(discriminator="kind"), BeforeValidator(
+    _grid_shorthand, json_schema_input_type=Literal["uniform", "rho", "list"] | UniformGrid | RhoGrid | ListGrid)]
+PairGrid = Annotated[UniformGrid | RhoGrid, Field(discriminator="kind"), BeforeValidator(
+    _grid_shorthand, json_schema_input_type=Literal["uniform", "rho"] | UniformGrid | RhoGrid)]
 
 
 class DataConfig(_Strict):
@@ -455,8 +458,7 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineConfig:
-    """Load a preset by name (reflow_core/presets/NAME.yaml, shipped in the package) or by path, apply dotted overrides, validate."""
+def _raw_preset(name_or_path: str) -> tuple[Path, dict]:
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -468,6 +470,10 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineCon
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return path, raw
+
+
+def _apply(raw: dict, overrides: dict | None) -> dict:
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
@@ -476,7 +482,75 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineCon
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is {node!r}, not a section")
         node[leaf] = value
-    return validate(raw, str(path))
+    return raw
+
+
+def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineConfig:
+    """Load a preset by name (reflow_core/presets/NAME.yaml, shipped in the package) or by path, apply dotted
+    overrides (any depth: `pairs.grid.rho`), validate."""
+    path, raw = _raw_preset(name_or_path)
+    return validate(_apply(raw, overrides), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# typed overrides: one optional field per leaf of the config (`teacher.train.steps`), for a flow's parameters. Its
+# JSON schema carries every type and bound, so a Prefect server refuses a bad value when the run is created.
+
+
+def _leaves(model: type[BaseModel], prefix: str = ""):
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            yield from _leaves(f.annotation, f"{prefix}{name}.")
+        else:  # a value, a tagged union (a grid) or an optional section (set as a whole)
+            yield f"{prefix}{name}", f
+
+
+def _overrides_model() -> type[BaseModel]:
+    fields = {}
+    for path, f in _leaves(PipelineConfig):
+        info = FieldInfo.merge_field_infos(f, default=None, alias=path, validation_alias=path,
+                                           serialization_alias=path, alias_priority=2, title=path)
+        info.default_factory = None  # unset fields stay unset: only the given keys are overrides
+        fields[path.replace(".", "__")] = (f.annotation, info)
+    return create_model("ConfigOverrides", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+                        __doc__="Dotted-key overrides of the preset, each typed and bounded like the config field "
+                                "it sets (`teacher.train.steps`, `pairs.n_pairs`, `eval.nfes`, ...).", **fields)
+
+
+ConfigOverrides = _overrides_model()
+OVERRIDE_KEYS = frozenset(f.alias for f in ConfigOverrides.model_fields.values())
+
+
+def override_dict(overrides: BaseModel | dict | None) -> dict:
+    """A ConfigOverrides (or a plain dict) as the dotted-key dict `load_preset` takes: only the keys given."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, BaseModel):
+        return overrides.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return dict(overrides)
+
+
+def leaf_overrides(preset: str, overrides: dict | None) -> dict:
+    """Overrides at any depth (`pairs.grid.rho: 2`, from `--set`) folded into the config leaves they change
+    (`pairs.grid: {kind: rho, rho: 2}`), the keys `ConfigOverrides` takes. A key that is no config path is kept,
+    so validation names it."""
+    if not overrides:
+        return {}
+    _, raw = _raw_preset(preset)
+    merged = _apply(raw, overrides)
+    out: dict = {}
+    for key in overrides:
+        parts = key.split(".")
+        leaf = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in OVERRIDE_KEYS),
+                    None)
+        if leaf is None:
+            out[key] = overrides[key]
+            continue
+        node = merged
+        for p in leaf.split("."):
+            node = node[p]
+        out[leaf] = node
+    return out
 
 
 PRESET_DIR_ENV = "REFLOW_PRESET_DIR"

@@ -4,7 +4,7 @@ Time convention (see docs/architecture.md): t = 0 is data, t = 1 is noise, veloc
 generation integrates from t = 1 down to t = 0.
 
 Every public metric returns a plain python ``float``. This module never imports prefect or mlflow; torch-fidelity
-is imported lazily inside :func:`fid_torch_fidelity` only.
+is imported lazily inside :class:`FIDReference` only.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ __all__ = [
     "straightness",
     "sliced_w2",
     "energy_distance",
+    "ToyReference",
     "mmd_rbf",
     "frechet_distance",
     "feature_stats",
@@ -36,6 +37,7 @@ __all__ = [
     "digit_fd",
     "digit_stats",
     "fid_torch_fidelity",
+    "FIDReference",
     "INCEPTION_URL",
     "inception_cache_path",
 ]
@@ -104,6 +106,20 @@ def _quantile_resample(sorted_vals: torch.Tensor, n: int) -> torch.Tensor:
     return sorted_vals[idx.clamp_(0, m - 1)]
 
 
+def _unit_directions(d: int, n_proj: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.randn(d, n_proj, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+    return u / u.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def _sliced_w2_sorted(px: torch.Tensor, py: torch.Tensor) -> float:
+    """sqrt(mean over projections of the 1-D W2^2) from column-sorted projections (N, P) and (M, P)."""
+    n = min(px.shape[0], py.shape[0])
+    px, py = _quantile_resample(px, n), _quantile_resample(py, n)
+    w2sq = ((px - py) ** 2).mean(dim=0)  # (n_proj,)
+    return float(w2sq.mean().sqrt().item())
+
+
 def sliced_w2(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -115,21 +131,14 @@ def sliced_w2(
     sqrt( mean over ``n_proj`` random unit directions u of W2^2(u.x, u.y) ), the 1-D W2 computed from sorted
     projections. If N != M the larger cloud's sorted projections are subsampled at the smaller's quantile levels.
     For two clouds that differ by a translation m, the value is about |m| / sqrt(d).
+    Against one reference cloud many times, :class:`ToyReference` projects and sorts the reference once.
     """
     x = _flat(x).double()
     y = _flat(y).to(x.device).double()
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
-    d = x.shape[1]
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.randn(d, n_proj, generator=generator, device=gen_device, dtype=torch.float64).to(x.device)
-    u = u / u.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    px = torch.sort(x @ u, dim=0).values
-    py = torch.sort(y @ u, dim=0).values
-    n = min(px.shape[0], py.shape[0])
-    px, py = _quantile_resample(px, n), _quantile_resample(py, n)
-    w2sq = ((px - py) ** 2).mean(dim=0)  # (n_proj,)
-    return float(w2sq.mean().sqrt().item())
+    u = _unit_directions(x.shape[1], n_proj, generator, x.device)
+    return _sliced_w2_sorted(torch.sort(x @ u, dim=0).values, torch.sort(y @ u, dim=0).values)
 
 
 def _mean_cdist(a: torch.Tensor, b: torch.Tensor, chunk: int, exclude_diag: bool = False) -> float:
@@ -150,10 +159,40 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> floa
     """
     x = _flat(x).double()
     y = _flat(y).to(x.device).double()
+    return _energy(x, y, _mean_cdist(y, y, chunk, exclude_diag=True), chunk)
+
+
+def _energy(x: torch.Tensor, y: torch.Tensor, eyy: float, chunk: int) -> float:
     exy = _mean_cdist(x, y, chunk)
     exx = _mean_cdist(x, x, chunk, exclude_diag=True)
-    eyy = _mean_cdist(y, y, chunk, exclude_diag=True)
     return float(2.0 * exy - exx - eyy)
+
+
+class ToyReference:
+    """The reference side of the toy distances, computed once: :func:`sliced_w2` (projection directions from
+    ``torch.Generator().manual_seed(seed)``, the reference's sorted projections) and :func:`energy_distance`
+    (its within-reference term E|Y - Y'|). ``ref(x)`` returns ``{"sliced_w2", "energy"}`` equal to
+    ``sliced_w2(x, real, n_proj, generator=manual_seed(seed))`` and ``energy_distance(x, real, chunk)``, without
+    redoing the reference's O(M log M) sort and O(M^2) distances for every evaluated sample set."""
+
+    def __init__(self, real: torch.Tensor, n_proj: int = 256, seed: int = 0, chunk: int = 2048):
+        self.y = _flat(real).double()
+        self.chunk = int(chunk)
+        self.u = _unit_directions(self.y.shape[1], n_proj, torch.Generator().manual_seed(seed), self.y.device)
+        self.py = torch.sort(self.y @ self.u, dim=0).values
+        self.eyy = _mean_cdist(self.y, self.y, self.chunk, exclude_diag=True)
+
+    def sliced_w2(self, x: torch.Tensor) -> float:
+        x = _flat(x).to(self.y.device).double()
+        if x.shape[1] != self.y.shape[1]:
+            raise ValueError(f"dimension mismatch: {x.shape[1]} vs {self.y.shape[1]}")
+        return _sliced_w2_sorted(torch.sort(x @ self.u, dim=0).values, self.py)
+
+    def energy(self, x: torch.Tensor) -> float:
+        return _energy(_flat(x).to(self.y.device).double(), self.y, self.eyy, self.chunk)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        return {"sliced_w2": self.sliced_w2(x), "energy": self.energy(x)}
 
 
 def mmd_rbf(
@@ -472,6 +511,108 @@ def _resolve_inception_weights(inception_weights: str | None) -> tuple[str | Non
     return inception_weights, None
 
 
+FID_EXTRACTOR = "inception-v3-compat"
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FIDReference:
+    """FID against one set of real images, with the reference side done once (torch-fidelity's own code).
+
+    The constructor builds torch-fidelity's 'inception-v3-compat' extractor once and computes the real images'
+    (mu, sigma) once; ``ref.fid(fake)`` then extracts only the fake images' features. The numbers are those of
+    ``torch_fidelity.calculate_metrics(input1=fake, input2=real, fid=True, feature_extractor='inception-v3-compat')``
+    (same extractor, same ``fid_features_to_statistics`` / ``fid_statistics_to_metric``), without rebuilding the
+    extractor and re-extracting the reference for every (model, solver, NFE) row.
+
+    ``cache_url`` (any fsspec URL of a directory, e.g. ``<root>/_cache``): keep the reference statistics there as
+    ``fid_ref-<key>.npz``, key = sha256 of the uint8 reference images and of the weight file, so a later evaluation
+    of the same reference (another run of the preset, a changed NFE list) loads them. This replaces torch-fidelity's
+    ``cache=True``, which only writes to a local directory and also stores every reference image's 2048-d features
+    (410 MB for 50,000 images) besides the 2 x 2048^2 statistics. ``statistics_computed`` counts reference
+    extractions (0 on a cache hit, else 1).
+    """
+
+    def __init__(
+        self,
+        real: torch.Tensor,
+        inception_weights: str | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        cache_url: str | None = None,
+    ):
+        from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
+
+        self.cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        self.batch_size = int(batch_size)
+        self.statistics_computed = 0
+        weights_path, tmp = _resolve_inception_weights(inception_weights)
+        try:
+            kw = {"feature_extractor": FID_EXTRACTOR, "fid": True, "verbose": False,
+                  "feature_extractor_weights_path": weights_path}
+            self.layer = resolve_feature_layer_for_metric("fid", **kw)
+            self.extractor = create_feature_extractor(FID_EXTRACTOR, [self.layer], cuda=self.cuda, **kw)
+            weights_id = os.path.basename(INCEPTION_URL) if weights_path is None else _file_digest(weights_path)
+        finally:
+            if tmp is not None:
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+        real_u8 = _to_uint8(real)
+        self.cache = None
+        if cache_url is not None:
+            import hashlib
+
+            key = hashlib.sha256(real_u8.numpy().tobytes() + str(tuple(real_u8.shape)).encode()
+                                 + f"{FID_EXTRACTOR}/{self.layer}/{weights_id}".encode()).hexdigest()[:24]
+            self.cache = storage.join(cache_url, f"fid_ref-{key}.npz")
+        self.stats = self._load() if self.cache is not None and storage.exists(self.cache) else None
+        if self.stats is None:
+            self.stats = self._statistics_u8(real_u8)
+            self.statistics_computed += 1
+            if self.cache is not None:
+                import io
+
+                buf = io.BytesIO()
+                np.savez(buf, mu=self.stats["mu"], sigma=self.stats["sigma"])
+                storage.atomic_write_bytes(self.cache, buf.getvalue())
+
+    def _load(self) -> dict | None:
+        import io
+
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(self.cache))) as z:
+                return {"mu": z["mu"], "sigma": z["sigma"]}
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed and rewritten
+            return None
+
+    def _statistics_u8(self, images_u8: torch.Tensor) -> dict:
+        from torch_fidelity.metric_fid import fid_features_to_statistics
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        feats = get_featuresdict_from_dataset(_UInt8Images(images_u8), self.extractor, self.batch_size, self.cuda,
+                                              True, False)  # save_cpu_ram: no worker processes; not verbose
+        return fid_features_to_statistics(feats[self.layer])
+
+    def statistics(self, images: torch.Tensor) -> dict:
+        """torch-fidelity's FID statistics {"mu", "sigma"} of images (N, C, H, W) in [-1, 1]."""
+        return self._statistics_u8(_to_uint8(images))
+
+    def fid(self, fake: torch.Tensor) -> float:
+        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+        return float(fid_statistics_to_metric(self.statistics(fake), self.stats, False)[KEY_METRIC_FID])
+
+
 def fid_torch_fidelity(
     fake: torch.Tensor,
     real: torch.Tensor,
@@ -481,39 +622,11 @@ def fid_torch_fidelity(
 ) -> float:
     """FID between image batches (N, C, H, W) in [-1, 1] (C = 1 is repeated to 3) via torch-fidelity.
 
-    Images are quantised to uint8 and fed as in-memory Datasets to ``torch_fidelity.calculate_metrics`` with the
-    'inception-v3-compat' extractor (2048-d pool features), no on-disk feature cache. ``inception_weights`` is a
-    local path (or fsspec URL) to torch-fidelity's weight file; with ``None`` torch-fidelity's cached/downloaded
-    weights are used and a RuntimeError explains where to put the file if they are missing and offline.
-    ``device`` None means CUDA when available.
+    Images are quantised to uint8 and fed as in-memory Datasets to torch-fidelity's 'inception-v3-compat'
+    extractor (2048-d pool features), no on-disk cache: ``FIDReference(real, ...).fid(fake)``; to compare many
+    fake sets with one real set, build the :class:`FIDReference` once. ``inception_weights`` is a local path (or
+    fsspec URL) to torch-fidelity's weight file; with ``None`` torch-fidelity's cached/downloaded weights are used
+    and a RuntimeError explains where to put the file if they are missing and offline. ``device`` None means CUDA
+    when available.
     """
-    import torch_fidelity
-
-    if device is None:
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = torch.device(device).type == "cuda"
-    weights_path, tmp = _resolve_inception_weights(inception_weights)
-    try:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=_UInt8Images(_to_uint8(fake)),
-            input2=_UInt8Images(_to_uint8(real)),
-            fid=True,
-            isc=False,
-            kid=False,
-            prc=False,
-            feature_extractor="inception-v3-compat",
-            feature_extractor_weights_path=weights_path,
-            batch_size=batch_size,
-            cuda=use_cuda,
-            cache=False,
-            save_cpu_ram=True,  # num_workers=0: no worker processes for in-memory tensors
-            verbose=False,
-        )
-    finally:
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-    return float(metrics["frechet_inception_distance"])
+    return FIDReference(real, inception_weights=inception_weights, batch_size=batch_size, device=device).fid(fake)

@@ -19,6 +19,13 @@ def join(*parts: str) -> str:
     return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest])
 
 
+def is_local(url: str) -> bool:
+    """True for a local path or file:// URL, False for an object store or other remote file system."""
+    fs, _ = fs_and_path(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def exists(url: str) -> bool:
     fs, path = fs_and_path(url)
     return fs.exists(path)
@@ -47,7 +54,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """atomic_write_bytes for a filesystem already in hand (e.g. one opened with storage options)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
+    if "file" in protocols or "local" in protocols:  # (a filesystem here, not a URL: is_local does not apply)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:

@@ -46,7 +46,9 @@ def _runs(uri: str, experiment: str = "reflow"):
     assert exp is not None, f"no MLflow experiment {experiment!r} in {uri}"
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
-    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    # the stage runs (the per-model evaluation runs, tagged eval/<model>, are looked at on their own)
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags
+                and not r.data.tags[tracking.STAGE_TAG].startswith("eval/")]
     return client, parents, children
 
 
@@ -54,7 +56,7 @@ def _artifact_names(client: MlflowClient, run_id: str) -> set[str]:
     return {os.path.basename(a.path) for a in client.list_artifacts(run_id)}
 
 
-def test_flow_logs_parent_and_stage_runs(tmp_path, prefect_api, clean_env):
+def test_flow_logs_parent_and_stage_runs(tmp_path, monkeypatch, prefect_api, clean_env):
     root = str(tmp_path / "runs")
     t0 = time.perf_counter()
     result = reflow_module.reflow(preset="toy2d", overrides=TINY, root=root, run="tiny")
@@ -109,6 +111,50 @@ def test_flow_logs_parent_and_stage_runs(tmp_path, prefect_api, clean_env):
     _, parents2, children2 = _runs(uri)
     assert len(parents2) == 1 and len(children2) == 4
     assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
+
+    # as a user compares pipelines: a second, worse pipeline in the same experiment (the same teacher, reflowed
+    # for 2 steps only); MLflow ranks the two by the parent's 1-NFE reflow metric, the better one first
+    worse = reflow_module.reflow(preset="toy2d", overrides={**TINY, "reflow.train.steps": 2}, root=root, run="worse",
+                                 teacher_checkpoint=result["teacher_checkpoint"])
+    key = "sliced_w2.reflow.euler.nfe1"
+    ranked = client.search_runs([parent.info.experiment_id], filter_string="tags.`reflow.kind` = 'pipeline'",
+                                order_by=[f"metrics.`{key}` ASC"])
+    assert [r.info.run_name for r in ranked] == ["tiny", "worse"], [(r.info.run_name, r.data.metrics.get(key))
+                                                                    for r in ranked]
+    rows = {(r["model"], r["nfe"]): r["sliced_w2"] for r in result["metrics"]}
+    assert ranked[0].data.metrics[key] == pytest.approx(rows[("reflow", 1)])
+    straight = next(r["straightness"] for r in result["metrics"] if r["model"] == "reflow")
+    assert ranked[0].data.metrics["straightness.reflow"] == pytest.approx(straight)
+    assert {"wall_seconds.teacher", "wall_seconds.reflow", "sliced_w2.teacher.euler.nfe2"} <= set(
+        ranked[0].data.metrics)
+    assert ranked[0].data.tags["mlflow.source.git.commit"] and ranked[0].data.tags["reflow.version"]
+    # one evaluation run per model, with the same keys, so the compare view sets them side by side
+    evals = {r.data.tags["reflow.model"]: r for r in client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}' and "
+                                                   f"tags.`reflow.model` != ''")}
+    assert set(evals) == {"teacher", "reflow"}
+    assert set(evals["teacher"].data.metrics) == set(evals["reflow"].data.metrics) >= {"sliced_w2.euler.nfe1",
+                                                                                       "straightness"}
+    assert evals["reflow"].data.metrics["sliced_w2.euler.nfe1"] == pytest.approx(rows[("reflow", 1)])
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"  # opens in the model-training view
+
+    # the registered model (one version per pipeline) loads with mlflow.pytorch and samples like the checkpoint
+    import mlflow
+    import torch
+
+    from reflow_core import stages
+    from reflow_core.velocity import generate
+
+    versions = {v.run_id: v.version for v in client.search_model_versions("name = 'toy2d-reflow'")}
+    assert len(versions) == 2 and evals["reflow"].info.run_id in versions  # one per pipeline, in its eval run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user points MLflow at the store
+    served = mlflow.pytorch.load_model(f"models:/toy2d-reflow/{versions[evals['reflow'].info.run_id]}")
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    from_registry = generate(served.eval(), noise, nfe=1)
+    from_checkpoint = generate(stages.load_model(result["reflow_checkpoint"]), noise, nfe=1)
+    assert torch.equal(from_registry, from_checkpoint)
+    assert worse["registered_models"] == {"toy2d-reflow": str(max(int(v) for v in versions.values()))}
 
 
 def _stage_files(run_dir):

@@ -16,19 +16,19 @@ from typing import Sequence
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, lease
 from ..callbacks import Callback, NullCallback
 from ..config import ConfigError, PipelineConfig
 from . import anneal, distill, evaluate, pairs, reflow, teacher
-from .base import (Context, RunPaths, Stage, StageOutput, check_run_name, dataset, default_device, load_model,
-                   prepare_run, read_run_config)
+from .base import (RUN_NAME, Context, RunPaths, Stage, StageOutput, check_run_name, dataset, default_device,
+                   load_model, prepare_run, read_run_config)
 from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
                     upstream)
 
 __all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "Context", "RunPaths", "Stage",
            "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream", "inputs_of", "suffix",
            "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config", "dataset", "load_model",
-           "check_run_name", "schedule", "begin", "run_local", "model_checkpoint", "sample_model"]
+           "check_run_name", "RUN_NAME", "schedule", "begin", "run_local", "model_checkpoint", "sample_model"]
 
 
 def schedule(ctx: Context, selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage]]:
@@ -60,14 +60,15 @@ def begin(cfg: PipelineConfig, paths: RunPaths, redo_stages: Sequence[str] = (),
 def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: Callback | None = None,
               device=None, new: bool = False, redo_stages: Sequence[str] = (),
               stages: Sequence[str] | None = None) -> list[dict]:
-    """Walk the plan in this process, each stage skipped when its artifacts say it is done.
-    redo_stages: delete these stages' artifacts (and later stages') first (`reset_stage`). Returns the metric rows."""
-    paths = prepare_run(cfg, root, run, new=new)
-    walk, _, _ = begin(cfg, paths, redo_stages, stages)
-    ctx = Context(cfg, paths, callback or NullCallback(), device)
-    outputs: dict[str, StageOutput] = {}
-    for s in walk:
-        outputs[s.name] = module(s).run(s, ctx, inputs_of(s, outputs))
+    """Walk the plan in this process, each stage skipped when its artifacts say it is done, holding the run
+    directory's lease (another runner on it: `lease.RunInUse`). redo_stages: delete these stages' artifacts (and later stages') first (`reset_stage`). Returns the metric rows."""
+    with lease.hold(RunPaths.of(root, cfg.name if run is None else run).dir, lease.local_owner()):
+        paths = prepare_run(cfg, root, run, new=new)
+        walk, _, _ = begin(cfg, paths, redo_stages, stages)
+        ctx = Context(cfg, paths, callback or NullCallback(), device)
+        outputs: dict[str, StageOutput] = {}
+        for s in walk:
+            outputs[s.name] = module(s).run(s, ctx, inputs_of(s, outputs))
     return outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
 
 

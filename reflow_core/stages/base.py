@@ -56,7 +56,8 @@ class StageOutput:
 
 # A run name is one path component: letters, digits and . _ -, at most 100 characters, not "." or "..", so every
 # path built from (root, run) stays under the root (a run name may come from anyone who can start a flow run).
-RUN_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,100}")
+# (No look-ahead, so the same pattern serves JSON schema / Rust regex engines: a flow's typed `run` parameter.)
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,98}|\.\.[A-Za-z0-9._-]{1,98}")
 
 
 def check_run_name(run: str) -> str:

@@ -120,17 +120,18 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
 
 
 def _quality_fn(cfg: PipelineConfig, ds: DataSet, paths: RunPaths, real: torch.Tensor):
-    """The quality metric of the data kind, with the reference side computed once per evaluation."""
+    """The quality metric of the data kind, with the reference side computed once per evaluation (not per row):
+    the toy distances' sorted projections and within-reference term, the digit features' (mu, sigma), FID's
+    Inception extractor and reference statistics (kept under <root>/_cache, keyed by content)."""
     if ds.kind == "toy":
-        return lambda x: {"sliced_w2": metrics.sliced_w2(x, real, generator=torch.Generator().manual_seed(0)),
-                          "energy": metrics.energy_distance(x, real)}
+        return metrics.ToyReference(real, seed=0)
+    cache = storage.join(paths.root, "_cache")
     if ds.name == "digits":
-        net = metrics.load_or_train_digit_classifier(storage.join(paths.root, "_cache", "digit_classifier.pt"),
-                                                     ds.x, ds.y)
+        net = metrics.load_or_train_digit_classifier(storage.join(cache, "digit_classifier.pt"), ds.x, ds.y)
         ref = metrics.digit_stats(real, net)
         return lambda x: {"fd_digits": metrics.digit_fd(x, ref, net)}
-    weights = cfg.eval.inception_weights
-    return lambda x: {"fid": metrics.fid_torch_fidelity(x, real, inception_weights=weights)}
+    ref = metrics.FIDReference(real, inception_weights=cfg.eval.inception_weights, cache_url=cache)
+    return lambda x: {"fid": ref.fid(x)}
 
 
 def _plots(cfg, stage, ds, models, noise, label, real, rows, samples, metric, dev) -> list[str]:
