@@ -7,12 +7,12 @@
 Counts the FLOPs of one forward and of one forward + backward of the preset's velocity net (built as the pipeline
 builds it: `velocity.build_velocity_model` from the preset's net config and data shape) with
 `torch.utils.flop_counter.FlopCounterMode` on the CPU at batch 1. The counter sees matmuls, convolutions and
-attention (SDPA); normalisations, activations and other elementwise ops are not counted (a few per cent of the
-FLOPs, but memory-bound: they are part of why MFU stays well below 1).
+attention (SDPA on its math backend, whose matmuls it counts); normalisations, activations and other elementwise
+ops are not counted (a small share of the FLOPs, but memory-bound: part of why MFU stays well below 1).
 
 From those counts and an assumed MFU of the GPU's dense bf16 peak (H100 SXM: 989 TFLOP/s) it derives, per GPU:
 pairs/s of pair simulation at the preset's solver and NFE (forward only; pairs are simulated without guidance),
-training img/s (forward + backward, measured, about 3x the forward), the GPU-hours for `--pairs` pairs and their
+training img/s (forward + backward, counted, about 3x the forward), the GPU-hours for `--pairs` pairs and their
 storage (noise + sample at the preset's pairs.dtype), and the byte rate the pair writer must sustain. Nothing here
 is measured on a GPU. The last line is `RESULT {json}`. Imports torch, numpy and reflow_core only.
 """
@@ -50,12 +50,16 @@ def num_classes(cfg) -> int:
 
 
 def count(model, shape, train: bool) -> int:
+    """FLOPs of one forward (train=False) or forward + backward at batch 1. Attention runs on SDPA's math backend
+    here: the CPU's fused SDPA kernel has no FLOP formula and would count as 0 (a GPU's flash kernel does the same
+    matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(1, *shape)
     t = torch.full((1,), 0.5)
     label = torch.zeros(1, dtype=torch.long) if model.class_cond else None
     model.train(train)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         if train:
             model(x, t, label).square().mean().backward()
         else:
@@ -72,7 +76,9 @@ def plan(cfg, fwd: int, fwd_bwd: int, mfus, peak_tflops: float, n_pairs: int) ->
     numel = 1
     for s in shape:
         numel *= s
-    bytes_per_pair = 2 * numel * DTYPE_BYTES[p.dtype] + (8 if cfg.net.class_cond else 0) + 1  # + label, direction
+    # noise + sample at the store's dtype, + label (int64) and direction (int8); uncompressed (random floats barely
+    # compress: pairs.compress is off in the presets)
+    bytes_per_pair = 2 * numel * DTYPE_BYTES[p.dtype] + 8 + 1
     out = {"pair_solver": p.solver, "pair_nfe": p.nfe, "evals_per_pair": evals, "pair_dtype": p.dtype,
            "bytes_per_pair": bytes_per_pair, "pairs": n_pairs, "storage_GB": n_pairs * bytes_per_pair / 1e9,
            "peak_tflops": peak_tflops, "per_mfu": {}}

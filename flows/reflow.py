@@ -79,8 +79,8 @@ def _ctx(cfg: PipelineConfig, paths: st.RunPaths, callback=None) -> st.Context:
 # Errors a retry cannot fix: a bad config or changed identity (ConfigError), a corrupt store, checkpoint or tracking
 # file, a run directory held by another runner, and programming errors. Anything else (a dropped S3 connection, a
 # pre-empted GPU, an OOM kill of a subprocess) is retried; the retry resumes from the artifacts.
-DETERMINISTIC = (ConfigError, PairStoreMismatch, PairStoreCorrupt, CheckpointError, TrackingFileError, lease.RunInUse, ValueError,
-                 TypeError, KeyError, AttributeError, AssertionError, NotImplementedError)
+DETERMINISTIC = (ConfigError, PairStoreMismatch, PairStoreCorrupt, CheckpointError, TrackingFileError, lease.RunInUse,
+                 ValueError, TypeError, KeyError, AttributeError, AssertionError, NotImplementedError)
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -191,10 +191,10 @@ def publish_task(cfg: PipelineConfig, paths: st.RunPaths, preset: str, walk: lis
     stored = storage.read_json(ev.urls["metrics"])
     rows, metric = ev.info["rows"], stored["metric"]
     parent = tracker.parent_run_id()
-    eval_runs = tracker.log_results(rows, metric, wall) if evaluated or not _has_headline(tracker, parent) else {
-        m: tracker.child_run_id(f"eval/{m}") for m in dict.fromkeys(r["model"] for r in rows)}
-    for model in eval_runs:  # child_run_id re-opened the runs found on a no-op resume
-        tracker.finish(f"eval/{model}", "FINISHED")
+    if evaluated or not _has_headline(tracker, parent, metric):
+        eval_runs = tracker.log_results(rows, metric, wall)
+    else:  # a no-op resume: logged by the flow run that evaluated
+        eval_runs = tracker.eval_run_ids(list(dict.fromkeys(r["model"] for r in rows)))
     registered: dict[str, str] = {}
     final = registered_models(walk)
     with tempfile.TemporaryDirectory(prefix="reflow-model-") as tmp:
@@ -208,11 +208,10 @@ def publish_task(cfg: PipelineConfig, paths: st.RunPaths, preset: str, walk: lis
     if registered:
         tracker.set_tags(parent, {"reflow.registered_models": ", ".join(f"{k}/{v}" for k, v in registered.items())})
     images = sorted(_pngs(st.find(walk, "evaluate").writes))
+    results = report.RunResults(preset, paths.run, paths.dir, rows, metric, images, tracker.tracking_uri,
+                                tracker.experiment, tracker.experiment_id, parent, registered)
     try:
-        artifacts = report.publish(preset=preset, run=paths.run, run_dir=paths.dir, rows=rows, metric=metric,
-                                   images=images, tracking_uri=tracker.tracking_uri, experiment=tracker.experiment,
-                                   experiment_id=tracker.experiment_id, mlflow_run_id=parent, registered=registered,
-                                   ui=ui_command(tracker.tracking_uri))
+        artifacts = report.publish(results, ui_command(tracker.tracking_uri))
     except Exception as e:  # an artifact is a view of results already stored: never fail a finished pipeline on it
         get_run_logger().warning("could not create the Prefect artifacts: %s", e)
         artifacts = {}
@@ -220,8 +219,8 @@ def publish_task(cfg: PipelineConfig, paths: st.RunPaths, preset: str, walk: lis
             "metric": metric}
 
 
-def _has_headline(tracker: MlflowTracker, run_id: str) -> bool:
-    return any("." in k for k in tracker.client.get_run(run_id).data.metrics)
+def _has_headline(tracker: MlflowTracker, run_id: str, metric: str) -> bool:
+    return any(k.startswith(f"{metric}.") for k in tracker.client.get_run(run_id).data.metrics)
 
 
 def _pngs(url: str) -> list[str]:
@@ -361,7 +360,8 @@ def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str
     tags = {"reflow.preset": preset, "reflow.run_dir": paths.dir, "reflow.stages": ",".join(s.name for s in chosen),
             **source_tags()}
     if runtime.flow_run.id:
-        tags.update({"reflow.prefect_flow_run_id": runtime.flow_run.id, "reflow.prefect_flow_run": runtime.flow_run.name,
+        tags.update({"reflow.prefect_flow_run_id": runtime.flow_run.id,
+                     "reflow.prefect_flow_run": runtime.flow_run.name,
                      "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or ""})
     tracker.set_tags(parent, tags)
     logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", paths.run, paths.dir, root_source, parent,

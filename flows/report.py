@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from reflow_core import storage
@@ -74,44 +75,59 @@ def _inline_image(url: str) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def summary_markdown(*, preset: str, run: str, run_dir: str, rows: list[dict], metric: str, images: list[str],
-                     tracking_uri: str, experiment: str, experiment_id: str, mlflow_run_id: str,
-                     registered: dict[str, str], ui: str) -> str:
+@dataclass(frozen=True)
+class RunResults:
+    """A finished pipeline run, as its views show it."""
+
+    preset: str
+    run: str
+    run_dir: str
+    rows: list[dict]
+    metric: str
+    images: list[str]  # URLs of the evaluation's PNGs (sample grids, plots)
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    mlflow_run_id: str
+    registered: dict[str, str] = field(default_factory=dict)  # registered model name -> version
+
+    @property
+    def mlflow_url(self) -> str | None:
+        return mlflow_run_url(self.tracking_uri, self.experiment_id, self.mlflow_run_id)
+
+
+def summary_markdown(r: RunResults, ui: str) -> str:
     """The flow run's summary artifact: where things are, the metric table, the pictures, how to open MLflow."""
-    link = mlflow_run_url(tracking_uri, experiment_id, mlflow_run_id)
-    mlflow_line = f"[{mlflow_run_id}]({link})" if link else f"`{mlflow_run_id}` (store `{tracking_uri}`; `{ui}`)"
-    lines = [f"# {preset} / {run}", "",
-             f"- run directory: `{run_dir}`",
-             f"- MLflow run: {mlflow_line}, experiment `{experiment}`"]
-    for model, version in registered.items():
-        lines.append(f"- registered model: `models:/{model}/{version}`")
-    lines += ["", f"## {metric} by model, solver and NFE", "", markdown_table(rows, metric) if rows else "(none)", ""]
-    for url in images:
+    mlflow_line = (f"[{r.mlflow_run_id}]({r.mlflow_url})" if r.mlflow_url
+                   else f"`{r.mlflow_run_id}` (store `{r.tracking_uri}`; `{ui}`)")
+    lines = [f"# {r.preset} / {r.run}", "",
+             f"- run directory: `{r.run_dir}`",
+             f"- MLflow run: {mlflow_line}, experiment `{r.experiment}`"]
+    lines += [f"- registered model: `models:/{name}/{version}`" for name, version in r.registered.items()]
+    lines += ["", f"## {r.metric} by model, solver and NFE", "",
+              markdown_table(r.rows, r.metric) if r.rows else "(none)", ""]
+    for url in r.images:
         name = url.rsplit("/", 1)[-1]
         inline = _inline_image(url)
         lines += [f"### {name}", "", f"![{name}]({inline})" if inline else f"`{url}`", ""]
     return "\n".join(lines)
 
 
-def publish(*, preset: str, run: str, run_dir: str, rows: list[dict], metric: str, images: list[str],
-            tracking_uri: str, experiment: str, experiment_id: str, mlflow_run_id: str,
-            registered: dict[str, str], ui: str) -> dict[str, Any]:
+def publish(r: RunResults, ui: str) -> dict[str, Any]:
     """Create the flow run's Prefect artifacts: a table (`<run>-metrics`), the summary (`<run>-summary`) and, with
     an MLflow server, a link to the MLflow run (`<run>-mlflow`). Returns their ids by kind."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     ids: dict[str, Any] = {}
-    table = [{k: r[k] for k in ("model", "solver", "nfe", metric, "straightness", "params") if k in r} for r in rows]
+    table = [{k: row[k] for k in ("model", "solver", "nfe", r.metric, "straightness", "params") if k in row}
+             for row in r.rows]
     if table:
-        ids["table"] = create_table_artifact(table, key=artifact_key(run, "metrics"),
-                                             description=f"{metric} per model, solver and NFE ({preset}/{run})")
-    ids["markdown"] = create_markdown_artifact(
-        summary_markdown(preset=preset, run=run, run_dir=run_dir, rows=rows, metric=metric, images=images,
-                         tracking_uri=tracking_uri, experiment=experiment, experiment_id=experiment_id,
-                         mlflow_run_id=mlflow_run_id, registered=registered, ui=ui),
-        key=artifact_key(run, "summary"), description=f"{preset}/{run}: results, samples and plots")
-    link = mlflow_run_url(tracking_uri, experiment_id, mlflow_run_id)
-    if link:
-        ids["link"] = create_link_artifact(link, link_text=f"MLflow run {mlflow_run_id}", key=artifact_key(run, "mlflow"),
+        ids["table"] = create_table_artifact(table, key=artifact_key(r.run, "metrics"),
+                                             description=f"{r.metric} per model, solver and NFE ({r.preset}/{r.run})")
+    ids["markdown"] = create_markdown_artifact(summary_markdown(r, ui), key=artifact_key(r.run, "summary"),
+                                               description=f"{r.preset}/{r.run}: results, samples and plots")
+    if r.mlflow_url:
+        ids["link"] = create_link_artifact(r.mlflow_url, link_text=f"MLflow run {r.mlflow_run_id}",
+                                           key=artifact_key(r.run, "mlflow"),
                                            description="the pipeline's parent run in MLflow")
     return ids

@@ -244,10 +244,7 @@ class MlflowTracker:
             if stage in self._children:
                 return self._children[stage]
             parent = self.parent_run_id()
-            found = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{STAGE_TAG}` = '{stage}'",
-                order_by=["attributes.start_time ASC"], max_results=1)
+            found = self._find_child(stage)
             if found:
                 run_id = found[0].info.run_id
                 if found[0].info.status != "RUNNING":
@@ -261,6 +258,12 @@ class MlflowTracker:
                 self.log_params(run_id, self.params)
             self._children[stage] = run_id
             return run_id
+
+    def _find_child(self, stage: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id()}' and tags.`{STAGE_TAG}` = '{stage}'",
+            order_by=["attributes.start_time ASC"], max_results=1)
 
     def stage_callback(self, stage: str) -> "MlflowStageCallback":
         """The callback reflow_core reports a stage's events to (one per stage; shared by its shard tasks)."""
@@ -335,6 +338,10 @@ class MlflowTracker:
 
 
     # -- pipeline results ----------------------------------------------------------------------------------------
+    def eval_run_ids(self, models: list[str]) -> dict[str, str]:
+        """{model: its evaluation run id} of the runs `log_results` made (left as they are)."""
+        return {m: found[0].info.run_id for m in models if (found := self._find_child(f"eval/{m}"))}
+
     def log_results(self, rows: list[dict], metric: str, wall_seconds: Mapping[str, float]) -> dict[str, str]:
         """The evaluation as MLflow users compare it. On the parent run, one key per (quality column, model,
         solver, NFE), e.g. `sliced_w2.reflow.euler.nfe1`, plus `straightness.<model>`, `params.<model>` and
@@ -342,7 +349,8 @@ class MlflowTracker:
         per model (`eval/<model>`) with the same keys less the model (`sliced_w2.euler.nfe1`), so the compare view
         sets teacher, reflow and students side by side. Returns {model: its evaluation run id}."""
         parent = self.parent_run_id()
-        self.log_metrics(parent, {**headline_metrics(rows), **{f"wall_seconds.{k}": v for k, v in wall_seconds.items()}})
+        wall = {f"wall_seconds.{k}": v for k, v in wall_seconds.items()}
+        self.log_metrics(parent, {**headline_metrics(rows), **wall})
         self.set_tags(parent, {"reflow.metric": metric})
         runs = {}
         for model, metrics in per_model_metrics(rows).items():

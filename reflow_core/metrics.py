@@ -53,6 +53,7 @@ def straightness(
     steps: int = 64,
     *,
     return_per_sample: bool = False,
+    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ):
     """Liu et al.'s straightness S = int_0^1 E || (x_noise - x_data) - v(x_t, t) ||^2 dt along the model's own path.
 
@@ -64,7 +65,8 @@ def straightness(
     exactly 0.
 
     Returns ``float`` S (mean over samples), or ``(S, per_sample)`` with ``per_sample`` a CPU tensor (B,) when
-    ``return_per_sample=True``.
+    ``return_per_sample=True``. ``callback(i, t, x, v)`` (the solvers' step callback) sees every Euler step before
+    it is taken, so a caller can keep the trajectory (e.g. for a plot) without integrating the ODE a second time.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -76,6 +78,8 @@ def straightness(
         t = ts[i].expand(b).clone()
         v = velocity_fn(x, t)
         vs.append(v.detach())
+        if callback is not None:
+            callback(i, ts[i], x, v)
         x = x + (ts[i + 1] - ts[i]).to(x.dtype) * v
     x_data = x
     disp = (x_noise - x_data).reshape(b, -1).double()

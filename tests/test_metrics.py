@@ -322,3 +322,107 @@ def test_metrics_module_has_no_orchestration_imports():
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"prefect", "mlflow"}
+
+
+# ------------------------------------------------------------------ reference work done once (issue 17)
+def test_toy_reference_equals_the_plain_distances():
+    g = torch.Generator().manual_seed(0)
+    real, x = torch.randn(700, 2, generator=g), torch.randn(500, 2, generator=g) * 1.3 + 0.2
+    ref = M.ToyReference(real, n_proj=64, seed=4, chunk=256)
+    for fake in (x, x[:300] - 0.5):
+        got = ref(fake)
+        assert got["sliced_w2"] == M.sliced_w2(fake, real, n_proj=64, generator=torch.Generator().manual_seed(4))
+        assert got["energy"] == M.energy_distance(fake, real, chunk=256)
+
+
+def test_straightness_callback_sees_every_step_before_it_is_taken():
+    seen = []
+    x1 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    M.straightness(lambda x, t: torch.ones_like(x), x1, steps=4, callback=lambda i, t, x, v: seen.append((i, float(t), x)))
+    assert [s[:2] for s in seen] == [(0, 1.0), (1, 0.75), (2, 0.5), (3, 0.25)]
+    assert torch.allclose(seen[2][2], x1 - 0.5)
+
+
+def test_fid_reference_matches_calculate_metrics_and_caches(random_inception_weights, single_thread, tmp_path):
+    import torch_fidelity
+
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.rand(8, 3, 16, 16, generator=g) * 1.6 - 0.9
+    want = torch_fidelity.calculate_metrics(
+        input1=M._UInt8Images(M._to_uint8(fake)), input2=M._UInt8Images(M._to_uint8(real)), fid=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=random_inception_weights,
+        batch_size=8, cuda=False, cache=False, save_cpu_ram=True, verbose=False)["frechet_inception_distance"]
+    cache = f"file://{tmp_path}/cache"
+    ref = M.FIDReference(real, inception_weights=random_inception_weights, batch_size=8, device="cpu", cache_url=cache)
+    assert ref.statistics_computed == 1 and ref.fid(fake) == pytest.approx(want, rel=1e-6)
+    again = M.FIDReference(real, inception_weights=random_inception_weights, batch_size=8, device="cpu",
+                           cache_url=cache)
+    assert again.statistics_computed == 0 and again.fid(fake) == pytest.approx(want, rel=1e-6)
+    other = M.FIDReference(real[:6], inception_weights=random_inception_weights, batch_size=8, device="cpu",
+                           cache_url=cache)  # another reference set: its own cache entry
+    assert other.statistics_computed == 1 and len(list((tmp_path / "cache").glob("fid_ref-*.npz"))) == 2
+
+
+_TINY_EVAL = {"eval.nfes": [1, 2], "eval.solvers": ["euler", "heun"], "eval.straightness_steps": 2,
+              "pairs.solver": "euler", "pairs.nfe": 2, "pairs.grid": "uniform", "teacher.train.steps": 2,
+              "teacher.train.warmup": 1, "teacher.train.ckpt_every": 1, "reflow.train.steps": 2,
+              "reflow.train.warmup": 1, "reflow.train.ckpt_every": 1}
+_TINY_IMAGE = {"net.channels": 8, "net.channel_mult": [1, 2], "net.num_res_blocks": 1, "net.attn_resolutions": [],
+               "teacher.train.batch_size": 4, "reflow.train.batch_size": 4, "teacher.train.amp": False,
+               "reflow.train.amp": False, "pairs.n_pairs": 8, "pairs.shard_size": 8, "pairs.chunk_size": 8,
+               "pairs.batch_size": 8, "pairs.dtype": "float32", "eval.n_samples": 6}
+
+
+def _count(monkeypatch, owner, name):
+    calls = []
+    orig = getattr(owner, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["toy", "digits", "fid"])
+def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeypatch, random_inception_weights,
+                                                         single_thread):
+    """Reference features/statistics once per evaluate stage, not once per (model, solver, NFE) row."""
+    import torch_fidelity.utils
+
+    from reflow_core.config import load_preset
+    from reflow_core.stages import run_local
+
+    preset, over = {"toy": ("toy2d", {"net.hidden": 16, "net.depth": 1, "data.n_train": 256, "pairs.n_pairs": 64,
+                                      "pairs.shard_size": 64, "pairs.chunk_size": 64, "eval.n_samples": 64}),
+                    "digits": ("digits", _TINY_IMAGE),
+                    "fid": ("natural32", _TINY_IMAGE | {"data.n_train": 32,
+                                                        "eval.inception_weights": random_inception_weights})}[kind]
+    if kind == "digits":  # a pre-trained (tiny) classifier in the root's cache: this test is not about training it
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        M.load_or_train_digit_classifier(f"file://{tmp_path}/_cache/digit_classifier.pt",
+                                         torch.tensor(d.images[:64], dtype=torch.float32)[:, None] / 8 - 1,
+                                         torch.tensor(d.target[:64]), steps=2)
+    toy_plain = _count(monkeypatch, M, "sliced_w2") + _count(monkeypatch, M, "energy_distance")
+    toy_refs = _count(monkeypatch, M, "ToyReference")
+    digit_stats = _count(monkeypatch, M, "digit_stats")
+    fid_stats = _count(monkeypatch, M.FIDReference, "_statistics_u8")
+    extractors = _count(monkeypatch, torch_fidelity.utils, "create_feature_extractor")
+
+    rows = run_local(load_preset(preset, _TINY_EVAL | over), str(tmp_path), "r")
+    n = len(rows)
+    assert n == 2 * 3  # teacher and reflow x (euler 1, euler 2, heun 1): many rows, one reference
+    if kind == "toy":
+        assert len(toy_refs) == 1 and toy_plain == []
+    elif kind == "digits":
+        assert len(digit_stats) == n + 1  # each row's samples, and the reference once
+    else:
+        assert len(extractors) == 1 and len(fid_stats) == n + 1
+        assert all(r["fid"] >= 0 for r in rows)
+        # a re-evaluation (another NFE list) of the same reference loads its statistics from <root>/_cache
+        fid_stats.clear()
+        rows = run_local(load_preset(preset, _TINY_EVAL | over | {"eval.nfes": [1]}), str(tmp_path), "r")
+        assert len(fid_stats) == len(rows) == 4

@@ -140,7 +140,8 @@ def test_summary_table_reads_like_the_rows():
     assert lines[3].split() == ["teacher", "euler", "1.9", "0.6", "1.3"]
     assert lines[4].split() == ["reflow", "euler", "0.16", "0.15", "0.01"]
     md = report.markdown_table(rows, "sliced_w2").splitlines()
-    assert md[0] == "| model | solver | NFE 1 | NFE 2 | straightness |" and md[3] == "| reflow | euler | 0.16 | 0.15 | 0.01 |"
+    assert md[0] == "| model | solver | NFE 1 | NFE 2 | straightness |"
+    assert md[3] == "| reflow | euler | 0.16 | 0.15 | 0.01 |"
     assert report.artifact_key("My Run_1", "metrics") == "my-run-1-metrics"
 
 

@@ -19,6 +19,8 @@ from ..velocity import VelocityModel, generate
 from .base import Context, RunPaths, Stage, StageOutput, dataset, default_device, load_model
 
 GUIDE = "guide"
+TRAJ_LINES = 256  # paths drawn per model in the toy trajectory plot
+GRID_IMAGES = 64  # images per sample grid
 
 
 def metrics_url(stage: Stage) -> str:
@@ -87,9 +89,16 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
     combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
     rows, samples, total = [], {}, len(models) * len(combos)
+    # toy: the trajectory plot's paths are the first TRAJ_LINES of the straightness integration (no second ODE)
+    keep = min(TRAJ_LINES, ec.n_samples) if ds.kind == "toy" else 0
+    trajs = {}
     for name, model in models.items():
         lab = None if label is None else label.to(dev)
-        s = metrics.straightness(model.solver_velocity(lab), noise.to(dev), steps=ec.straightness_steps)
+        record = _TrajectoryRecorder(keep) if keep else None
+        s = metrics.straightness(model.solver_velocity(lab), noise.to(dev), steps=ec.straightness_steps,
+                                 callback=record)
+        if record is not None:
+            trajs[name] = record.trajectory()
         cb.on_metrics(stage.name, 0, {f"{name}_params": float(count_params(model))})
         for solver, nfe in combos:
             t0 = time.perf_counter()
@@ -105,7 +114,9 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
                    "grid": g["grid"], "rho": g["rho"], "guidance": ec.guidance,
                    "guidance_weight": ec.guidance_weight if guided else 1.0}
             rows.append(row)
-            samples[(name, solver, nfe)] = x
+            # plots need a toy's whole cloud but only an image grid's first 64: keep no more (50k cifar10
+            # samples are 600 MB per row)
+            samples[(name, solver, nfe)] = x if ds.kind == "toy" else x[:GRID_IMAGES].clone()
             cb.on_metrics(stage.name, nfe, {f"{name}_{solver}_{k}": v for k, v in row.items()
                                             if isinstance(v, float) and k not in ("seconds", "rho", "guidance_weight")})
             cb.on_progress(stage.name, len(rows), total)
@@ -114,7 +125,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     storage.write_json(url, {"rows": rows, "metric": metric, "eval_config": ec.model_dump(mode="json"),
                              "models": list(models), "checkpoints": ckpts})
     cb.on_artifact(stage.name, url)
-    for p in _plots(cfg, stage, ds, models, noise, label, real, rows, samples, metric, dev):
+    for p in _plots(cfg, stage, ds, models, trajs, real, rows, samples, metric):
         cb.on_artifact(stage.name, p)
     return StageOutput({"metrics": url}, {"rows": rows})
 
@@ -134,20 +145,27 @@ def _quality_fn(cfg: PipelineConfig, ds: DataSet, paths: RunPaths, real: torch.T
     return lambda x: {"fid": ref.fid(x)}
 
 
-def _plots(cfg, stage, ds, models, noise, label, real, rows, samples, metric, dev) -> list[str]:
+class _TrajectoryRecorder:
+    """A straightness step callback keeping the first k paths: (steps + 1, k, ...) on the CPU, noise end first."""
+
+    def __init__(self, k: int):
+        self.k, self.pts, self.last = k, [], None
+
+    def __call__(self, i, t, x, v):
+        self.pts.append(x[: self.k].detach().cpu())
+        self.last = (float(t), v[: self.k].detach().cpu())
+
+    def trajectory(self) -> torch.Tensor:
+        t, v = self.last
+        return torch.stack(self.pts + [self.pts[-1] - t * v])  # the final Euler step, to t = 0
+
+
+def _plots(cfg, stage, ds, models, trajs, real, rows, samples, metric) -> list[str]:
     out = [plots.quality_vs_nfe(rows, metric, storage.join(stage.writes, f"{metric}_vs_nfe.png"),
                                 title=f"{cfg.name}: {metric} vs NFE"),
            plots.quality_vs_nfe(rows, "straightness", storage.join(stage.writes, "straightness_vs_nfe.png"))]
     nfes = sorted({r["nfe"] for r in rows})
     if ds.kind == "toy":
-        k = min(256, noise.shape[0])
-        trajs = {}
-        for name, model in models.items():
-            pts = []
-            end = solvers.euler(model.solver_velocity(), noise[:k].to(dev), solvers.time_grid(64),
-                                callback=lambda i, t, x, v: pts.append(x.cpu()))
-            pts.append(end.cpu())
-            trajs[name] = torch.stack(pts)
         out.append(plots.trajectory_plot(trajs, real[:2000], storage.join(stage.writes, "trajectories.png")))
         one = {f"{m} (1 NFE)": samples[(m, "euler", 1)] for m in models if (m, "euler", 1) in samples}
         if one:
@@ -156,6 +174,6 @@ def _plots(cfg, stage, ds, models, noise, label, real, rows, samples, metric, de
     else:
         for (name, solver, nfe), x in samples.items():
             if nfe in (nfes[0], nfes[-1]) and solver == cfg.eval.solvers[0]:
-                out.append(plots.sample_grid(x[:64], storage.join(stage.writes, f"grid_{name}_{solver}_{nfe}.png"),
-                                             title=f"{name}, {solver}, {nfe} NFE"))
+                png = storage.join(stage.writes, f"grid_{name}_{solver}_{nfe}.png")
+                out.append(plots.sample_grid(x[:GRID_IMAGES], png, title=f"{name}, {solver}, {nfe} NFE"))
     return out
