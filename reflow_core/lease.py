@@ -2,8 +2,9 @@
 
 Two runners on one `<root>/<run>` would train into the same checkpoints and evaluate into the same metrics.json,
 so the second is refused (`RunInUse`, naming the holder) until the first lets go. A lease is let go when its
-runner ends (`release`), or is stale: its heartbeat is older than `ttl` seconds (a killed process, a lost machine),
-or the caller's `is_stale(holder)` says so (the flow asks the Prefect API whether the holding flow run ended).
+runner ends (`release`), or is stale: its process is gone (a holder on this machine whose pid no longer exists),
+its heartbeat is older than `ttl` seconds (a killed process elsewhere, a lost machine), or the caller's
+`is_stale(holder)` says so (the flow asks the Prefect API whether the holding flow run ended).
 
     with lease.hold(paths.dir, owner="flow-run-id or host:pid"):
         ...walk the plan...
@@ -96,6 +97,19 @@ def _age(holder: dict) -> float:
         return float("inf")
 
 
+def _process_gone(holder: dict) -> bool:
+    """The holder ran on this machine and its process no longer exists (killed, crashed): stale at once."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _refuse(run_dir: str, holder: dict, ttl: float) -> RunInUse:
     who = holder.get("flow_run_name") or holder["owner"]
     return RunInUse(
@@ -113,15 +127,18 @@ def acquire(run_dir: str, owner: str, *, ttl: float = TTL_SECONDS, info: dict | 
     lease = Lease(url, owner, ttl, dict(info or {}))
     holder = read(url)
     if holder is not None and holder["owner"] != owner:
-        if _age(holder) < float(holder.get("ttl", ttl)) and not (is_stale is not None and is_stale(holder)):
+        if (_age(holder) < float(holder.get("ttl", ttl)) and not _process_gone(holder)
+                and not (is_stale is not None and is_stale(holder))):
             raise _refuse(run_dir, holder, ttl)
     fs, path = storage.fs_and_path(url)
     if storage.is_local(url) and holder is None:
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
         try:  # create-if-absent: of two runners starting together exactly one creates the file
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return acquire(run_dir, owner, ttl=ttl, info=info, is_stale=is_stale, settle=settle)
+        except OSError as e:  # a read-only or full root: the same error as any other write under it
+            raise storage.write_error(url, e) from e
         with os.fdopen(fd, "w") as f:
             json.dump(lease._record(), f)
     else:

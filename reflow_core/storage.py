@@ -43,12 +43,17 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
     try:
         write_atomic(fs, path, data)
     except OSError as e:
-        detail = str(e).replace("\n", " ")[:300]
-        err = StorageWriteError(f"cannot write {url} ({type(e).__name__}: {detail}); nothing was replaced there (a "
-                                f"previous version, if any, is intact). Make the root writable (permissions, free "
-                                f"space, object-store policy or credentials) and rerun: finished work is kept")
-        err.errno = e.errno
-        raise err from e
+        raise write_error(url, e) from e
+
+
+def write_error(url: str, e: OSError) -> StorageWriteError:
+    """The StorageWriteError for a failed write of url (errno kept), naming it and the way out."""
+    detail = str(e).replace("\n", " ")[:300]
+    err = StorageWriteError(f"cannot write {url} ({type(e).__name__}: {detail}); nothing was replaced there (a "
+                            f"previous version, if any, is intact). Make the root writable (permissions, free "
+                            f"space, object-store policy or credentials) and rerun: finished work is kept")
+    err.errno = e.errno
+    return err
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -14,9 +14,10 @@ def pytest_sessionstart(session):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_api():
-    """A temporary Prefect API server (SQLite) for one test module's flow runs (no telemetry: offline and quiet)."""
+    """A temporary Prefect API server (SQLite) for the session's flow runs (no telemetry: offline and quiet). One
+    for all modules: each start costs ~20 s on the 2-core box; tests keep their state apart by their own tmp roots."""
     from prefect.testing.utilities import prefect_test_harness
 
     old = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")

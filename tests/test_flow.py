@@ -250,10 +250,16 @@ def test_invalid_config_fails_before_any_work(tmp_path, prefect_api, clean_env):
 
 
 def test_flow_refuses_a_run_name_that_leaves_the_root(tmp_path, prefect_api, clean_env):
+    """The typed `run` parameter refuses it before the flow body runs (reflow_core's check_run_name would too)."""
+    from prefect.exceptions import ParameterTypeError
+
     root = tmp_path / "runs"
     for bad in ("../escape", "a/b", ".."):
-        with pytest.raises(ConfigError, match="invalid run name"):
+        with pytest.raises(ParameterTypeError, match="run"):
             reflow_module.reflow(preset="toy2d", overrides=TINY, root=str(root), run=bad)
+        with pytest.raises(ConfigError, match="invalid run name"):
+            reflow_module.reflow.with_options(validate_parameters=False)(preset="toy2d", overrides=TINY,
+                                                                         root=str(root), run=bad)
     assert not any(tmp_path.iterdir())  # nothing written, under the root or beside it
 
 

@@ -195,10 +195,10 @@ def test_read_only_local_root_fails_clearly_then_resumes(tmp_path):
     if not _immutable(root, True):
         pytest.skip("chattr +i is not available here (no CAP_LINUX_IMMUTABLE or file system without it)")
     try:
-        with pytest.raises(OSError) as e:  # the first write of a run: config.json (prepare_run)
+        with pytest.raises(OSError) as e:  # the first write of a run: its lease (run.lock), before config.json
             st.run_local(cfg, str(root), "r")
         assert isinstance(e.value, storage.StorageWriteError)
-        assert str(root / "r" / "config.json") in str(e.value) and "writable" in str(e.value)
+        assert str(root / "r" / "run.lock") in str(e.value) and "writable" in str(e.value)
         # the root writable again, but the reflow stage's directory not: its first checkpoint cannot be written
         _immutable(root, False)
         (root / "r" / "reflow").mkdir()

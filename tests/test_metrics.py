@@ -338,7 +338,8 @@ def test_toy_reference_equals_the_plain_distances():
 def test_straightness_callback_sees_every_step_before_it_is_taken():
     seen = []
     x1 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
-    M.straightness(lambda x, t: torch.ones_like(x), x1, steps=4, callback=lambda i, t, x, v: seen.append((i, float(t), x)))
+    M.straightness(lambda x, t: torch.ones_like(x), x1, steps=4,
+                   callback=lambda i, t, x, v: seen.append((i, float(t), x)))
     assert [s[:2] for s in seen] == [(0, 1.0), (1, 0.75), (2, 0.5), (3, 0.25)]
     assert torch.allclose(seen[2][2], x1 - 0.5)
 
@@ -370,7 +371,7 @@ _TINY_EVAL = {"eval.nfes": [1, 2], "eval.solvers": ["euler", "heun"], "eval.stra
 _TINY_IMAGE = {"net.channels": 8, "net.channel_mult": [1, 2], "net.num_res_blocks": 1, "net.attn_resolutions": [],
                "teacher.train.batch_size": 4, "reflow.train.batch_size": 4, "teacher.train.amp": False,
                "reflow.train.amp": False, "pairs.n_pairs": 8, "pairs.shard_size": 8, "pairs.chunk_size": 8,
-               "pairs.batch_size": 8, "pairs.dtype": "float32", "eval.n_samples": 6}
+               "pairs.batch_size": 8, "pairs.dtype": "float32", "eval.n_samples": 16}
 
 
 def _count(monkeypatch, owner, name):

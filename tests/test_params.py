@@ -181,7 +181,7 @@ def test_lease_heartbeat_expiry_and_takeover(tmp_path):
     time.sleep(1.0)  # A's heartbeat (every ttl/4) keeps it alive
     with pytest.raises(lease.RunInUse):
         lease.acquire(run_dir, "B", ttl=0.8)
-    a._stop.set()  # A is "killed": no more heartbeats, nothing released
+    a._stop.set()  # A is "lost" (another machine): no more heartbeats, nothing released
     a._thread.join()
     time.sleep(1.0)
     b = lease.acquire(run_dir, "B", ttl=0.8)  # stale: taken over
@@ -230,3 +230,17 @@ def test_a_built_wheel_ships_the_presets(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).stem for n in names if n.startswith("reflow_core/presets/") and n.endswith(".yaml")}
     assert shipped == set(preset_names()) and "toy2d" in shipped
+
+
+def test_a_killed_local_runner_leaves_no_lock_behind(tmp_path):
+    """A holder on this machine whose process is gone (kill -9) is stale at once, not after the ttl."""
+    run_dir = str(tmp_path / "r")
+    proc = subprocess.Popen([sys.executable, "-c", "import time, sys\nfrom reflow_core import lease\n"
+                             "lease.acquire(sys.argv[1], 'victim')\nprint('held', flush=True)\ntime.sleep(60)",
+                             run_dir], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(lease.RunInUse, match="victim"):
+        lease.acquire(run_dir, "next")
+    proc.kill()
+    proc.wait()
+    lease.acquire(run_dir, "next").release()
