@@ -316,7 +316,15 @@ def main(argv: list[str] | None = None) -> dict:
     sz = SIZES[size]
     reps = args.reps or sz["reps"]
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(args, size, sz, reps, threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, size: str, sz: dict, reps: int, threads: int) -> dict:
     parts = set((args.parts or ("train,sim" if args.smoke else "train,sim,flow")).split(","))
     t_start = time.perf_counter()
     res: dict = {}

@@ -20,6 +20,38 @@ import torch
 import torch.distributed as dist
 
 
+# --- threads ---------------------------------------------------------------------------------------------------------
+# The rule (docs/performance.md, "Threads"): a process sets its torch intra-op threads from the cores it was *given*,
+# never from all the cores of the machine. N worker processes sharing a machine (torchrun ranks, a Dask LocalCluster's
+# workers) each get cores // N; a process that runs alone keeps all of them. Otherwise every process starts a thread
+# per core, N x cores threads fight for the cores, and each one runs slower than a single process would.
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity mask, e.g. a container's or taskset's), else cpu_count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_for(workers: int = 1, cores: int | None = None) -> int:
+    """Intra-op threads for one of `workers` processes sharing `cores` (default: this process's cores): at least 1."""
+    return max(1, (cores if cores is not None else available_cores()) // max(1, int(workers)))
+
+
+def worker_threads(cores: int | None = None, *, workers: int = 1) -> int:
+    """Set this process's torch intra-op threads from the cores it was given and return the count.
+
+    cores: the cores given to this process (None: its share of `available_cores()` among `workers` processes started
+    together on the machine). Also sets OMP_NUM_THREADS/MKL_NUM_THREADS for processes it starts. Call it first thing
+    in a worker process (a Dask worker's task, a torchrun rank); calling it again with the same count is free."""
+    n = max(1, int(cores)) if cores is not None else threads_for(workers)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    return n
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -58,6 +90,10 @@ def init_from_env(backend: str | None = None) -> DistInfo:
     if not info.enabled:
         return info
     if not dist.is_initialized():
+        # the rank's share of the machine's cores (torchrun runs LOCAL_WORLD_SIZE ranks here); an explicit
+        # OMP_NUM_THREADS (launch_torchrun sets one) was already applied by torch at start-up and is kept
+        if "OMP_NUM_THREADS" not in os.environ:
+            worker_threads(workers=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -129,7 +165,8 @@ def launch_torchrun(nproc: int, stage: str, config_json: str, run_dir: str, ckpt
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "reflow_core.stage_main", "--stage", stage, "--config", config_json, "--run-dir", run_dir]
     env = os.environ.copy() | (extra_env or {})
-    env.setdefault("OMP_NUM_THREADS", "1")
+    # each rank gets its share of this process's cores (not 1, not all of them); the caller's value wins
+    env.setdefault("OMP_NUM_THREADS", str(threads_for(nproc)))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     finally:

@@ -21,3 +21,18 @@ def test_gpu_benchmark_runs_on_cpu_and_profiles(tmp_path, capsys, monkeypatch):
         assert abs(p["matmul_conv"] + p["attention"] + p["other"] - 1) < 1e-3 and p["matmul_conv"] > 0.2
         assert 0 < p["busy"] <= 1.05 and p["top"]
         assert "Self CPU" in (tmp_path / "prof" / f"profile_{which}.txt").read_text()
+
+
+def test_overhead_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    """benchmarks/overhead.py (issue 17) at its --smoke size (seconds; no pipeline subprocesses): the RESULT line
+    parses and carries the ratios the issue asks for."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import overhead
+    res = overhead.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text()) == res
+    for key in ("train_vs_plain_mem", "train_vs_plain_pairs", "sim_vs_plain"):
+        assert res[key] > 0, key
+    for key in ("mlp", "unet"):
+        assert res[f"train_vs_plain_mem_{key}"] > 0 and res[f"sim_vs_plain_{key}"] > 0
+    assert "flow_vs_local" in res and res["flow_vs_local"] is None  # the flow part is skipped in --smoke

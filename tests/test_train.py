@@ -1,5 +1,6 @@
 """The trainer: it learns a closed-form velocity, checkpoints atomically, resumes exactly, refuses bad losses."""
 import math
+import os
 
 import pytest
 import torch
@@ -136,3 +137,55 @@ def test_nonfinite_losses_skipped_then_stop(tmp_path):
     with pytest.raises(NonFiniteLossError, match="max_bad_steps"):
         train(net=build_net(NetConfig(kind="mlp", hidden=16, depth=1), (2,)), batches=bad,
               cfg=_cfg(steps=40, max_bad_steps=3), ckpt_dir=str(tmp_path / "g"))
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_fast_step_equals_the_textbook_loop(tmp_path, clip):
+    """foreach Adam, one _foreach_lerp_ EMA, clipping skipped when off (issue 17): bit-identical to the per-tensor
+    loop (single-tensor Adam, clip_grad_norm_ every step, ema_update) on CPU, weights and EMA alike."""
+    import copy
+
+    from reflow_core.train import ema_update, flow_matching_loss
+
+    cfg = _cfg(steps=12, grad_clip=clip, ckpt_every=12, log_every=5, ema_decay=0.9, lr=5e-3, warmup=3, seed=3)
+    net0 = build_net(NetConfig(kind="mlp", hidden=16, depth=2, dropout=0.1), (2,))
+    ours = copy.deepcopy(net0)
+    state = checkpoint.load(train(net=ours, batches=gaussian_batches(n=64), cfg=cfg, ckpt_dir=str(tmp_path / "a")))
+
+    net, batches = copy.deepcopy(net0), gaussian_batches(n=64)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=False)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator()
+    net.train()
+    for step in range(cfg.steps):
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
+        b = batches(step)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        loss = flow_matching_loss(net, b, cfg, gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else math.inf, foreach=False)
+        opt.step()
+        ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    for k, v in net.state_dict().items():
+        assert torch.equal(state["net"][k], v), k
+    for k, v in ema.state_dict().items():
+        assert torch.equal(state["ema"][k], v), k
+
+
+def test_worker_threads_follow_the_cores_given():
+    from reflow_core import distributed
+
+    before = torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    try:
+        assert distributed.threads_for(4, cores=2) == 1 and distributed.threads_for(2, cores=8) == 4
+        assert distributed.threads_for(1) == distributed.available_cores() >= 1
+        assert distributed.worker_threads(1) == 1 == torch.get_num_threads()
+        assert distributed.worker_threads(workers=1) == distributed.available_cores() == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+        for k, v in env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

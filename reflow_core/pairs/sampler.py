@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from .. import storage
 from .store import BACKWARD, FORWARD, PairBatch, PairStore, PairStoreIncomplete, row_seed
 
 _TAG_SECTION, _TAG_EPOCH, _TAG_WINDOW = 0x73616D706C65, 0x65706F6368, 0x77696E646F77
@@ -55,6 +58,32 @@ def _cat(parts: list[PairBatch]) -> PairBatch:
     return PairBatch(torch.cat([p.noise for p in parts]), torch.cat([p.sample for p in parts]),
                      torch.cat([p.label for p in parts]), torch.cat([p.direction for p in parts]),
                      torch.cat([p.index for p in parts]))
+
+
+def _cat_1thread(parts: list[PairBatch]) -> PairBatch:
+    """`_cat` with numpy's single-threaded copy (the same values): the read / prefetch threads join a window's chunks
+    while the training step runs, and torch.cat there would start an OpenMP team as large as the trainer's own
+    (2 x the cores busy on a small machine; torch.set_num_threads cannot be set per thread without changing the
+    default of every thread started later)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([t.numpy() for t in ts]))
+    return PairBatch(cat([p.noise for p in parts]), cat([p.sample for p in parts]), cat([p.label for p in parts]),
+                     cat([p.direction for p in parts]), cat([p.index for p in parts]))
+
+
+def io_threads(store: PairStore) -> int:
+    """Chunk-reading threads of the stream backend: 4 for a remote store (they mostly wait on the network); for a
+    local one, half this process's cores (1..4), so decoding chunks leaves the trainer's intra-op threads room."""
+    if not storage.is_local(store.url):
+        return 4
+    try:
+        cores = len(os.sched_getaffinity(0))  # = distributed.available_cores() (not imported: no training code here)
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
 
 
 @dataclass(frozen=True)
@@ -200,7 +229,7 @@ class PairSampler:
         else:
             window_rows = window_chunks * c
             self._capacity = max(4, sum(2 * (math.ceil(n / window_rows) + 2) for _, n in self._streams))
-            self._read_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pairs-read")
+            self._read_pool = ThreadPoolExecutor(max_workers=io_threads(store), thread_name_prefix="pairs-read")
             if self.prefetch:
                 self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairs-prefetch")
 
@@ -251,8 +280,8 @@ class PairSampler:
     def _read_window(self, win: _Window) -> PairBatch:
         pool = self._read_pool
         parts = list(pool.map(self.store.read_chunk, win.chunks)) if pool is not None and len(win.chunks) > 1 \
-            else [self.store.read_chunk(ch) for ch in win.chunks]
-        return _cat(parts)
+            and pool._max_workers > 1 else [self.store.read_chunk(ch) for ch in win.chunks]
+        return _cat_1thread(parts)
 
     def _evict(self) -> None:  # under self._lock
         while len(self._cache) > self._capacity:
