@@ -163,8 +163,8 @@ def _wait_for(predicate, what: str, stack, timeout: float = 300) -> None:
         time.sleep(1)
 
 
-# long enough a teacher to be caught mid-way: checkpoints every 50 steps, 1200 steps in all
-LONG_TEACHER = {**TINY, "teacher.train.steps": 1200, "teacher.train.ckpt_every": 50}
+# long enough a teacher to be caught mid-way: checkpoints every 50 steps, 800 steps in all
+LONG_TEACHER = {**TINY, "teacher.train.steps": 800, "teacher.train.ckpt_every": 50}
 
 
 @pytest.mark.slow
