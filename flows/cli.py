@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from reflow_core.config import ConfigError, load_preset, preset_names
+from reflow_core.lease import RunInUse
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunInUse as err:  # another runner holds the run directory: say who, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

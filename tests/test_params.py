@@ -244,3 +244,12 @@ def test_a_killed_local_runner_leaves_no_lock_behind(tmp_path):
     proc.kill()
     proc.wait()
     lease.acquire(run_dir, "next").release()
+
+
+def test_cli_names_the_holder_of_a_busy_run(tmp_path, capsys):
+    from flows import cli
+
+    with lease.hold(str(tmp_path / "busy"), "someone-else"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["run", "--local", "--preset", "toy2d", "--root", str(tmp_path), "--run", "busy"])
+    assert e.value.code == 3 and "in use by someone-else" in capsys.readouterr().err
