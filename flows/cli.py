@@ -69,7 +69,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             redo_stages=args.redo_stage or (), stages=stages)
         if rows:
             print(summary_table(rows, quality_column(rows)))
-        print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
+        if not args.new:  # (with --new the run may have been given a suffixed name: run_local returns rows only)
+            print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
         return 0
 
     # No PREFECT_API_URL: Prefect starts a temporary local API server for this process (ephemeral mode). Its

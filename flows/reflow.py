@@ -167,10 +167,11 @@ def finish_pairs_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, 
 
 
 def _walk_stage(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
-                tracker: MlflowTracker, logger) -> st.StageOutput:
+                tracker: MlflowTracker, logger, done: bool) -> st.StageOutput:
     """One stage instance of the plan as tasks: a pairs stage with work to do as plan, one task per pending shard
-    (at most pairs.workers in flight) and finish; any other stage (or finished pairs) as one stage task."""
-    if stage.kind != "pairs" or st.pairs.done(stage, _ctx(cfg, paths)):
+    (at most pairs.workers in flight) and finish; any other stage (or finished pairs) as one stage task. done: the
+    stage's artifacts said it was finished when the walk reached it."""
+    if stage.kind != "pairs" or done:
         return stage_task(cfg, paths, stage, inputs, tracker)
     pending = pair_shards_task(cfg, paths, stage, inputs, tracker)
     logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
@@ -377,8 +378,8 @@ def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str
     wall: dict[str, float] = {}
     try:
         for s in walk:
-            t0, was_done = time.perf_counter(), st.module(s).done(s, st.Context(cfg, paths))
-            outputs[s.name] = _walk_stage(cfg, paths, s, st.inputs_of(s, outputs), tracker, logger)
+            t0, was_done = time.perf_counter(), st.module(s).done(s, _ctx(cfg, paths))
+            outputs[s.name] = _walk_stage(cfg, paths, s, st.inputs_of(s, outputs), tracker, logger, was_done)
             if not was_done:
                 wall[s.name] = time.perf_counter() - t0
         published = (publish_task(cfg, paths, preset, walk, outputs, wall, tracker, "evaluate" in wall)

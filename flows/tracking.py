@@ -75,10 +75,6 @@ def read_run_file(url: str) -> MlflowRunFile | None:
 # tracking URI resolution
 
 
-def is_local_root(root: str) -> bool:
-    return storage.is_local(root)
-
-
 def local_path(root: str) -> Path:
     """The absolute local path of a local root (`./runs`, `/abs`, `file:///abs`)."""
     _, path = fsspec.core.url_to_fs(root)
@@ -92,7 +88,7 @@ def resolve_tracking_uri(config_uri: str | None, root: str) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    if is_local_root(root):
+    if storage.is_local(root):
         path = local_path(root)
         path.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path / 'mlflow.db'}"

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import storage
 from .config import DataConfig
 
 TOY_NAMES: tuple[str, ...] = ("8gaussians", "moons", "checkerboard", "circles", "spirals")
@@ -285,11 +286,6 @@ def _load_natural32(cfg: DataConfig) -> DataSet:
     return DataSet(x=_natural32(cfg.n_train, cfg.seed), y=None, kind="image", num_classes=0, name="natural32")
 
 
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 def _cifar_root(path: str | None) -> str:
     """Local directory holding (or to hold) ``cifar-10-batches-py``; remote URLs are copied to a local cache."""
     if not path:
@@ -297,7 +293,7 @@ def _cifar_root(path: str | None) -> str:
     import fsspec
 
     fs, fpath = fsspec.core.url_to_fs(path)
-    if _is_local(fs):
+    if storage.fs_is_local(fs):
         return os.path.expanduser(fpath)
     digest = hashlib.sha256(path.encode()).hexdigest()[:16]
     local_root = os.path.join(os.path.expanduser(REMOTE_CACHE_ROOT), f"cifar10-{digest}")

@@ -19,11 +19,15 @@ def join(*parts: str) -> str:
     return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest])
 
 
-def is_local(url: str) -> bool:
-    """True for a local path or file:// URL, False for an object store or other remote file system."""
-    fs, _ = fs_and_path(url)
+def fs_is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local file system, False for an object store or other remote file system."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
+
+
+def is_local(url: str) -> bool:
+    """True for a local path or file:// URL."""
+    return fs_is_local(fs_and_path(url)[0])
 
 
 def exists(url: str) -> bool:
@@ -58,8 +62,7 @@ def write_error(url: str, e: OSError) -> StorageWriteError:
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """atomic_write_bytes for a filesystem already in hand (e.g. one opened with storage options)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:  # (a filesystem here, not a URL: is_local does not apply)
+    if fs_is_local(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:

@@ -224,8 +224,13 @@ def test_local_runner_refuses_a_held_run(tmp_path):
 @pytest.mark.slow
 def test_a_built_wheel_ships_the_presets(tmp_path):
     """A non-editable install (a Docker image) has the presets: they are package data of reflow_core."""
+    import shutil
+
+    src = tmp_path / "src"  # setuptools builds in the source tree (build/, *.egg-info): a copy, not the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__",
+                                                             "tests", "docs", "benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("reflow-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).stem for n in names if n.startswith("reflow_core/presets/") and n.endswith(".yaml")}
