@@ -11,8 +11,9 @@ from reflow_core import solvers
 from reflow_core.config import PairsConfig
 from reflow_core.pairs import (
     PairBatch, PairSampler, PairStore, PairStoreIncomplete, PairStoreMismatch, Shard, ram_bytes, row_labels,
-    row_noise, shard_plan, simulate_shard,
+    row_noise, row_seed, shard_plan, simulate_shard,
 )
+from reflow_core.pairs import store as store_mod
 
 SHAPE = (2,)
 NUM_CLASSES = 3
@@ -95,6 +96,101 @@ def test_row_noise_and_labels_independent_of_layout():
     labels = row_labels(11, range(0, 20), 5)
     assert torch.equal(labels[5:10], row_labels(11, range(5, 10), 5))
     assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() < 5
+
+
+# SplitMix64 written out from the algorithm (Vigna, splitmix64.c), independent of reflow_core's implementation
+_M64 = (1 << 64) - 1
+
+
+def _ref_splitmix64(state: int, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & _M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_splitmix64_stream_is_the_standard_sequence():
+    # published outputs of splitmix64.c seeded with 0
+    assert _ref_splitmix64(0, 3) == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    keys = np.array([0, 1, 0x9E3779B97F4A7C15, 2 ** 63 - 1, 2 ** 64 - 1, 123456789], dtype=np.uint64)
+    ours = store_mod._row_stream(keys, 1, 9)
+    odd, even = store_mod._row_stream(keys, 1, 4, 2), store_mod._row_stream(keys, 2, 4, 2)
+    for i, k in enumerate(keys):
+        ref = _ref_splitmix64(int(k), 9)
+        assert [int(v) for v in ours[i]] == ref
+        assert [int(v) for v in odd[i]] == ref[0:8:2] and [int(v) for v in even[i]] == ref[1:8:2]
+    z = np.random.default_rng(0).integers(0, 2 ** 64, 500, dtype=np.uint64)
+    assert [int(v) for v in store_mod._splitmix64_np(z)] == [_ref_splitmix64(int(v), 1)[0] for v in z]
+
+
+def test_vectorised_row_seed_equals_scalar():
+    rng = np.random.default_rng(1)
+    rows = np.concatenate([np.arange(100), rng.integers(0, 2 ** 40, 100), 2 ** 40 + np.arange(50),
+                           rng.integers(2 ** 40, 2 ** 63 - 1, 100), [2 ** 62, 2 ** 63 - 1]]).astype(np.int64)
+    for seed in (0, 7, -5, 2 ** 31 + 1, 2 ** 63 + 11, 2 ** 80 + 3):
+        for tag in (store_mod._TAG_NOISE, store_mod._TAG_LABEL, store_mod._TAG_PERM):
+            keys = store_mod._row_keys(seed, store_mod._rows_array(rows), tag)
+            assert keys.dtype == np.uint64
+            assert [int(k) for k in keys] == [row_seed(seed, int(r), tag) for r in rows]
+
+
+def test_row_noise_and_labels_follow_their_definition():
+    """row_noise / row_labels against the documented scheme computed in plain Python from the reference stream."""
+    seed, rows, d, k = 5, [0, 3, 2 ** 41 + 7], 5, 7  # odd d: the last sine is dropped
+    noise, labels = row_noise(seed, rows, (d,)), row_labels(seed, rows, k)
+    for i, r in enumerate(rows):
+        u = [(x >> 11) * 2.0 ** -53 for x in _ref_splitmix64(row_seed(seed, r), d + 1)]
+        want = []
+        for j in range(0, d + 1, 2):
+            rad = math.sqrt(-2.0 * math.log(1.0 - u[j]))
+            want += [rad * math.cos(2 * math.pi * u[j + 1]), rad * math.sin(2 * math.pi * u[j + 1])]
+        assert torch.allclose(noise[i].double(), torch.tensor(want[:d], dtype=torch.float64), rtol=2e-7, atol=1e-9)
+        lu = (_ref_splitmix64(row_seed(seed, r, store_mod._TAG_LABEL), 1)[0] >> 11) * 2.0 ** -53
+        assert int(labels[i]) == math.floor(lu * k)
+
+
+def test_row_noise_independent_of_blocks_threads_and_input_type(monkeypatch):
+    shape = (3, 16, 16)  # 300 x 768 elements: past the threading threshold
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    full = row_noise(3, range(300), shape)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(row_noise(3, range(300), shape), full)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(store_mod, "_BLOCK_ELEMS", 3000)  # 3 rows per block
+    assert torch.equal(row_noise(3, range(300), shape), full)
+    idx = np.arange(299, 100, -7)
+    assert torch.equal(row_noise(3, idx, shape), full[torch.from_numpy(idx)])
+    assert torch.equal(row_noise(3, torch.from_numpy(idx).to(torch.int32), shape), full[torch.from_numpy(idx)])
+    assert torch.equal(row_noise(3, [17], shape)[0], full[17])
+    assert row_noise(3, [], shape).shape == (0, *shape) and row_labels(3, [], 4).shape == (0,)
+    with pytest.raises(TypeError):
+        row_noise(3, torch.tensor([1.0]), shape)
+
+
+def test_row_noise_and_labels_statistics():
+    """Fixed seeds (deterministic); the bounds sit at ~5 sigma / p ~ 1e-4 (no scipy.stats: its import alone is 1 s)."""
+    x = row_noise(2024, range(50_000), (4,))  # 200k values
+    v = x.double().reshape(-1).numpy()
+    n = v.size
+    assert abs(v.mean()) < 0.012 and abs(v.std() - 1.0) < 0.008
+    cdf = torch.special.ndtr(torch.from_numpy(np.sort(v))).numpy()
+    ks = max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
+    assert ks < math.sqrt(-math.log(1e-4 / 2) / 2 / n)  # Kolmogorov-Smirnov against N(0, 1) at p = 1e-4
+    assert abs((np.abs(v) > 3).mean() - 0.0027) < 0.0008
+    a = x.double().numpy()
+    for p, q in ((a[:, :-1], a[:, 1:]), (a[:-1], a[1:])):  # consecutive elements of a row; adjacent rows
+        assert abs(np.corrcoef(p.reshape(-1), q.reshape(-1))[0, 1]) < 0.012
+    lab = row_labels(2024, range(200_000), 10).numpy()
+    counts = np.bincount(lab, minlength=10)
+    assert counts.shape == (10,) and ((counts - 20_000) ** 2 / 20_000).sum() < 33.7  # chi-square, 9 dof, p = 1e-4
+    assert (row_labels(1, range(50), 1) == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------ simulation
@@ -222,6 +318,32 @@ def test_create_is_idempotent_and_refuses_mismatch(tmp_path):
         simulate_shard(s, 1, affine_for, cfg=cfg_for(n_forward=0, nfe=9), num_classes=NUM_CLASSES)
     with pytest.raises(FileNotFoundError):
         PairStore.open(str(tmp_path / "nope.zarr"))
+
+
+def test_store_records_noise_rng_and_refuses_another_scheme_with_pending_shards(tmp_path):
+    import zarr
+
+    url = str(tmp_path / "run" / "pairs.zarr")
+    cfg = cfg_for(n_pairs=64, n_forward=0)
+    s = make_store(url, cfg)
+    assert s.attrs["noise_rng"] == store_mod.NOISE_RNG == "splitmix64-boxmuller-v1"
+    simulate_all(s, cfg)
+    group = zarr.open_group(url, mode="r+")
+    for old in (None, "torch-generator-per-row"):  # made before the attr existed / by another scheme
+        if old is None:
+            del group.attrs["noise_rng"]
+        else:
+            group.attrs["noise_rng"] = old
+        assert make_store(url, cfg).is_complete()  # finished: its pairs are stored, nothing is drawn again
+        s.unmark(1)
+        with pytest.raises(PairStoreMismatch, match=f"noise_rng: existing={old!r} "
+                                                    f"requested='splitmix64-boxmuller-v1'"):
+            make_store(url, cfg)
+        with pytest.raises(PairStoreMismatch, match="noise_rng"):
+            simulate_shard(PairStore.open(url), 1, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
+        assert PairStore.open(url).pending_shards() == [1]
+        group.attrs["noise_rng"] = store_mod.NOISE_RNG
+        simulate_shard(make_store(url, cfg), 1, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
 
 
 def test_writer_error_is_raised_and_no_marker(tmp_path, monkeypatch):

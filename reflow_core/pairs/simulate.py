@@ -17,8 +17,8 @@ import torch
 from .. import solvers
 from ..config import PairsConfig
 from ..solvers import Velocity
-from .store import (ARRAYS, BACKWARD, FORWARD, PairStore, PairStoreMismatch, Shard, _Hasher, forward_indices,
-                    row_labels, row_noise, solver_attrs)
+from .store import (ARRAYS, BACKWARD, FORWARD, NOISE_RNG, PairStore, PairStoreMismatch, Shard, _Hasher,
+                    forward_indices, redo_hint, row_labels, row_noise, solver_attrs)
 
 # velocity_for(labels on the device, or None for unconditional teachers) -> the batch's (x, t) -> v
 VelocityFor = Callable[["torch.Tensor | None"], Velocity]
@@ -111,6 +111,11 @@ def _check_cfg(store: PairStore, cfg: PairsConfig) -> None:
     if diff:
         raise PairStoreMismatch(f"pairs config differs from the store at {store.url}: "
                                 + ", ".join(f"{k}: store={s!r} cfg={c!r}" for k, (s, c) in diff.items()))
+    if a.get("noise_rng") != NOISE_RNG:
+        raise PairStoreMismatch(
+            f"the pair store at {store.url} has noise_rng={a.get('noise_rng')!r}, this code draws noise with "
+            f"{NOISE_RNG!r}: simulating its pending shards would mix two noise definitions; simulate the store "
+            f"again ({redo_hint(store.url)})")
 
 
 def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityFor, *, cfg: PairsConfig,

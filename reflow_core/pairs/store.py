@@ -16,9 +16,13 @@ concurrently (threads, processes or machines) against one store. Completion live
 written only after the shard's data, so there is no shared attrs document to race on and an interrupted shard is
 simply redone.
 
-Noise and backward labels are drawn per row from generators seeded by (seed, global row), so a row's values depend
-on neither the batch size nor the shard layout. Time convention: t = 0 data, t = 1 noise (`solvers.sample`
-integrates 1 -> 0, `solvers.invert` 0 -> 1).
+Noise and backward labels are counter-based: a row's values are a pure function of (seed, global row), drawn from
+SplitMix64 streams keyed by `row_seed(seed, row, tag)` (Box-Muller in float64 for the noise, see `row_noise`), so
+they depend on neither the batch size, the shard layout nor which other rows are drawn with it. The scheme is
+recorded in attrs["noise_rng"] (NOISE_RNG): a store with pending shards and another scheme (or none: made by the
+earlier per-row torch.Generator scheme) is refused rather than finished with different noise.
+
+Time convention: t = 0 data, t = 1 noise (`solvers.sample` integrates 1 -> 0, `solvers.invert` 0 -> 1).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -44,8 +49,11 @@ CONVENTION = "t0=data,t1=noise"
 DTYPES = ("float32", "float16", "bfloat16")
 ARRAYS = ("noise", "sample", "label", "direction")
 BACKWARD, FORWARD = 0, 1
+# how row_noise/row_labels draw a row's values: recorded in every store `create` makes, so a store whose noise was
+# drawn otherwise (e.g. by the per-row torch.Generator scheme before it) is never resumed with different noise
+NOISE_RNG = "splitmix64-boxmuller-v1"
 # identity keys of attrs compared when create() finds an existing store (besides the structural ones)
-IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention")
+IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention", "noise_rng")
 _MARKER_RE = re.compile(r"shard-(\d+)\.json$")
 _MASK64 = (1 << 64) - 1
 _TAG_NOISE, _TAG_LABEL, _TAG_PERM = 0x6E6F697365, 0x6C6162656C, 0x7065726D
@@ -131,6 +139,7 @@ class StoreAttrs(BaseModel):
     seed: int | None = Field(None, strict=True)
     teacher_hash: str | None = Field(None, max_length=256)
     stage: str | None = Field(None, max_length=256)
+    noise_rng: str | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
     def _check(self) -> "StoreAttrs":
@@ -195,34 +204,132 @@ def row_seed(seed: int, row: int, tag: int = _TAG_NOISE) -> int:
     return _splitmix64(_splitmix64((seed * 1_000_003 + row) & _MASK64) ^ tag) % (2 ** 63)
 
 
-def _rows_list(rows: range | Sequence[int] | torch.Tensor) -> list[int]:
+# Vectorised counterparts (numpy uint64: wrapping arithmetic is defined there, unlike torch's signed int64).
+_U64 = np.uint64
+_GAMMA = _U64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_LOW63 = _U64(2 ** 63 - 1)
+_INV53 = 2.0 ** -53
+_BLOCK_ELEMS = 1 << 20  # elements per block of rows in row_noise: its uint64/float64 temporaries stay ~4 MB each
+_THREAD_ELEMS = 1 << 18  # row_noise spreads its blocks over threads from this many elements on
+
+
+def _mix64_(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function applied in place to a uint64 array (wrapping): z ^= z >> 30; z *= C1; ..."""
+    t = np.empty_like(z)
+    for shift, mult in ((30, _MIX1), (27, _MIX2)):
+        np.right_shift(z, _U64(shift), out=t)
+        np.bitwise_xor(z, t, out=z)
+        np.multiply(z, mult, out=z)
+    np.right_shift(z, _U64(31), out=t)
+    np.bitwise_xor(z, t, out=z)
+    return z
+
+
+def _splitmix64_np(z: np.ndarray) -> np.ndarray:
+    """`_splitmix64` elementwise on a uint64 array (a new array): the first output of SplitMix64 with state z."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(z, dtype=_U64)
+        return _mix64_(np.add(z, _GAMMA, out=np.empty_like(z)))
+
+
+def _rows_array(rows: range | Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
+    """Global row indices as a 1-D integer numpy array (int64, or uint64 for numpy uint64 input)."""
+    if isinstance(rows, range):
+        return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
     if isinstance(rows, torch.Tensor):
-        return [int(r) for r in rows.reshape(-1).tolist()]
-    return [int(r) for r in rows]
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"row indices must be integers, got a {rows.dtype} tensor")
+        return rows.detach().reshape(-1).to("cpu", torch.int64).numpy()
+    a = np.asarray(rows).reshape(-1)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"row indices must be integers, got dtype {a.dtype}")
+    return a if a.dtype == np.uint64 else a.astype(np.int64, copy=False)
+
+
+def _row_keys(seed: int, rows: np.ndarray, tag: int) -> np.ndarray:
+    """`row_seed(seed, r, tag)` for every r in rows (uint64 array), bit for bit."""
+    base = _U64((int(seed) * 1_000_003) & _MASK64)
+    with np.errstate(over="ignore"):
+        z = rows.astype(_U64) + base  # == (seed * 1_000_003 + r) & _MASK64 (int64 -> uint64 wraps as & _MASK64)
+        z = _splitmix64_np(z)
+        np.bitwise_xor(z, _U64(tag & _MASK64), out=z)
+        z = _splitmix64_np(z)
+    return np.bitwise_and(z, _LOW63, out=z)
+
+
+def _row_stream(keys: np.ndarray, first: int, count: int, stride: int = 1) -> np.ndarray:
+    """(len(keys), count) uint64: outputs first, first + stride, ... (count of them; 1-based) of the standard
+    SplitMix64 generator started from state key, output i being mix(key + i * GAMMA) (wrapping)."""
+    with np.errstate(over="ignore"):
+        steps = np.arange(first, first + stride * count, stride, dtype=_U64)[:count] * _GAMMA
+        return _mix64_(keys[:, None] + steps[None, :])
+
+
+def _uniform53(x: np.ndarray) -> np.ndarray:
+    """u = (x >> 11) * 2**-53 in [0, 1), float64 (exact: 53 bits)."""
+    return np.right_shift(x, _U64(11), out=x).astype(np.float64) * _INV53
+
+
+def _noise_block(keys: np.ndarray, out: np.ndarray) -> None:
+    """Fill out (len(keys), d) float32 with the rows' Box-Muller normals (see row_noise)."""
+    d = out.shape[1]
+    pairs = (d + 1) // 2
+    # radius from the odd outputs: 1 - u = (2**53 - (x >> 11)) * 2**-53 is exact and in (0, 1], so never log(0)
+    x = np.right_shift(_row_stream(keys, 1, pairs, 2), _U64(11))
+    r = np.subtract(_U64(1 << 53), x, out=x).astype(np.float64)
+    del x
+    r *= _INV53
+    np.log(r, out=r)
+    r *= -2.0
+    np.sqrt(r, out=r)
+    theta = _uniform53(_row_stream(keys, 2, pairs, 2))  # angle from the even outputs
+    theta *= 2.0 * math.pi
+    c = np.cos(theta)
+    np.multiply(r, c, out=out[:, 0::2])  # the float64 product, rounded once to float32
+    np.sin(theta, out=c)
+    np.multiply(r[:, :d // 2], c[:, :d // 2], out=out[:, 1::2])
 
 
 def row_noise(seed: int, rows: range | Sequence[int] | torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """N(0, I) noise of shape (len(rows), *shape), row i drawn from its own generator seeded by (seed, rows[i])."""
-    idx = _rows_list(rows)
-    out = torch.empty((len(idx), *shape), dtype=torch.float32)
-    g = torch.Generator()
-    for i, r in enumerate(idx):
-        g.manual_seed(row_seed(seed, r, _TAG_NOISE))
-        out[i] = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
-    return out
+    """N(0, I) float32 noise of shape (len(rows), *shape); row i a pure function of (seed, rows[i]).
+
+    Counter-based: row r's values come from the SplitMix64 stream started at state row_seed(seed, r) (outputs
+    x_1, x_2, ...), as uniforms u_i = (x_i >> 11) * 2**-53 in [0, 1), through Box-Muller in float64 in pairs:
+    flat element 2j = sqrt(-2 ln(1 - u_{2j+1})) cos(2 pi u_{2j+2}), element 2j + 1 the same with sin (an odd
+    element count drops the last sine), rounded to float32. Vectorised over rows and elements, in blocks of rows
+    (spread over torch.get_num_threads() threads when large; numpy releases the GIL; same values either way)."""
+    idx = _rows_array(rows)
+    shape = tuple(int(s) for s in shape)
+    n, d = idx.shape[0], math.prod(shape)
+    out = np.empty((n, d), dtype=np.float32)
+    if n and d:
+        keys = _row_keys(seed, idx, _TAG_NOISE)
+        threads = min(torch.get_num_threads(), 8) if n * d >= _THREAD_ELEMS else 1
+        step = max(1, min(_BLOCK_ELEMS // (d + 1), -(-n // threads)))
+        blocks = [(keys[b:b + step], out[b:b + step]) for b in range(0, n, step)]
+        if threads > 1 and len(blocks) > 1:
+            with ThreadPoolExecutor(min(threads, len(blocks)), thread_name_prefix="row-noise") as ex:
+                list(ex.map(lambda kb: _noise_block(*kb), blocks))
+        else:
+            for kb in blocks:
+                _noise_block(*kb)
+    return torch.from_numpy(out).reshape(n, *shape)
 
 
 def row_labels(seed: int, rows: range | Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Uniform class labels (long, (len(rows),)), one per global row from its own seeded generator."""
+    """Uniform class labels (long, (len(rows),)), a pure function of (seed, row): floor(u * num_classes) with u the
+    53-bit uniform of the first SplitMix64 output of the row's label-stream state row_seed(seed, r, label tag)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    idx = _rows_list(rows)
-    out = torch.empty(len(idx), dtype=torch.long)
-    g = torch.Generator()
-    for i, r in enumerate(idx):
-        g.manual_seed(row_seed(seed, r, _TAG_LABEL))
-        out[i] = torch.randint(num_classes, (1,), generator=g)[0]
-    return out
+    idx = _rows_array(rows)
+    if not idx.shape[0]:
+        return torch.zeros(0, dtype=torch.long)
+    u = _uniform53(_row_stream(_row_keys(seed, idx, _TAG_LABEL), 1, 1)[:, 0])  # [0, 1 - 2**-53]
+    lab = np.minimum(np.floor(u * num_classes).astype(np.int64), num_classes - 1)  # the min only guards rounding
+    return torch.from_numpy(lab)
 
 
 def forward_indices(seed: int, rows: range | Sequence[int] | torch.Tensor, n_data: int) -> torch.Tensor:
@@ -232,7 +339,7 @@ def forward_indices(seed: int, rows: range | Sequence[int] | torch.Tensor, n_dat
         raise ValueError("forward pairs need a non-empty data set")
     g = torch.Generator().manual_seed(row_seed(seed, 0, _TAG_PERM))
     perm = torch.randperm(n_data, generator=g)
-    j = torch.tensor(_rows_list(rows), dtype=torch.long)
+    j = torch.from_numpy(_rows_array(rows).astype(np.int64))
     return perm[j % n_data]
 
 
@@ -427,8 +534,10 @@ class PairStore:
         """Create the store, or open it if one with the same structure and identity attrs exists (resume).
 
         Raises PairStoreMismatch if an existing store differs (shape, counts, chunk/shard size, dtype, or any of
-        IDENTITY_ATTRS present in either). Create the store once before starting concurrent writers; they then
-        `open` (or `create`, which opens) it.
+        IDENTITY_ATTRS present in either). The store records NOISE_RNG as its noise_rng attr; an existing store
+        with another (or none: made before the attr) is refused while it has pending shards (finishing it would mix
+        two noise definitions), and opened when complete (its pairs are stored, no noise is drawn again).
+        Create the store once before starting concurrent writers; they then `open` (or `create`, which opens) it.
 
         zarr_shards: noise/sample use zarr 3's sharding codec with one shard object per pair shard (shard_size
         rows, chunk_size-row inner chunks): n / shard_size objects instead of n / chunk_size, same values. A pair
@@ -456,18 +565,22 @@ class PairStore:
                 "n_forward > 0 (the last backward and first forward pair shards would share one zarr shard object)")
         structure = {"shape": shape, "n_backward": int(n_backward), "n_forward": int(n_forward),
                      "chunk_size": int(chunk_size), "shard_size": int(shard_size), "dtype": dtype}
-        wanted = {**dict(attrs), "convention": CONVENTION}
+        wanted = {**dict(attrs), "convention": CONVENTION, "noise_rng": NOISE_RNG}
         opts = resolve_storage_options(url, storage_options)
         if cls.exists(url, opts):
             store = cls.open(url, opts)
             have = store.attrs
             diff = [k for k, v in structure.items() if have.get(k) != v]
             diff += [k for k in IDENTITY_ATTRS if (k in wanted or k in have) and have.get(k) != wanted.get(k)]
+            if "noise_rng" in diff and store.is_complete():
+                diff.remove("noise_rng")  # finished: its noise is stored and never drawn again
             if diff:
                 detail = ", ".join(f"{k}: existing={have.get(k)!r} requested="
                                    f"{structure.get(k, wanted.get(k))!r}" for k in diff)
+                why = ("; noise_rng says how per-row noise and labels are drawn, and this code draws them "
+                       "differently, so the store's pending shards cannot be simulated" if "noise_rng" in diff else "")
                 raise PairStoreMismatch(
-                    f"a different pair store already exists at {url} (differs in {detail}); use a new run name "
+                    f"a different pair store already exists at {url} (differs in {detail}{why}); use a new run name "
                     "or delete it")
             return store
 
