@@ -14,8 +14,9 @@
 (ii)  pair simulation, pairs/s: `pairs.simulate_shard` (per-row seeded noise, zarr writer, done marker) vs a plain
       loop of the same velocity model, the same solver (Heun, EDM style) and NFE and batch, noise from one generator,
       .npy written at the end.
-(iii) pipeline wall time: `reflow run --preset toy2d --local` vs `reflow run --preset toy2d` (Prefect ephemeral API
-      server + sqlite MLflow) as subprocesses, same small config, fresh roots (one PREFECT_HOME for the benchmark).
+(iii) pipeline wall time: `reflow run --preset toy2d --local` vs `reflow run --preset toy2d` (its temporary Prefect
+      API server + sqlite MLflow) as subprocesses, same config, fresh roots (one PREFECT_HOME for the benchmark):
+      the size's small overrides, or with `--flow-config preset` the shipped toy2d preset as `make demo` runs it.
 
 Ours and plain alternate (ours first on even repeats, plain first on odd ones) so drift hits both; every figure is a
 median over repeats with the min and max. Ratios are ours / plain (higher is better; 1 = no overhead), for training
@@ -274,11 +275,11 @@ def _run_cli(args: list[str], env: dict, log: str) -> float:
     return dt
 
 
-def bench_flow(size: str, reps: int, threads: int, tmp: str) -> dict:
+def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({"OMP_NUM_THREADS": str(threads), "PREFECT_HOME": os.path.join(tmp, "prefect_home"),
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    sets = [a for s in FLOW_SETS[size] for a in ("--set", s)]
+    sets = [] if preset_as_shipped else [a for s in FLOW_SETS[size] for a in ("--set", s)]
     runs = [0]
 
     def one(local: bool) -> float:
@@ -293,7 +294,8 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str) -> dict:
     res = _ab(reps, lambda: 1.0 / one(True), lambda: 1.0 / one(False))
     inv = lambda s: {"median": 1 / s["median"], "min": 1 / s["max"], "max": 1 / s["min"], "n": s["n"]}  # noqa: E731
     return {"local_wall_s": inv(res["ours"]), "flow_wall_s": inv(res["plain"]), "ratio": 1 / res["ratio"],
-            "ratio_min": 1 / res["ratio_max"], "ratio_max": 1 / res["ratio_min"], "sets": FLOW_SETS[size]}
+            "ratio_min": 1 / res["ratio_max"], "ratio_max": 1 / res["ratio_min"],
+            "sets": [] if preset_as_shipped else FLOW_SETS[size]}
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=None, help="repeats per measurement (default 5 full, 3 quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS, else cores)")
     ap.add_argument("--parts", default=None, help="comma list of train,sim,flow (default all; smoke: train,sim)")
+    ap.add_argument("--flow-config", choices=["size", "preset"], default="size", help="the flow part's run: the "
+                    "size's small overrides, or the toy2d preset as shipped (`make demo`'s pipeline, minutes)")
     ap.add_argument("--json", default=None, help="also write the RESULT dict to this file")
     args = ap.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -355,10 +359,12 @@ def _run(args, size: str, sz: dict, reps: int, threads: int) -> dict:
         else:
             res["sim_vs_plain"] = None
         if "flow" in parts:
-            fl = detail["flow"] = bench_flow(size, max(2, reps - 1) if size == "full" else 2, threads, tmp)
+            fl = detail["flow"] = bench_flow(size, max(2, reps - 1) if size == "full" else 2, threads, tmp,
+                                             preset_as_shipped=args.flow_config == "preset")
             res["flow_vs_local"] = _r(fl["ratio"])
             res["flow_spread"] = [_r(fl["ratio_min"]), _r(fl["ratio_max"])]
             res["wall_s"] = {"local": _r(fl["local_wall_s"]["median"], 1), "flow": _r(fl["flow_wall_s"]["median"], 1)}
+            res["flow_config"] = args.flow_config
         else:
             res["flow_vs_local"] = None
     res.update({"size": size, "reps": reps, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import re
 import shlex
@@ -73,16 +75,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
         return 0
 
-    # No PREFECT_API_URL: Prefect starts a temporary local API server for this process (ephemeral mode). Its
-    # telemetry heartbeat only adds database-lock noise to a short local run, so it is off unless asked for.
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # Telemetry heartbeats only add database-lock noise to a short local run: off unless asked for
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect waits 20 s for that server by default: too short on a busy 2-core machine (seen timing out here)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    server = None
+    if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
+        # no Prefect server configured: start a temporary one now, so it comes up while this process imports
+        # prefect, torch and mlflow (the URL is set before `import prefect`, which reads its settings once; when
+        # prefect is already imported, as in a test process, its own ephemeral mode starts one as before)
+        from flows.api_server import TemporaryServer
+
+        server = TemporaryServer().start()
+        # stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent the last
+        # logs and events to it
+        atexit.register(server.stop)
+        os.environ["PREFECT_API_URL"] = server.api_url
+        os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" link to a page that never was
     from flows.reflow import reflow
+    from flows.tracking import open_store, resolve_tracking_uri
 
     from reflow_core.config import allow_any_preset_path, leaf_overrides
 
+    open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # while the server starts
+    if server is not None:
+        server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
     with allow_any_preset_path():  # the caller may load any YAML it can read (a deployment may not)
         # the flow's overrides are typed per config field: `--set pairs.grid.rho=2` becomes `pairs.grid: {...}`
         reflow(preset=args.preset, overrides=leaf_overrides(args.preset, overrides) or None, root=root, run=args.run,
@@ -213,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # At exit, move every live object out of the collector's reach, so the interpreter's teardown skips its
+    # collection passes over the heap of torch, prefect and mlflow (1-3 s on the 2-core box). Registered first, it
+    # runs after every other exit handler (Prefect's last log flush, the temporary server's stop).
+    atexit.unregister(gc.freeze)  # (once, however often main() is called)
+    atexit.register(gc.freeze)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

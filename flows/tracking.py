@@ -100,6 +100,12 @@ def resolve_tracking_uri(config_uri: str | None, root: str) -> str:
     return "sqlite:///./mlruns.db"
 
 
+def open_store(uri: str) -> None:
+    """Open (for a new sqlite file: create) the tracking store now. MLflow keeps the store per URI for the rest of
+    the process, so the run's own client finds it ready; `reflow run` does this while its Prefect server starts."""
+    mlflow.MlflowClient(tracking_uri=uri)
+
+
 def ui_command(uri: str) -> str:
     """The command that shows a tracking store in the MLflow UI."""
     if uri.startswith(("http://", "https://")):
@@ -457,7 +463,8 @@ class MlflowStageCallback:
     """reflow_core's Callback protocol for one stage's child run.
 
     Metrics are buffered and written with `log_batch` (every `flush_every` metrics or `flush_seconds`, and on
-    artifacts / finish); progress becomes the metric `<stage>_progress` at most every `progress_every` of the total.
+    artifacts / finish); progress becomes the metric `<stage>_progress` at most every `progress_every` of the total,
+    buffered the same way (the final 1.0 written at once).
     """
 
     def __init__(self, tracker: MlflowTracker, stage: str, run_id: str, flush_every: int = 200,
@@ -496,7 +503,11 @@ class MlflowStageCallback:
                 return
             self._last_progress[stage] = frac
             self._buffer.append(Metric(_clean_key(f"{stage}_progress"), frac, _now_ms(), int(done)))
-        self.flush()
+            # written with the next batch of metrics (each write is a store transaction, ~10 ms on sqlite), at
+            # the latest flush_seconds from the last; the end of a stage at once
+            due = frac >= 1.0 or time.monotonic() - self._last_flush > self.flush_seconds
+        if due:
+            self.flush()
 
     def flush(self) -> None:
         with self._lock:

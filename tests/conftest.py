@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,30 @@ def moto_s3():
         yield {"endpoint": endpoint, "client": client, "mp": mp, "secret": S3_TEST_SECRET, "key_id": S3_TEST_KEY_ID}
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+# --- the temporary Prefect API server of `reflow run` (flows/api_server.py) ----------------------------------------
+def _live_prefect_servers(home) -> list[int]:
+    """Pids of live (not zombie) Prefect API server processes whose PREFECT_HOME is `home`, from /proc."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            env = (d / "environ").read_bytes().split(b"\0")
+            state = (d / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in cmd and f"PREFECT_HOME={home}".encode() in env \
+                and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.fixture
+def prefect_servers():
+    """`prefect_servers(home)`: the pids of live Prefect API servers running on PREFECT_HOME `home`."""
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("needs /proc (Linux)")
+    return _live_prefect_servers

@@ -320,7 +320,10 @@ def test_tracker_reuses_parent_and_stage_runs(tmp_path):
     cb = t1.stage_callback("teacher")
     for step in range(1, 6):
         cb.on_metrics("teacher", step, {"loss": 1.0 / step})
-    cb.on_progress("teacher", 5, 5)
+    cb.on_progress("teacher", 2, 5)  # buffered with the metrics: no store write of its own ...
+    assert "teacher_progress" not in MlflowClient(uri).get_run(cb.run_id).data.metrics
+    cb.on_progress("teacher", 5, 5)  # ... the end of the stage is written at once
+    assert MlflowClient(uri).get_run(cb.run_id).data.metrics["teacher_progress"] == 1.0
     png = tmp_path / "plot.png"
     png.write_bytes(b"\x89PNG")
     cb.on_artifact("teacher", str(png))

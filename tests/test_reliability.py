@@ -588,10 +588,10 @@ MARKERS = {"AWS_ACCESS_KEY_ID": "AKIAMARKERc0ffee42", "AWS_SECRET_ACCESS_KEY": "
 
 
 @pytest.mark.slow
-def test_credentials_never_written(tmp_path):
-    """The Prefect flow (`reflow run`, ephemeral Prefect API) with credentials in its environment: no marker in any
-    file under the run root (artifacts, config.json, MLflow sqlite store and artifact dir), the Prefect home (its
-    database: flow parameters, logs) or the captured output."""
+def test_credentials_never_written(tmp_path, prefect_servers):
+    """The Prefect flow (`reflow run`, its temporary Prefect API server) with credentials in its environment: no
+    marker in any file under the run root (artifacts, config.json, MLflow sqlite store and artifact dir), the Prefect
+    home (its database: flow parameters, logs) or the captured output. The server is gone when the command ends."""
     root, home = tmp_path / "runs", tmp_path / "prefect-home"
     sets = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])
     proc = subprocess.run([PY, "-m", "flows.cli", "run", "--preset", "toy2d", "--root", str(root), "--run", "cred",
@@ -599,6 +599,8 @@ def test_credentials_never_written(tmp_path):
                           env=_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="240", **MARKERS))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert prefect_servers(home) == []
+    assert "Error logging to API" not in proc.stderr  # the last logs reached the server before it stopped
     assert (root / "cred" / "eval" / "metrics.json").exists() and (root / "mlflow.db").exists()
     assert list((root / "mlartifacts").rglob("metrics.json"))
     files = [p for d in (root, home) for p in d.rglob("*") if p.is_file()]

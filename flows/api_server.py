@@ -1,0 +1,107 @@
+"""A temporary Prefect API server for one `reflow run`, started before the heavy imports.
+
+Without `PREFECT_API_URL`, Prefect's ephemeral mode starts a local API server (uvicorn in a subprocess) the first
+time the flow needs it: after `import prefect`, torch and mlflow, so the run waits for it. `reflow run` starts
+the same server itself, first thing, so it comes up on the other core while this process imports and prepares the
+MLflow store; the flow then talks to it through `PREFECT_API_URL`, and it is stopped when the command ends.
+
+Same command and settings as Prefect's ephemeral server (`prefect.server.api.server.SubprocessASGIServer`):
+`uvicorn --factory prefect.server.api.server:create_app` with the UI off and the ephemeral service set, on the
+database of `PREFECT_HOME`. On Linux the server also dies with this process (PR_SET_PDEATHSIG), so a killed
+`reflow run` leaves no server behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+# the exit status uvicorn uses when its port was taken between our probe and its bind: try another port
+_PORT_IN_USE = 3
+_PORT_TRIES = 5
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TemporaryServer:
+    """`start()` returns at once; `wait()` blocks until /api/health answers; `stop()` ends it."""
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._app_dir = ""
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> "TemporaryServer":
+        spec = importlib.util.find_spec("prefect")  # where prefect is, without importing it (that takes seconds)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("prefect is not installed")
+        self._app_dir = str(Path(list(spec.submodule_search_locations)[0]).parent)
+        self._spawn()
+        return self
+
+    def _spawn(self) -> None:
+        self.port = _free_port()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        args = [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on"]
+        # its output (errors only) goes where ours goes, as with Prefect's own ephemeral server
+        self.process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def wait(self, timeout: float = 120.0) -> str:
+        """Block until the server answers /api/health; returns the API URL."""
+        assert self.process is not None, "start() first"
+        deadline, tries = time.monotonic() + timeout, 1
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == _PORT_IN_USE and tries < _PORT_TRIES:
+                tries += 1
+                self._spawn()
+                continue
+            if code is not None:
+                raise RuntimeError(f"the temporary Prefect API server exited with status {code} (its errors are "
+                                   "printed above)")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.api_url
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the temporary Prefect API server did not answer within {timeout:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS sets the limit)")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

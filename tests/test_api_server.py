@@ -1,0 +1,42 @@
+"""The temporary Prefect API server `reflow run` starts for itself (flows/api_server.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHILD = """
+import sys, time
+from flows.api_server import TemporaryServer
+s = TemporaryServer().start()
+s.wait(240)
+print(s.process.pid, s.api_url, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_server_dies_with_the_process_that_started_it(tmp_path, prefect_servers):
+    """A `reflow run` killed with SIGKILL runs no exit handler: its server still goes (the kernel's parent-death
+    signal), instead of holding the Prefect database and a port until someone notices."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pid, url = child.stdout.readline().split()
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+            assert r.status == 200
+        assert prefect_servers(home) == [int(pid)]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 30
+    while prefect_servers(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert prefect_servers(home) == []
