@@ -16,7 +16,8 @@
       .npy written at the end.
 (iii) pipeline wall time: `reflow run --preset toy2d --local` vs `reflow run --preset toy2d` (its temporary Prefect
       API server + sqlite MLflow) as subprocesses, same config, fresh roots (one PREFECT_HOME for the benchmark):
-      the size's small overrides, or with `--flow-config preset` the shipped toy2d preset as `make demo` runs it.
+      the size's small overrides, or with `--flow-config preset` the shipped toy2d preset as `make demo` runs it;
+      after one untimed tiny run of each (the first flow on a machine creates Prefect's database).
 
 Ours and plain alternate (ours first on even repeats, plain first on odd ones) so drift hits both; every figure is a
 median over repeats with the min and max. Ratios are ours / plain (higher is better; 1 = no overhead), for training
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reflow_core import solvers  # noqa: E402
+from reflow_core import distributed, solvers  # noqa: E402
 from reflow_core.config import load_preset  # noqa: E402
 from reflow_core.pairs import PairStore, simulate_shard  # noqa: E402
 from reflow_core.stages.base import dataset, new_model  # noqa: E402
@@ -290,6 +291,12 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
         shutil.rmtree(root, ignore_errors=True)
         return wall
 
+    # warm-up, untimed, as in the other parts: the first flow on a machine also creates Prefect's database under
+    # PREFECT_HOME (~10 s, once per machine); every timed flow run still starts its temporary API server
+    smoke = [a for s in FLOW_SETS["smoke"] for a in ("--set", s)]
+    for local in (True, False):
+        _run_cli(["run", "--preset", "toy2d", "--root", os.path.join(tmp, "flow-warm-up"), "--run", f"w{int(local)}",
+                  *smoke] + (["--local"] if local else []), env, os.path.join(tmp, "flow-warm-up.log"))
     # as rates (1 / wall) so _ab alternates the two; local wall / flow wall = flow rate / local rate
     res = _ab(reps, lambda: 1.0 / one(True), lambda: 1.0 / one(False))
     inv = lambda s: {"median": 1 / s["median"], "min": 1 / s["max"], "max": 1 / s["min"], "n": s["n"]}  # noqa: E731
@@ -320,15 +327,17 @@ def main(argv: list[str] | None = None) -> dict:
     sz = SIZES[size]
     reps = args.reps or sz["reps"]
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    # the allocator setting the CLI and the flow apply (distributed.steady_malloc): for ours and plain alike here
+    steady = distributed.steady_malloc()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(args, size, sz, reps, threads)
+        return _run(args, size, sz, reps, threads, steady)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(args, size: str, sz: dict, reps: int, threads: int) -> dict:
+def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> dict:
     parts = set((args.parts or ("train,sim" if args.smoke else "train,sim,flow")).split(","))
     t_start = time.perf_counter()
     res: dict = {}
@@ -368,6 +377,7 @@ def _run(args, size: str, sz: dict, reps: int, threads: int) -> dict:
         else:
             res["flow_vs_local"] = None
     res.update({"size": size, "reps": reps, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                "steady_malloc": steady,
                 "torch": torch.__version__, "seconds": round(time.perf_counter() - t_start, 1)})
     print(f"# overhead benchmark: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {threads} torch "
           f"threads, {size}, {reps} repeats (median [min, max] of ours/plain)")

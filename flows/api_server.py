@@ -2,7 +2,7 @@
 
 Without `PREFECT_API_URL`, Prefect's ephemeral mode starts a local API server (uvicorn in a subprocess) the first
 time the flow needs it: after `import prefect`, torch and mlflow, so the run waits for it. `reflow run` starts
-the same server itself, first thing, so it comes up on the other core while this process imports and prepares the
+the same server itself, first thing, so it comes up on another core while this process imports and prepares the
 MLflow store; the flow then talks to it through `PREFECT_API_URL`, and it is stopped when the command ends.
 
 Same command and settings as Prefect's ephemeral server (`prefect.server.api.server.SubprocessASGIServer`):

@@ -63,6 +63,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.local:
         from flows.report import quality_column, summary_table
         from reflow_core import stages as st
+        from reflow_core.distributed import steady_malloc
+
+        steady_malloc()  # as the flow does (flows/reflow.py)
         from reflow_core.callbacks import ConsoleCallback
 
         if args.teacher_checkpoint:

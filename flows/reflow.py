@@ -120,6 +120,7 @@ def simulate_shard_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage
                         shard: int, tracker: MlflowTracker) -> dict:
     if cfg.pairs.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
         distributed.worker_threads(workers=1 if cfg.pairs.dask_address else cfg.pairs.workers)
+        distributed.steady_malloc()
     callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
     result = st.pairs.simulate(stage, _ctx(cfg, paths, callback), inputs, shard)
     if "rows" in result:  # reflow_core logs pairs_per_s and shard_seconds itself
@@ -331,6 +332,7 @@ def reflow(
             redone (e.g. ["pairs"] after a corrupt pair store); their MLflow child runs are reused.
     """
     logger = get_run_logger()
+    distributed.steady_malloc()  # malloc thresholds for tensor work in this process (reflow_core.distributed)
     # over a deployment whoever starts a run picks `preset`: a shipped name or a file under $REFLOW_PRESET_DIR only
     # (the CLI, whose caller may read any file, allows any path); a ConfigError fails the flow before any I/O
     preset_source = deployment_preset(preset)

@@ -53,6 +53,40 @@ def worker_threads(cores: int | None = None, *, workers: int = 1) -> int:
     return n
 
 
+# --- the allocator -----------------------------------------------------------------------------------------------------
+# glibc's malloc serves a block above its mmap threshold (128 KB at start, raised on the fly up to 32 MB) with a fresh
+# mmap, and hands freed heap tops above its trim threshold back to the OS. A loop that allocates and frees the same
+# MB-sized activations every step can then pay page faults (the kernel zeroing fresh pages) on every one of them, in
+# phases that depend on what else the process happens to hold. On the 2-core box that made toy2d pair shards take
+# 2.3-2.7 s instead of 1.7-2.0 s, and a batch-5000 MLP forward 13-16 ms instead of 8 (docs/performance.md).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit: blocks up to this come from the heap
+TRIM_THRESHOLD = 512 << 20  # up to this much freed heap is kept for reuse rather than returned to the OS
+
+
+def steady_malloc() -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for a tensor workload (MMAP_THRESHOLD, TRIM_THRESHOLD), so
+    activations freed and allocated again every step reuse heap memory. True if set. Not applied (False) off glibc,
+    under an LD_PRELOADed allocator (jemalloc, tcmalloc), or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+    are in the environment (the user's own choice). The cost: up to TRIM_THRESHOLD of freed memory stays with the
+    process. Call it early in a process that runs torch work (the CLI, the flow, a Dask or torchrun worker);
+    repeated calls are free."""
+    import ctypes
+
+    try:
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        glibc = False
+    if not glibc or os.environ.get("LD_PRELOAD") \
+            or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -90,6 +124,7 @@ def init_from_env(backend: str | None = None) -> DistInfo:
     if not info.enabled:
         return info
     if not dist.is_initialized():
+        steady_malloc()
         # the rank's share of the machine's cores (torchrun runs LOCAL_WORLD_SIZE ranks here); an explicit
         # OMP_NUM_THREADS (launch_torchrun sets one) was already applied by torch at start-up and is kept
         if "OMP_NUM_THREADS" not in os.environ:

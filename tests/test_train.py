@@ -189,3 +189,51 @@ def test_worker_threads_follow_the_cores_given():
         torch.set_num_threads(before)
         for k, v in env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+MALLOC_PROBE = """
+import sys
+
+def heap_kb():  # size of the brk heap ([heap] in /proc/self/maps)
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            return (hi - lo) // 1024
+    return 0
+
+applied = False
+if sys.argv[1] == "on":  # (the "off" probe skips the import of torch: it only shows what glibc does by default)
+    from reflow_core import distributed
+    applied = distributed.steady_malloc()
+before = heap_kb()
+block = bytearray(8 << 20)  # 8 MB: above glibc's default mmap threshold (128 KB), below MMAP_THRESHOLD
+grew = heap_kb() - before
+del block
+print(applied, grew >= 8 << 10, heap_kb() - before >= 8 << 10)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps") or not (os.confstr("CS_GNU_LIBC_VERSION") or "")
+                    .startswith("glibc"), reason="glibc on Linux only")
+def test_steady_malloc_serves_tensor_sized_blocks_from_the_heap_and_keeps_them(monkeypatch):
+    """After distributed.steady_malloc an 8 MB block comes from the brk heap and stays there when freed (no mmap and
+    munmap, no page faults on the next one); without it, a fresh process maps it; a user's MALLOC_* or LD_PRELOAD
+    wins."""
+    import subprocess
+    import sys
+
+    from reflow_core import distributed
+
+    def probe(mode: str) -> list[str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+        e.update(PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], env=e, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert probe("on") == ["True", "True", "True"]
+    assert probe("off") == ["False", "False", "False"]
+    # the user's own allocator settings win (checked before any mallopt call: this process is left as it was)
+    for k, v in (("MALLOC_TRIM_THRESHOLD_", "131072"), ("LD_PRELOAD", "libjemalloc.so.2")):
+        with monkeypatch.context() as m:
+            m.setenv(k, v)
+            assert distributed.steady_malloc() is False
