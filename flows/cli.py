@@ -63,11 +63,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.local:
         from flows.report import quality_column, summary_table
         from reflow_core import stages as st
+        from reflow_core.callbacks import ConsoleCallback
         from reflow_core.distributed import steady_malloc
 
         steady_malloc()  # as the flow does (flows/reflow.py)
-        from reflow_core.callbacks import ConsoleCallback
-
         if args.teacher_checkpoint:
             cfg = load_preset(args.preset, overrides | {"teacher.checkpoint": args.teacher_checkpoint})
         rows = st.run_local(cfg, root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
@@ -81,6 +80,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Telemetry heartbeats only add database-lock noise to a short local run: off unless asked for
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # the server gets 120 s to answer (Prefect's default of 20 s timed out on a busy 2-core machine)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     server = None
     if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
         # no Prefect server configured: start a temporary one now, so it comes up while this process imports
@@ -101,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # while the server starts
     if server is not None:
-        server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
+        server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     with allow_any_preset_path():  # the caller may load any YAML it can read (a deployment may not)
         # the flow's overrides are typed per config field: `--set pairs.grid.rho=2` becomes `pairs.grid: {...}`
         reflow(preset=args.preset, overrides=leaf_overrides(args.preset, overrides) or None, root=root, run=args.run,

@@ -1,4 +1,5 @@
-"""Multi-GPU training with DDP under torchrun, and the launcher the pipeline uses when a stage asks for nproc > 1.
+"""Worker processes: their torch threads and allocator settings, multi-GPU training with DDP under torchrun, and
+the launcher the pipeline uses when a stage asks for nproc > 1.
 
 Inside a torchrun worker (WORLD_SIZE > 1 in the environment) `train.train`:
   * joins the process group (`init_from_env`: NCCL on CUDA, gloo on CPU) and trains on cuda:LOCAL_RANK;
