@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reflow_core import distributed, solvers  # noqa: E402
+from reflow_core import host, solvers  # noqa: E402
 from reflow_core.config import load_preset  # noqa: E402
 from reflow_core.pairs import PairStore, simulate_shard  # noqa: E402
 from reflow_core.stages.base import dataset, new_model  # noqa: E402
@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     sz = SIZES[size]
     reps = args.reps or sz["reps"]
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    # the allocator setting the CLI and the flow apply (distributed.steady_malloc): for ours and plain alike here
-    steady = distributed.steady_malloc()
+    # the allocator setting the CLI and the flow apply (host.steady_malloc): for ours and plain alike here
+    steady = host.steady_malloc()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

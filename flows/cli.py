@@ -64,7 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from flows.report import quality_column, summary_table
         from reflow_core import stages as st
         from reflow_core.callbacks import ConsoleCallback
-        from reflow_core.distributed import steady_malloc
+        from reflow_core.host import steady_malloc
 
         steady_malloc()  # as the flow does (flows/reflow.py)
         if args.teacher_checkpoint:

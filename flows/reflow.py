@@ -36,7 +36,7 @@ from pydantic import Field
 
 from flows import report
 from flows.tracking import MlflowTracker, TrackingFileError, local_path, resolve_tracking_uri, source_tags, ui_command
-from reflow_core import distributed, lease, storage
+from reflow_core import host, lease, storage
 from reflow_core import stages as st
 from reflow_core.callbacks import ConsoleCallback, MultiCallback, NullCallback
 from reflow_core.checkpoint import CheckpointError
@@ -119,8 +119,8 @@ def pair_shards_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, i
 def simulate_shard_task(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs: dict[str, st.StageOutput],
                         shard: int, tracker: MlflowTracker) -> dict:
     if cfg.pairs.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
-        distributed.worker_threads(workers=1 if cfg.pairs.dask_address else cfg.pairs.workers)
-        distributed.steady_malloc()
+        host.worker_threads(workers=1 if cfg.pairs.dask_address else cfg.pairs.workers)
+        host.steady_malloc()
     callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
     result = st.pairs.simulate(stage, _ctx(cfg, paths, callback), inputs, shard)
     if "rows" in result:  # reflow_core logs pairs_per_s and shard_seconds itself
@@ -146,7 +146,7 @@ def pair_task_runner(cfg: PipelineConfig):
         import torch
         gpu = dask.annotate(resources={"GPU": 1}) if torch.cuda.is_available() else contextlib.nullcontext()
         return DaskTaskRunner(address=pc.dask_address), gpu
-    threads = str(distributed.threads_for(pc.workers))  # each worker process its share of the cores, not all of them
+    threads = str(host.threads_for(pc.workers))  # each worker process its share of the cores, not all of them
     return DaskTaskRunner(cluster_kwargs={"n_workers": pc.workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None,
                                           "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}), \
@@ -332,7 +332,7 @@ def reflow(
             redone (e.g. ["pairs"] after a corrupt pair store); their MLflow child runs are reused.
     """
     logger = get_run_logger()
-    distributed.steady_malloc()  # malloc thresholds for tensor work in this process (reflow_core.distributed)
+    host.steady_malloc()  # malloc thresholds for tensor work in this process (reflow_core.host)
     # over a deployment whoever starts a run picks `preset`: a shipped name or a file under $REFLOW_PRESET_DIR only
     # (the CLI, whose caller may read any file, allows any path); a ConfigError fails the flow before any I/O
     preset_source = deployment_preset(preset)

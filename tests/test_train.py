@@ -176,15 +176,15 @@ def test_fast_step_equals_the_textbook_loop(tmp_path, clip):
 
 
 def test_worker_threads_follow_the_cores_given():
-    from reflow_core import distributed
+    from reflow_core import host
 
     before = torch.get_num_threads()
     env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     try:
-        assert distributed.threads_for(4, cores=2) == 1 and distributed.threads_for(2, cores=8) == 4
-        assert distributed.threads_for(1) == distributed.available_cores() >= 1
-        assert distributed.worker_threads(1) == 1 == torch.get_num_threads()
-        assert distributed.worker_threads(workers=1) == distributed.available_cores() == torch.get_num_threads()
+        assert host.threads_for(4, cores=2) == 1 and host.threads_for(2, cores=8) == 4
+        assert host.threads_for(1) == host.available_cores() >= 1
+        assert host.worker_threads(1) == 1 == torch.get_num_threads()
+        assert host.worker_threads(workers=1) == host.available_cores() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
         for k, v in env.items():
@@ -203,8 +203,8 @@ def heap_kb():  # size of the brk heap ([heap] in /proc/self/maps)
 
 applied = False
 if sys.argv[1] == "on":  # (the "off" probe skips the import of torch: it only shows what glibc does by default)
-    from reflow_core import distributed
-    applied = distributed.steady_malloc()
+    from reflow_core import host
+    applied = host.steady_malloc()
 before = heap_kb()
 block = bytearray(8 << 20)  # 8 MB: above glibc's default mmap threshold (128 KB), below MMAP_THRESHOLD
 grew = heap_kb() - before
@@ -216,13 +216,13 @@ print(applied, grew >= 8 << 10, heap_kb() - before >= 8 << 10)
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps") or not (os.confstr("CS_GNU_LIBC_VERSION") or "")
                     .startswith("glibc"), reason="glibc on Linux only")
 def test_steady_malloc_serves_tensor_sized_blocks_from_the_heap_and_keeps_them(monkeypatch):
-    """After distributed.steady_malloc an 8 MB block comes from the brk heap and stays there when freed (no mmap and
+    """After host.steady_malloc an 8 MB block comes from the brk heap and stays there when freed (no mmap and
     munmap, no page faults on the next one); without it, a fresh process maps it; a user's MALLOC_* or LD_PRELOAD
     wins."""
     import subprocess
     import sys
 
-    from reflow_core import distributed
+    from reflow_core import host
 
     def probe(mode: str) -> list[str]:
         e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
@@ -236,4 +236,4 @@ def test_steady_malloc_serves_tensor_sized_blocks_from_the_heap_and_keeps_them(m
     for k, v in (("MALLOC_TRIM_THRESHOLD_", "131072"), ("LD_PRELOAD", "libjemalloc.so.2")):
         with monkeypatch.context() as m:
             m.setenv(k, v)
-            assert distributed.steady_malloc() is False
+            assert host.steady_malloc() is False

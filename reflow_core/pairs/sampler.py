@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .. import storage
+from .. import host, storage
 from .store import BACKWARD, FORWARD, PairBatch, PairStore, PairStoreIncomplete, row_seed
 
 _TAG_SECTION, _TAG_EPOCH, _TAG_WINDOW = 0x73616D706C65, 0x65706F6368, 0x77696E646F77
@@ -79,11 +78,7 @@ def io_threads(store: PairStore) -> int:
     local one, half this process's cores (1..4), so decoding chunks leaves the trainer's intra-op threads room."""
     if not storage.is_local(store.url):
         return 4
-    try:
-        cores = len(os.sched_getaffinity(0))  # = distributed.available_cores() (not imported: no training code here)
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores // 2))
+    return max(1, min(4, host.available_cores() // 2))
 
 
 @dataclass(frozen=True)
