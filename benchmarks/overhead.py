@@ -15,9 +15,11 @@
       loop of the same velocity model, the same solver (Heun, EDM style) and NFE and batch, noise from one generator,
       .npy written at the end.
 (iii) pipeline wall time: `reflow run --preset toy2d --local` vs `reflow run --preset toy2d` (its temporary Prefect
-      API server + sqlite MLflow) as subprocesses, same config, fresh roots (one PREFECT_HOME for the benchmark):
-      the size's small overrides, or with `--flow-config preset` the shipped toy2d preset as `make demo` runs it;
-      after one untimed tiny run of each (the first flow on a machine creates Prefect's database).
+      API server + sqlite MLflow) as subprocesses, same config, one PREFECT_HOME for the benchmark: the size's
+      small overrides, or with `--flow-config preset` the shipped toy2d preset as `make demo` runs it; after one
+      untimed tiny run of each (the first flow on a machine creates Prefect's database). Each runner's runs share
+      one root, whose MLflow store that run created, as a team's root does; `--flow-store new` gives every run a
+      fresh root instead, so each flow run also creates its MLflow store's tables.
 
 Ours and plain alternate (ours first on even repeats, plain first on odd ones) so drift hits both; every figure is a
 median over repeats with the min and max. Ratios are ours / plain (higher is better; 1 = no overhead), for training
@@ -276,33 +278,41 @@ def _run_cli(args: list[str], env: dict, log: str) -> float:
     return dt
 
 
-def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: bool = False) -> dict:
+def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: bool = False,
+               store: str = "shared") -> dict:
+    """store='shared': every run of a runner goes under one root, whose MLflow store the untimed warm-up run made
+    (a team's root: MLflow creates a store's tables once); 'new': a fresh root per run, so each flow run also
+    creates its MLflow tables (the first run into a new root)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({"OMP_NUM_THREADS": str(threads), "PREFECT_HOME": os.path.join(tmp, "prefect_home"),
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
     sets = [] if preset_as_shipped else [a for s in FLOW_SETS[size] for a in ("--set", s)]
     runs = [0]
 
+    def root_of(local: bool, n: int) -> str:
+        return os.path.join(tmp, f"flow-root-{'local' if local else 'flow'}" + ("" if store == "shared" else f"-{n}"))
+
     def one(local: bool) -> float:
         runs[0] += 1
-        root = os.path.join(tmp, f"flow-root-{runs[0]}")
-        args = ["run", "--preset", "toy2d", "--root", root, "--run", "bench", "--new", *sets]
-        wall = _run_cli(args + (["--local"] if local else []), env, root + ".log")
-        shutil.rmtree(root, ignore_errors=True)
+        root, name = root_of(local, runs[0]), f"bench-{runs[0]}"
+        args = ["run", "--preset", "toy2d", "--root", root, "--run", name, "--new", *sets]
+        wall = _run_cli(args + (["--local"] if local else []), env, os.path.join(tmp, f"{name}.log"))
+        shutil.rmtree(os.path.join(root, name) if store == "shared" else root, ignore_errors=True)
         return wall
 
     # warm-up, untimed, as in the other parts: the first flow on a machine also creates Prefect's database under
-    # PREFECT_HOME (~10 s, once per machine); every timed flow run still starts its temporary API server
+    # PREFECT_HOME (~10 s, once per machine), and with a shared root the MLflow store; every timed flow run still
+    # starts its temporary API server
     smoke = [a for s in FLOW_SETS["smoke"] for a in ("--set", s)]
     for local in (True, False):
-        _run_cli(["run", "--preset", "toy2d", "--root", os.path.join(tmp, "flow-warm-up"), "--run", f"w{int(local)}",
-                  *smoke] + (["--local"] if local else []), env, os.path.join(tmp, "flow-warm-up.log"))
+        _run_cli(["run", "--preset", "toy2d", "--root", root_of(local, 0), "--run", "warm-up", *smoke]
+                 + (["--local"] if local else []), env, os.path.join(tmp, "flow-warm-up.log"))
     # as rates (1 / wall) so _ab alternates the two; local wall / flow wall = flow rate / local rate
     res = _ab(reps, lambda: 1.0 / one(True), lambda: 1.0 / one(False))
     inv = lambda s: {"median": 1 / s["median"], "min": 1 / s["max"], "max": 1 / s["min"], "n": s["n"]}  # noqa: E731
     return {"local_wall_s": inv(res["ours"]), "flow_wall_s": inv(res["plain"]), "ratio": 1 / res["ratio"],
             "ratio_min": 1 / res["ratio_max"], "ratio_max": 1 / res["ratio_min"],
-            "sets": [] if preset_as_shipped else FLOW_SETS[size]}
+            "sets": [] if preset_as_shipped else FLOW_SETS[size], "store": store}
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -321,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--parts", default=None, help="comma list of train,sim,flow (default all; smoke: train,sim)")
     ap.add_argument("--flow-config", choices=["size", "preset"], default="size", help="the flow part's run: the "
                     "size's small overrides, or the toy2d preset as shipped (`make demo`'s pipeline, minutes)")
+    ap.add_argument("--flow-store", choices=["shared", "new"], default="shared", help="the flow part's roots: "
+                    "one per runner whose MLflow store exists (default), or a new root per run (each flow run "
+                    "creates its MLflow tables)")
     ap.add_argument("--json", default=None, help="also write the RESULT dict to this file")
     args = ap.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -368,12 +381,13 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
         else:
             res["sim_vs_plain"] = None
         if "flow" in parts:
-            fl = detail["flow"] = bench_flow(size, max(2, reps - 1) if size == "full" else 2, threads, tmp,
-                                             preset_as_shipped=args.flow_config == "preset")
+            flow_reps = args.reps or (max(2, reps - 1) if size == "full" else 2)  # (minutes each)
+            fl = detail["flow"] = bench_flow(size, flow_reps, threads, tmp,
+                                             preset_as_shipped=args.flow_config == "preset", store=args.flow_store)
             res["flow_vs_local"] = _r(fl["ratio"])
             res["flow_spread"] = [_r(fl["ratio_min"]), _r(fl["ratio_max"])]
             res["wall_s"] = {"local": _r(fl["local_wall_s"]["median"], 1), "flow": _r(fl["flow_wall_s"]["median"], 1)}
-            res["flow_config"] = args.flow_config
+            res["flow_config"], res["flow_store"] = args.flow_config, args.flow_store
         else:
             res["flow_vs_local"] = None
     res.update({"size": size, "reps": reps, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -1,0 +1,1 @@
+FLOW_NAME = "reflow"  # the Prefect flow's name (flows/reflow.py; deployments are `reflow/<name>`)

@@ -3,7 +3,9 @@
 Without `PREFECT_API_URL`, Prefect's ephemeral mode starts a local API server (uvicorn in a subprocess) the first
 time the flow needs it: after `import prefect`, torch and mlflow, so the run waits for it. `reflow run` starts
 the same server itself, first thing, so it comes up on another core while this process imports and prepares the
-MLflow store; the flow then talks to it through `PREFECT_API_URL`, and it is stopped when the command ends.
+MLflow store; the flow then talks to it through `PREFECT_API_URL`, and it is stopped when the command ends. Once it answers, a
+background thread sends it the first requests a flow run makes, so it pays their one-time costs while this process
+is still importing.
 
 Same command and settings as Prefect's ephemeral server (`prefect.server.api.server.SubprocessASGIServer`):
 `uvicorn --factory prefect.server.api.server:create_app` with the UI off and the ephemeral service set, on the
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,8 +44,15 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# What a flow run asks a fresh server first. Each costs the new server 0.1-0.4 s once (imports, first queries) and
+# then ~10 ms; all are reads, except creating the flow's record, which the flow run does anyway (by name, idempotent).
+_WARM_UP = (("GET", "/admin/version", None), ("POST", "/flow_runs/filter", {"limit": 1}),
+            ("POST", "/task_runs/filter", {"limit": 1}))
+
+
 class TemporaryServer:
-    """`start()` returns at once; `wait()` blocks until /api/health answers; `stop()` ends it."""
+    """`start()` returns at once; `warm_up()` primes it in the background; `wait()` blocks until /api/health
+    answers; `stop()` ends it."""
 
     def __init__(self) -> None:
         self.port: int | None = None
@@ -72,6 +83,31 @@ class TemporaryServer:
         self.process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
+    def warm_up(self, flow_name: str) -> threading.Thread:
+        """In a background thread, once the server answers: the first requests a flow run makes (`_WARM_UP`, and
+        creating the flow `flow_name`), so the server pays its first-request costs while this process is still
+        importing rather than while the flow run waits. Best effort: any error ends the warm-up quietly."""
+        def run() -> None:
+            deadline = time.monotonic() + 120.0
+            while not self._healthy():  # (wait() alone restarts a server whose port was taken)
+                proc = self.process
+                if proc is None or proc.poll() not in (None, _PORT_IN_USE) or time.monotonic() > deadline:
+                    return
+                time.sleep(0.25)  # (each try costs both processes CPU while they start up)
+            try:
+                for method, path, body in (*_WARM_UP, ("POST", "/flows/", {"name": flow_name})):
+                    req = urllib.request.Request(f"{self.api_url}{path}", method=method,
+                                                 data=None if body is None else json.dumps(body).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        r.read()
+            except Exception:  # noqa: BLE001 - the flow run makes the same requests and reports their errors
+                pass
+
+        thread = threading.Thread(target=run, name="prefect-server-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def wait(self, timeout: float = 120.0) -> str:
         """Block until the server answers /api/health; returns the API URL."""
         assert self.process is not None, "start() first"
@@ -85,16 +121,19 @@ class TemporaryServer:
             if code is not None:
                 raise RuntimeError(f"the temporary Prefect API server exited with status {code} (its errors are "
                                    "printed above)")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self.api_url
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
+            if self._healthy():
+                return self.api_url
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the temporary Prefect API server did not answer within {timeout:.0f} s "
                            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS sets the limit)")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.process is not None and self.process.poll() is None:

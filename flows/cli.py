@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from flows import FLOW_NAME
 from reflow_core.config import ConfigError, load_preset, preset_names
 from reflow_core.lease import RunInUse
 
@@ -55,6 +56,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     stages = parse_stages(args.stages)
     cfg = load_preset(args.preset, overrides)  # fail fast with a clear message, before Prefect starts
+    # the temporary API server first: the checks below already import torch (seconds), the server's start-up runs
+    # on another core meanwhile
+    server = None if args.local else _start_api_server()
     _check_stage_names(cfg, (stages or []) + (args.redo_stage or []))
     if args.run is not None:
         from reflow_core.stages import check_run_name
@@ -77,38 +81,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
         return 0
 
-    # Telemetry heartbeats only add database-lock noise to a short local run: off unless asked for
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    # the server gets 120 s to answer (Prefect's default of 20 s timed out on a busy 2-core machine)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    server = None
-    if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
-        # no Prefect server configured: start a temporary one now, so it comes up while this process imports
-        # prefect, torch and mlflow (the URL is set before `import prefect`, which reads its settings once; when
-        # prefect is already imported, as in a test process, its own ephemeral mode starts one as before)
-        from flows.api_server import TemporaryServer
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-        server = TemporaryServer().start()
-        # stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent the last
-        # logs and events to it
-        atexit.register(server.stop)
-        os.environ["PREFECT_API_URL"] = server.api_url
-        os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" link to a page that never was
     from flows.reflow import reflow
     from flows.tracking import open_store, resolve_tracking_uri
-
     from reflow_core.config import allow_any_preset_path, leaf_overrides
 
-    open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # while the server starts
+    open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # (for a new store: creates its tables)
+    settings = {}
     if server is not None:
         server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-    with allow_any_preset_path():  # the caller may load any YAML it can read (a deployment may not)
+        # heartbeats let a lasting server tell a crashed flow run; this one ends with the run. Without them the
+        # run does not wait (up to 1 s) at its end for the heartbeat thread
+        settings[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    # the caller may load any YAML it can read (a deployment may not)
+    with allow_any_preset_path(), temporary_settings(updates=settings):
         # the flow's overrides are typed per config field: `--set pairs.grid.rho=2` becomes `pairs.grid: {...}`
         reflow(preset=args.preset, overrides=leaf_overrides(args.preset, overrides) or None, root=root, run=args.run,
                new=args.new, stages=stages, teacher_checkpoint=args.teacher_checkpoint,
                redo_stages=args.redo_stage or None)  # prints the summary table and the MLflow UI command
     return 0
+
+
+def _start_api_server():
+    """The temporary Prefect API server of a flow run without one configured (flows/api_server.py), started now so
+    it comes up while this process imports prefect, torch and mlflow; None when `PREFECT_API_URL` is set, or when
+    prefect is already imported (a test process: its settings are read once, so Prefect's own ephemeral mode
+    starts a server as before)."""
+    # Telemetry heartbeats only add database-lock noise to a short local run: off unless asked for
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # the server gets 120 s to answer (Prefect's default of 20 s timed out on a busy 2-core machine)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    from flows.api_server import TemporaryServer
+
+    server = TemporaryServer().start()
+    server.warm_up(FLOW_NAME)  # its first-request costs while this process imports
+    # stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent the last logs
+    # and events to it
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" link to a page that never was
+    return server
 
 
 def _check_stage_names(cfg, names: list[str]) -> None:

@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows import report
+from flows import FLOW_NAME, report
 from flows.tracking import MlflowTracker, TrackingFileError, local_path, resolve_tracking_uri, source_tags, ui_command
 from reflow_core import host, lease, storage
 from reflow_core import stages as st
@@ -177,7 +177,12 @@ def _walk_stage(cfg: PipelineConfig, paths: st.RunPaths, stage: st.Stage, inputs
     pending = pair_shards_task(cfg, paths, stage, inputs, tracker)
     logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
     results: list[dict] = []
-    if pending:
+    if pending and cfg.pairs.engine == "threads" and cfg.pairs.workers == 1:
+        # one at a time, in this thread, a task run each: a pool thread would run torch with an OpenMP team of its
+        # own next to this thread's, and libgomp cuts spin-waits short once a process's OpenMP threads outnumber
+        # its cores (about a third slower shards on the 2-core box; docs/performance.md, "Threads")
+        results = [simulate_shard_task(cfg, paths, stage, inputs, k, tracker) for k in pending]
+    elif pending:
         runner, annotations = pair_task_runner(cfg)
         with runner, annotations:
             futures = runner.map(simulate_shard_task, {
@@ -303,7 +308,7 @@ def _holder_ended(holder: dict) -> bool:
     return fr.state is not None and fr.state.is_final()
 
 
-@flow(name="reflow", flow_run_name=_flow_run_name, log_prints=True, task_runner=ThreadPoolTaskRunner())
+@flow(name=FLOW_NAME, flow_run_name=_flow_run_name, log_prints=True, task_runner=ThreadPoolTaskRunner())
 def reflow(
     preset: PresetName | PresetFile = "toy2d",
     overrides: ConfigOverrides | None = None,

@@ -1,6 +1,7 @@
 """The temporary Prefect API server `reflow run` starts for itself (flows/api_server.py)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,9 @@ CHILD = """
 import sys, time
 from flows.api_server import TemporaryServer
 s = TemporaryServer().start()
+warm = s.warm_up("reflow-warm-up-check")
 s.wait(240)
+warm.join(120)
 print(s.process.pid, s.api_url, flush=True)
 time.sleep(600)
 """
@@ -23,7 +26,8 @@ time.sleep(600)
 
 def test_the_server_dies_with_the_process_that_started_it(tmp_path, prefect_servers):
     """A `reflow run` killed with SIGKILL runs no exit handler: its server still goes (the kernel's parent-death
-    signal), instead of holding the Prefect database and a port until someone notices."""
+    signal), instead of holding the Prefect database and a port until someone notices. (Before that, the warm-up
+    has sent the server a flow run's first requests.)"""
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -32,6 +36,9 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path, prefect_serv
         pid, url = child.stdout.readline().split()
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
             assert r.status == 200
+        # the warm-up made the flow's record (the first thing a flow run asks for) once the server answered
+        with urllib.request.urlopen(f"{url}/flows/name/reflow-warm-up-check", timeout=10) as r:
+            assert json.loads(r.read())["name"] == "reflow-warm-up-check"
         assert prefect_servers(home) == [int(pid)]
     finally:
         child.send_signal(signal.SIGKILL)

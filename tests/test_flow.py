@@ -237,9 +237,32 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
     assert strip(storage.read_json(storage.join(local_root, "r", "eval", "metrics.json"))["rows"]) == \
         strip(storage.read_json(result["metrics_json"])["rows"])
     assert {r["model"] for r in local_rows} == {"teacher", "reflow", "reflow-2"}
-    _, _, children = _runs(result["mlflow_tracking_uri"])
+    _, parents, children = _runs(result["mlflow_tracking_uri"])
     assert {c.data.tags[tracking.STAGE_TAG] for c in children} == {"teacher", "pairs", "reflow", "pairs-2",
                                                                    "reflow-2", "evaluate"}  # a child run per stage
+    # one pair worker: the shards run one after another in the flow's own thread, still a Prefect task run each
+    shards = [f"{s}-shard-{k}" for s in ("pairs", "pairs-2") for k in (0, 1)]
+    assert _shard_task_runs(parents[0].data.tags["reflow.prefect_flow_run_id"], len(shards)) == \
+        dict.fromkeys(shards, "COMPLETED")
+
+
+def _shard_task_runs(flow_run_id: str, n: int, timeout: float = 30.0) -> dict[str, str]:
+    """{task run name: state type} of a flow run's shard tasks, read from the Prefect API (task runs reach it as
+    events: wait for n of them, each in a final state)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+        shards = {r.name: r.state.type.value if r.state else "NONE" for r in runs if "-shard-" in r.name}
+        if (len(shards) >= n and all(v in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for v in shards.values())) \
+                or time.monotonic() > deadline:
+            return shards
+        time.sleep(0.5)
 
 
 def test_invalid_config_fails_before_any_work(tmp_path, prefect_api, clean_env):

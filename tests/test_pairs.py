@@ -279,6 +279,25 @@ def test_forward_needs_data_and_aligned_sections(tmp_path):
                          shard_size=32, dtype="float32", attrs={"teacher_hash": "x"})
 
 
+def test_float16_storage_rounds_as_torch_does():
+    """The shard writer rounds float16 with numpy (no OpenMP team in its thread): bit for bit torch's rounding,
+    over 15 decades, ties, overflow to inf, subnormals, signed zeros and NaN, without numpy's overflow warning."""
+    import warnings
+
+    from reflow_core.pairs.store import _to_storage
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(200_000, generator=g) * 10.0 ** torch.randint(-9, 6, (200_000,), generator=g).float()
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 65504.0, 65519.99, 65520.0, 1e6, -1e6,
+                            2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, -0.0, 0.0])
+    x = torch.cat([wide, special]).reshape(-1, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _to_storage(x, "float16")
+    assert got.dtype == np.float16 and got.shape == tuple(x.shape)
+    assert np.array_equal(got.view(np.uint16), x.to(torch.float16).numpy().view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3), ("float32", 0.0)])
 def test_dtype_roundtrip(tmp_path, dtype, tol):
     shape = (1, 4, 4)

@@ -411,9 +411,15 @@ def resolve_storage_options(url: str, storage_options: dict | None = None) -> di
 
 
 def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A batch as stored. Called in the shard writer's thread: float16 is rounded by numpy (single-threaded, the
+    same round-to-nearest-even as torch), since a torch kernel there would start an OpenMP team next to the
+    simulating thread's, and libgomp cuts spin-waits short once a process's OpenMP threads outnumber its cores."""
     x = x.detach().to("cpu")
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if dtype == "float16" and x.dtype == torch.float32:
+        with np.errstate(over="ignore"):  # beyond 65504 -> inf, as in torch, without numpy's warning
+            return x.contiguous().numpy().astype(np.float16)
     return x.to(getattr(torch, dtype)).contiguous().numpy()
 
 
