@@ -1,11 +1,11 @@
 """A temporary Prefect API server for one `reflow run`, started before the heavy imports.
 
 Without `PREFECT_API_URL`, Prefect's ephemeral mode starts a local API server (uvicorn in a subprocess) the first
-time the flow needs it: after `import prefect`, torch and mlflow, so the run waits for it. `reflow run` starts
-the same server itself, first thing, so it comes up on another core while this process imports and prepares the
-MLflow store; the flow then talks to it through `PREFECT_API_URL`, and it is stopped when the command ends. Once it answers, a
-background thread sends it the first requests a flow run makes, so it pays their one-time costs while this process
-is still importing.
+time the flow needs it: after `import prefect`, torch and mlflow, so the run waits for it. `reflow run` starts the
+same server itself, first thing, so it comes up on another core while this process imports and prepares the MLflow
+store; the flow then talks to it through `PREFECT_API_URL`, and it is stopped when the command ends. Once it
+answers, a background thread sends it the first requests a flow run makes, so it pays their one-time costs while
+this process is still importing.
 
 Same command and settings as Prefect's ephemeral server (`prefect.server.api.server.SubprocessASGIServer`):
 `uvicorn --factory prefect.server.api.server:create_app` with the UI off and the ephemeral service set, on the
