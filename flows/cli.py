@@ -81,7 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
         return 0
 
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.reflow import reflow
     from flows.tracking import open_store, resolve_tracking_uri
@@ -90,7 +90,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # (for a new store: creates its tables)
     settings = {}
     if server is not None:
-        server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        # (a server that lost its port to another process meanwhile was restarted on another one)
+        settings[PREFECT_API_URL] = server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         # heartbeats let a lasting server tell a crashed flow run; this one ends with the run. Without them the
         # run does not wait (up to 1 s) at its end for the heartbeat thread
         settings[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None

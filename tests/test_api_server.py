@@ -13,21 +13,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = """
-import sys, time
-from flows.api_server import TemporaryServer
-s = TemporaryServer().start()
+import socket, sys, time
+import flows.api_server as api
+# the first port it picks is taken by the time the server binds it: the server is started again on another
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+free, picks = api._free_port, []
+api._free_port = lambda: picks.append(1) or (taken.getsockname()[1] if len(picks) == 1 else free())
+s = api.TemporaryServer().start()
 warm = s.warm_up("reflow-warm-up-check")
-s.wait(240)
+url = s.wait(240)
 warm.join(120)
-print(s.process.pid, s.api_url, flush=True)
+assert len(picks) == 2 and url == s.api_url and s.port != taken.getsockname()[1], (picks, url)
+print(s.process.pid, url, flush=True)
 time.sleep(600)
 """
 
 
 def test_the_server_dies_with_the_process_that_started_it(tmp_path, prefect_servers):
     """A `reflow run` killed with SIGKILL runs no exit handler: its server still goes (the kernel's parent-death
-    signal), instead of holding the Prefect database and a port until someone notices. (Before that, the warm-up
-    has sent the server a flow run's first requests.)"""
+    signal), instead of holding the Prefect database and a port until someone notices. (Before that: a port taken
+    between the probe and the bind makes `wait()` start the server again on another, whose URL it returns, and the
+    warm-up has sent that server a flow run's first requests.)"""
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
