@@ -163,8 +163,9 @@ def _wait_for(predicate, what: str, stack, timeout: float = 300) -> None:
         time.sleep(1)
 
 
-# long enough a teacher to be caught mid-way: checkpoints every 50 steps, 800 steps in all
-LONG_TEACHER = {**TINY, "teacher.train.steps": 800, "teacher.train.ckpt_every": 50}
+# long enough a teacher to be caught mid-way: checkpoints every 50 steps, 2400 steps in all (the cancel comes after a
+# second flow run's start and refusal; on a quiet 2-core box 800 steps were once all done by then)
+LONG_TEACHER = {**TINY, "teacher.train.steps": 2400, "teacher.train.ckpt_every": 50}
 
 
 @pytest.mark.slow
