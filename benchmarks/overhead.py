@@ -52,8 +52,8 @@ from reflow_core import host, solvers  # noqa: E402
 from reflow_core.config import load_preset  # noqa: E402
 from reflow_core.pairs import PairStore, simulate_shard  # noqa: E402
 from reflow_core.stages.base import dataset, new_model  # noqa: E402
-from reflow_core.stages.reflow import pair_batches  # noqa: E402
-from reflow_core.train import Batch, train  # noqa: E402
+from reflow_core.stages.batches import pair_batches, teacher_batches  # noqa: E402
+from reflow_core.train import train  # noqa: E402
 from reflow_core.velocity import velocity_for  # noqa: E402
 
 # name -> (preset, train steps, sim rows, sim batch, sim NFE) per size
@@ -129,14 +129,7 @@ class _TrainCase:
         tc, ds, model = self.tc, self.ds, self._model()
         if steps is not None:
             tc = tc.model_copy(update={"steps": steps, "ckpt_every": steps})
-        y = ds.y if self.cond else None
-
-        def batches(step: int) -> Batch:  # = stages.teacher's
-            g = torch.Generator().manual_seed(tc.seed * 7_919 + step)
-            idx = torch.randint(len(ds), (tc.batch_size,), generator=g)
-            label = None if y is None else model.drop_labels(y[idx], tc.label_dropout, g)
-            return Batch(ds.x[idx], torch.randn((tc.batch_size, *ds.shape), generator=g), label)
-
+        batches = teacher_batches(ds, model, tc, self.cond)
         t0 = time.perf_counter()
         train(net=model, batches=batches, cfg=tc, ckpt_dir=self._dir(), stage="bench")
         return tc.steps / (time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from flows import FLOW_NAME
+from flows import FLOW_NAME, with_teacher_checkpoint
 from reflow_core.config import ConfigError, load_preset, preset_names
 from reflow_core.lease import RunInUse
 
@@ -55,30 +55,30 @@ def parse_stages(text: str | None) -> list[str] | None:
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     stages = parse_stages(args.stages)
-    cfg = load_preset(args.preset, overrides)  # fail fast with a clear message, before Prefect starts
+    # fail fast with a clear message, before Prefect starts
+    cfg = load_preset(args.preset, with_teacher_checkpoint(overrides, args.teacher_checkpoint))
     # the temporary API server first: the checks below already import torch (seconds), the server's start-up runs
     # on another core meanwhile
     server = None if args.local else _start_api_server()
-    _check_stage_names(cfg, (stages or []) + (args.redo_stage or []))
+    from reflow_core.stages import check_run_name, check_stage_names
+
+    check_stage_names(cfg, (stages or []) + (args.redo_stage or []))
     if args.run is not None:
-        from reflow_core.stages import check_run_name
         check_run_name(args.run)
     root = args.root or os.environ.get("REFLOW_ROOT") or "./runs"
     if args.local:
         from flows.report import quality_column, summary_table
-        from reflow_core import stages as st
         from reflow_core.callbacks import ConsoleCallback
         from reflow_core.host import steady_malloc
+        from reflow_core.stages import RunPaths, run_local
 
         steady_malloc()  # as the flow does (flows/reflow.py)
-        if args.teacher_checkpoint:
-            cfg = load_preset(args.preset, overrides | {"teacher.checkpoint": args.teacher_checkpoint})
-        rows = st.run_local(cfg, root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
+        rows = run_local(cfg, root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
                             redo_stages=args.redo_stage or (), stages=stages)
         if rows:
             print(summary_table(rows, quality_column(rows)))
         if not args.new:  # (with --new the run may have been given a suffixed name: run_local returns rows only)
-            print(f"run directory:  {st.RunPaths.of(root, args.run or cfg.name).dir}")
+            print(f"run directory:  {RunPaths.of(root, args.run or cfg.name).dir}")
         return 0
 
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -128,22 +128,13 @@ def _start_api_server():
     return server
 
 
-def _check_stage_names(cfg, names: list[str]) -> None:
-    from reflow_core.stages import stage_names
-
-    known = stage_names(cfg)
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise ConfigError(f"unknown stage(s) {bad}; this run's stages are {known} (`reflow plan` prints them)")
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from reflow_core import stages as st
+    from reflow_core import stages
 
     cfg = load_preset(args.preset, parse_sets(args.set))
-    paths = st.RunPaths.of(args.root, args.run or cfg.name)
+    paths = stages.RunPaths.of(args.root, args.run or cfg.name)
     print(f"plan of preset {args.preset!r} (run {paths.run!r} under {args.root}; reflow.rounds={cfg.reflow.rounds}):")
-    print(st.describe(st.plan(cfg, paths), paths.dir))
+    print(stages.describe(stages.plan(cfg, paths), paths.dir))
     return 0
 
 

@@ -219,6 +219,12 @@ def latest(ckpt_dir: str) -> str | None:
     return None if info is None else storage.join(ckpt_dir, info.file)
 
 
+def reached(ckpt_dir: str, steps: int) -> bool:
+    """Whether ckpt_dir's latest checkpoint is at step >= `steps`: a training stage trained that far is finished."""
+    info = latest_info(ckpt_dir)
+    return info is not None and info.step >= steps
+
+
 def load(url: str, verify: bool = True) -> dict:
     """Load a checkpoint (weights_only=True, on CPU). With verify, check its sha256 first against latest.json when
     that pointer names this file, else against a `<url>.sha256` sidecar when one exists."""

@@ -27,16 +27,10 @@ def main(argv: list[str] | None = None) -> str:
     cfg = PipelineConfig.model_validate(json.loads(storage.read_bytes(a.config)))
     root, run = a.run_dir.rstrip("/").rsplit("/", 1)
     ctx = stages.Context(cfg, stages.RunPaths.of(root, run), device=a.device)
-    plan = stages.plan(cfg, ctx.paths)
-    target = stages.find(plan, a.stage)
-    if target.kind not in ("teacher", "reflow"):
+    if stages.find(stages.plan(cfg, ctx.paths), a.stage).kind not in ("teacher", "reflow"):
         raise SystemExit(f"stage_main runs training stages (teacher, reflow-r), not {a.stage!r}")
-    outputs: dict[str, stages.StageOutput] = {}
-    try:
-        for s in stages.upstream(plan, [a.stage]):
-            if s is not target and not stages.module(s).done(s, ctx):
-                raise SystemExit(f"stage {a.stage} reads {s.name}, which has not finished under {ctx.paths.dir}")
-            outputs[s.name] = stages.module(s).run(s, ctx, stages.inputs_of(s, outputs))
+    try:  # the stages it reads must have finished (`schedule`); they are only asked for their outputs
+        outputs = stages.walk(ctx, stages.schedule(ctx, [a.stage]), lambda step: step.run(ctx))
     finally:
         distributed.cleanup()
     url = outputs[a.stage].urls["model"]

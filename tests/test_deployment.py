@@ -299,6 +299,7 @@ def test_cloud_doc_commands_validate_and_resume(tmp_path):
 
     from flows import cli
     from flows import reflow as reflow_module
+    from flows.root import ROOT_VARIABLE
     from reflow_core import stages
     from reflow_core.config import load_preset, override_dict
 
@@ -314,7 +315,7 @@ def test_cloud_doc_commands_validate_and_resume(tmp_path):
     opened = 0
     for argv, refused in commands:
         if argv[:3] == ["prefect", "variable", "set"]:
-            assert argv[3] == reflow_module.ROOT_VARIABLE, argv
+            assert argv[3] == ROOT_VARIABLE, argv
             team_root = argv[4]
             continue
         if argv[0] == "prefect":

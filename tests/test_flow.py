@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from flows import cli, tracking
+from flows import cli, tasks, tracking
 from flows import reflow as reflow_module
 from reflow_core import storage
 from reflow_core.config import ConfigError
@@ -169,7 +169,7 @@ def test_resume_after_fault_in_reflow_stage(tmp_path, monkeypatch, prefect_api, 
     run_dir = str(tmp_path / "runs" / "faulty")
     # no task-level retry here: the retry would resume and succeed inside the first flow run (the reflow stage runs
     # as a stage_task, the task of every non-shard stage instance)
-    monkeypatch.setattr(reflow_module, "stage_task", reflow_module.stage_task.with_options(retries=0))
+    monkeypatch.setattr(tasks, "stage_task", tasks.stage_task.with_options(retries=0))
     monkeypatch.setenv("REFLOW_FAULT_STAGE", "reflow")
     monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "100")
     with pytest.raises(RuntimeError, match="injected fault"):

@@ -17,7 +17,8 @@ import pytest
 from prefect.states import Failed
 from prefect.utilities.callables import parameter_schema
 
-from flows import report
+from flows import report, root
+from flows.retry import retry_transient
 from flows import reflow as reflow_module
 from reflow_core import lease, storage
 from reflow_core.config import (OVERRIDE_KEYS, ConfigError, ConfigOverrides, leaf_overrides,
@@ -109,25 +110,25 @@ def test_retries_skip_deterministic_errors():
     for exc, retry in ((ConfigError("bad"), False), (PairStoreCorrupt("hash"), False),
                        (lease.RunInUse("held"), False), (OSError("connection reset"), True),
                        (RuntimeError("CUDA error: unspecified launch failure"), True)):
-        assert reflow_module.retry_transient(None, None, Failed(data=exc)) is retry, exc
+        assert retry_transient(None, None, Failed(data=exc)) is retry, exc
 
 
 def test_root_comes_from_the_parameter_the_team_variable_or_the_env(tmp_path, monkeypatch, prefect_api):
     from prefect.variables import Variable
 
-    monkeypatch.delenv(reflow_module.ROOT_ENV, raising=False)
-    Variable.unset(reflow_module.ROOT_VARIABLE)
+    monkeypatch.delenv(root.ROOT_ENV, raising=False)
+    Variable.unset(root.ROOT_VARIABLE)
     with pytest.raises(ConfigError, match="prefect variable set reflow_root"):
-        reflow_module.resolve_root(None)
-    monkeypatch.setenv(reflow_module.ROOT_ENV, str(tmp_path / "env-root"))
-    assert reflow_module.resolve_root(None) == (str(tmp_path / "env-root"), "$REFLOW_ROOT")
-    Variable.set(reflow_module.ROOT_VARIABLE, "s3://team-bucket/reflow", overwrite=True)
+        root.resolve_root(None)
+    monkeypatch.setenv(root.ROOT_ENV, str(tmp_path / "env-root"))
+    assert root.resolve_root(None) == (str(tmp_path / "env-root"), "$REFLOW_ROOT")
+    Variable.set(root.ROOT_VARIABLE, "s3://team-bucket/reflow", overwrite=True)
     try:
-        assert reflow_module.resolve_root(None)[0] == "s3://team-bucket/reflow"  # the team setting wins over env
+        assert root.resolve_root(None)[0] == "s3://team-bucket/reflow"  # the team setting wins over env
         monkeypatch.chdir(tmp_path)
-        assert reflow_module.resolve_root("rel")[0] == str(tmp_path / "rel")  # a parameter, made absolute
+        assert root.resolve_root("rel")[0] == str(tmp_path / "rel")  # a parameter, made absolute
     finally:
-        Variable.unset(reflow_module.ROOT_VARIABLE)
+        Variable.unset(root.ROOT_VARIABLE)
 
 
 def test_summary_table_reads_like_the_rows():

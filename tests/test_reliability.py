@@ -219,7 +219,7 @@ parent = tracker.parent_run_id()
 tracker.log_params(parent, cfg.model_dump(mode="json"))
 print("parent", parent, flush=True)
 
-def stage(name, fn):  # as flows.reflow._run_stage: a finished stage is called with a silent callback
+def stage(name, fn):  # as flows.tasks.run_stage: a finished stage is called with a silent callback
     done = name != "evaluate" and stages.stage_done(paths, name)
     cb = tracker.stage_callback(name)
     cb.flush_every = flush_every  # 1: every metric is its own MLflow write, so a kill lands inside one
@@ -228,7 +228,7 @@ def stage(name, fn):  # as flows.reflow._run_stage: a finished stage is called w
     tracker.finish(name, "FINISHED")
     return out
 
-def run(name, cb, **inputs):  # one stage instance of the plan, as flows.reflow.stage_task
+def run(name, cb, **inputs):  # one stage instance of the plan, as flows.tasks.stage_task
     s = stages.find(plan, name)
     return stages.module(s).run(s, stages.Context(cfg, paths, cb), inputs)
 

@@ -54,7 +54,7 @@ def test_pair_task_runner_choice():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.reflow import pair_task_runner
+    from flows.runners import pair_task_runner
     runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.workers": 3}))
     assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
     runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.engine": "dask", "pairs.workers": 2}))

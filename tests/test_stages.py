@@ -79,10 +79,32 @@ def test_eval_models_select_and_autoguidance_reads_the_teacher_guide():
     cfg = load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-2"]})
     assert stages.find(stages.plan(cfg, stages.RunPaths("/r", "x")), "evaluate").inputs == {"reflow-2": "reflow-2"}
     with pytest.raises(ConfigError, match="reflow-3"):
-        load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-3"]})
+        stages.plan(load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-3"]}), stages.RunPaths("/r", "x"))
     guided = load_preset("digits", {"eval.guidance": "autoguidance", "eval.nfes": [2]})
     ev = stages.find(stages.plan(guided, stages.RunPaths("/r", "x")), "evaluate")
     assert ev.inputs["guide"] == "teacher"
+
+
+def test_every_stage_kind_satisfies_the_typed_contract():
+    import inspect
+    from typing import get_type_hints
+
+    def params(fn) -> list[str]:
+        return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+    assert set(stages.KINDS) == {"teacher", "pairs", "reflow", "anneal", "distill", "evaluate"}
+    for name, kind in stages.KINDS.items():
+        assert isinstance(kind, stages.StageKind), name
+        for fn in ("done", "run"):  # the same parameters, in the same order, as the Protocol
+            assert params(getattr(kind, fn)) == params(getattr(stages.StageKind, fn)), (name, fn)
+            assert get_type_hints(getattr(kind, fn))["return"] is get_type_hints(getattr(stages.StageKind, fn))[
+                "return"], (name, fn)
+    assert isinstance(stages.pairs, stages.ShardedKind)
+    for fn in ("pending", "simulate", "finish"):
+        assert params(getattr(stages.pairs, fn)) == params(getattr(stages.ShardedKind, fn)), fn
+    assert [n for n, k in stages.KINDS.items() if isinstance(k, stages.ShardedKind)] == ["pairs"]
+    plan = stages.plan(load_preset("digits_slim"), stages.RunPaths("/r", "x"))
+    assert [s.name for s in plan if stages.sharded(s) is not None] == ["pairs", "distill-pairs"]
 
 
 def test_upstream_and_unknown_names():
@@ -277,8 +299,8 @@ def test_distill_config_is_checked():
     with pytest.raises(ConfigError, match="fgd_t"):
         load_preset("digits_slim", {"distill.fgd_t": [0.5, 1.0]})
     with pytest.raises(ConfigError, match="slim"):
-        load_preset("digits", {"eval.models": ["teacher", "slim"]})
-    assert load_preset("digits_slim").model_names() == ["teacher", "reflow", "anneal", "slim"]
+        stages.plan(load_preset("digits", {"eval.models": ["teacher", "slim"]}), stages.RunPaths("/r", "x"))
+    assert stages.model_names(load_preset("digits_slim")) == ["teacher", "reflow", "anneal", "slim"]
 
 
 TINY_SLIM = {k: v for k, v in TINY.items() if k != "reflow.rounds"} | {
@@ -340,4 +362,4 @@ def test_every_shipped_preset_validates_and_plans():
         cfg = load_preset(name)
         plan = stages.plan(cfg, stages.RunPaths("/r", cfg.name))
         assert plan[0].name == "teacher" and plan[-1].name == "evaluate", name
-        assert {s.model for s in plan if s.model} == set(cfg.model_names()), name
+        assert {s.model for s in plan if s.model} == set(stages.model_names(cfg)), name

@@ -5,71 +5,31 @@
     for s in stages.plan(cfg, paths): print(s.name, s.kind, s.reads, s.writes)
     rows = stages.run_local(cfg, "./runs", "demo")
 
-Every stage module has `done(stage, ctx) -> bool` and `run(stage, ctx, inputs) -> StageOutput`; `run` is idempotent
-(finished work is detected from the artifacts and skipped, partial work resumes). The pairs module also exposes
-`pending` / `simulate` / `finish`, so the Prefect flow can fan its shards out as tasks. `run_local` here and
-`flows/reflow.py` both walk `plan(...)`.
+Every stage kind (module) satisfies `kinds.StageKind`: `done(stage, ctx) -> bool` and `run(stage, ctx, inputs) ->
+StageOutput`; `run` is idempotent (finished work is detected from the artifacts and skipped, partial work resumes).
+The pairs kind is a `kinds.ShardedKind` (`pending` / `simulate` / `finish`), so the Prefect flow can fan its shards
+out as tasks. `run_local`, `flows/reflow.py` and `stage_main` all walk `plan(...)` through `walker.walk`.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from .. import checkpoint, lease
-from ..callbacks import Callback, NullCallback
-from ..config import ConfigError, PipelineConfig
-from . import anneal, distill, evaluate, pairs, reflow, teacher
+from .. import checkpoint
+from ..config import ConfigError
+from . import anneal, batches, distill, evaluate, pairs, reflow, teacher
 from .base import (RUN_NAME, Context, RunPaths, Stage, StageOutput, check_run_name, dataset, default_device,
                    load_model, prepare_run, read_run_config)
-from .graph import (KINDS, describe, find, inputs_of, module, plan, reset_stage, stage_done, stage_names, suffix,
-                    upstream)
+from .graph import (check_stage_names, describe, final_models, find, inputs_of, model_names, plan, reset_stage,
+                    stage_done, stage_names, suffix, upstream)
+from .kinds import KINDS, ShardedKind, StageKind, module, sharded
+from .walker import Schedule, Step, begin, run_local, schedule, walk
 
-__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "Context", "RunPaths", "Stage",
-           "StageOutput", "KINDS", "plan", "describe", "find", "module", "upstream", "inputs_of", "suffix",
-           "stage_done", "stage_names", "reset_stage", "prepare_run", "read_run_config", "dataset", "load_model",
-           "check_run_name", "RUN_NAME", "schedule", "begin", "run_local", "model_checkpoint", "sample_model"]
-
-
-def schedule(ctx: Context, selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage]]:
-    """(stages to walk, stages selected) for `--stages NAME,...` (None: all). Walked are the selected stages and
-    those they read from; an unselected one must already be finished (it is then only asked for its output)."""
-    stages = plan(ctx.cfg, ctx.paths)
-    names = list(selected) if selected else [s.name for s in stages]
-    walk = upstream(stages, names)
-    chosen = [s for s in walk if s.name in names]
-    missing = [s.name for s in walk if s not in chosen and not module(s).done(s, ctx)]
-    if missing:
-        raise ConfigError(f"stage(s) {missing} are needed by {names} but have not finished under {ctx.paths.dir}; "
-                          "add them to --stages")
-    return walk, chosen
-
-
-def begin(cfg: PipelineConfig, paths: RunPaths, redo_stages: Sequence[str] = (),
-          selected: Sequence[str] | None = None) -> tuple[list[Stage], list[Stage], list[str]]:
-    """What both runners do before walking: delete the artifacts of `redo_stages` (and every later stage's), and of
-    `evaluate` when it is selected by name (asked for: recomputed even if metrics.json is current); then
-    `schedule`. Returns (stages to walk, stages selected, URLs removed)."""
-    removed = [url for name in redo_stages for url in reset_stage(paths, name)]
-    if selected and "evaluate" in selected:
-        removed += reset_stage(paths, "evaluate")
-    walk, chosen = schedule(Context(cfg, paths), selected)
-    return walk, chosen, removed
-
-
-def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: Callback | None = None,
-              device=None, new: bool = False, redo_stages: Sequence[str] = (),
-              stages: Sequence[str] | None = None) -> list[dict]:
-    """Walk the plan in this process, each stage skipped when its artifacts say it is done, holding the run
-    directory's lease (another runner on it: `lease.RunInUse`). redo_stages: delete these stages' artifacts (and later stages') first (`reset_stage`). Returns the metric rows."""
-    with lease.hold(RunPaths.of(root, cfg.name if run is None else run).dir, lease.local_owner()):
-        paths = prepare_run(cfg, root, run, new=new)
-        walk, _, _ = begin(cfg, paths, redo_stages, stages)
-        ctx = Context(cfg, paths, callback or NullCallback(), device)
-        outputs: dict[str, StageOutput] = {}
-        for s in walk:
-            outputs[s.name] = module(s).run(s, ctx, inputs_of(s, outputs))
-    return outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
+__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "batches", "Context", "RunPaths", "Stage",
+           "StageOutput", "StageKind", "ShardedKind", "KINDS", "module", "sharded", "plan", "describe", "find",
+           "upstream", "inputs_of", "suffix", "model_names", "final_models", "check_stage_names", "stage_done",
+           "stage_names", "reset_stage", "prepare_run", "read_run_config", "dataset", "load_model", "check_run_name",
+           "RUN_NAME", "Schedule", "Step", "schedule", "begin", "walk", "run_local", "model_checkpoint",
+           "sample_model"]
 
 
 def model_checkpoint(paths: RunPaths, model: str) -> str:

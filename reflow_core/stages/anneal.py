@@ -10,16 +10,15 @@ output: {"model": checkpoint URL}
 from __future__ import annotations
 
 from .. import checkpoint
-from .. import distill as dmath
+from ..distill import anneal_batch
 from ..losses import HighPass
 from ..train import flow_matching_loss, train
 from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
-from .reflow import checked_pairs, pair_batches
+from .batches import checked_pairs, pair_batches
 
 
 def done(stage: Stage, ctx: Context) -> bool:
-    info = checkpoint.latest_info(stage.writes)
-    return info is not None and info.step >= ctx.cfg.distill.anneal.train.steps
+    return checkpoint.reached(stage.writes, ctx.cfg.distill.anneal.train.steps)
 
 
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -31,7 +30,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     hpf = HighPass(ac.train.hpf) if ac.train.hpf > 0 else None
 
     def loss_fn(m, batch, step, gen):  # the source is annealed by the step: a function of (seed, step) as batches are
-        mixed = dmath.anneal_batch(batch, step, ac.steps, ac.schedule, gen, ac.flip)
+        mixed = anneal_batch(batch, step, ac.steps, ac.schedule, gen, ac.flip)
         return flow_matching_loss(m, mixed, ac.train, gen, hpf)
 
     with pair_batches(store, model, ac.train, 0.0, cfg.reflow.ram_budget_mb) as (batches, mode):

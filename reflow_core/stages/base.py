@@ -2,7 +2,7 @@
 
 A stage instance (`Stage`) is data: its name, its kind (the module that runs it), its round, the earlier stages
 whose outputs it reads, and the one artifact (a directory or a zarr store under the run directory) it writes.
-`plan.plan(cfg, paths)` makes the ordered list of them; both runners (`stages.run_local`, `flows/reflow.py`) walk it.
+`graph.plan(cfg, paths)` makes the ordered list of them; every runner walks it through `walker.walk`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class Stage:
     """One stage instance of a run's plan.
 
     name:     unique in the plan: teacher, pairs, reflow, pairs-2, reflow-2, ..., evaluate
-    kind:     the module that runs it: teacher | pairs | reflow | evaluate
+    kind:     the kind that runs it (`kinds.KINDS`): teacher | pairs | reflow | anneal | distill | evaluate
     round:    the reflow round of pairs/reflow stages (1, 2, ...); 0 otherwise
     reads:    role -> name of the earlier stage whose output fills that role (e.g. {"model": "teacher"})
     writes:   the URL of the one artifact it owns (deleted by --redo-stage)

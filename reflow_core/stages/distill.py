@@ -9,16 +9,15 @@ output: {"model": checkpoint URL}
 from __future__ import annotations
 
 from .. import checkpoint
-from .. import distill as dmath
+from ..distill import slim_distill_loss
 from ..train import train
 from ..velocity import velocity_model_from_state
 from .base import Context, Stage, StageOutput, default_device, load_model
-from .reflow import checked_pairs, pair_batches
+from .batches import checked_pairs, pair_batches
 
 
 def done(stage: Stage, ctx: Context) -> bool:
-    info = checkpoint.latest_info(stage.writes)
-    return info is not None and info.step >= ctx.cfg.distill.train.steps
+    return checkpoint.reached(stage.writes, ctx.cfg.distill.train.steps)
 
 
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -32,7 +31,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     tc = dc.train
 
     def loss_fn(m, batch, step, gen):
-        return dmath.slim_distill_loss(m, teacher, batch, gen, fgd_weight=dc.fgd_weight, t_range=dc.fgd_t,
+        return slim_distill_loss(m, teacher, batch, gen, fgd_weight=dc.fgd_weight, t_range=dc.fgd_t,
                                        distance=dc.distance, huber_scale=tc.huber_scale)
 
     with pair_batches(store, student, tc, 0.0, cfg.reflow.ram_budget_mb) as (batches, mode):

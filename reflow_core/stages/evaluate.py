@@ -32,10 +32,10 @@ def done(stage: Stage, ctx: Context) -> bool:
     if not storage.exists(url):
         return False
     m = storage.read_json(url)
-    return m.get("eval_config") == ctx.cfg.eval.model_dump(mode="json") and m.get("models") == model_names(stage)
+    return m.get("eval_config") == ctx.cfg.eval.model_dump(mode="json") and m.get("models") == evaluated_models(stage)
 
 
-def model_names(stage: Stage) -> list[str]:
+def evaluated_models(stage: Stage) -> list[str]:
     return [role for role, _ in stage.reads if role != GUIDE]
 
 
@@ -77,7 +77,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     if done(stage, ctx):
         m = storage.read_json(metrics_url(stage))
         return StageOutput({"metrics": metrics_url(stage)}, {"rows": m["rows"]})
-    ckpts = {name: inputs[name].urls["model"] for name in model_names(stage)}
+    ckpts = {name: inputs[name].urls["model"] for name in evaluated_models(stage)}
     models = {name: load_model(url, device=dev) for name, url in ckpts.items()}
     guided = ec.guidance != "none"
     guide = load_guide(guide_checkpoint(cfg, inputs.get(GUIDE)), dev) if ec.guidance == "autoguidance" else None

@@ -7,15 +7,10 @@ reflow.rounds = 1 the names and the artifact layout are the historical ones (tea
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 from .. import storage
 from ..config import ConfigError, PipelineConfig
-from . import anneal, distill, evaluate, pairs, reflow, teacher
 from .base import Context, RunPaths, Stage, StageOutput
-
-KINDS: dict[str, ModuleType] = {"teacher": teacher, "pairs": pairs, "reflow": reflow, "anneal": anneal,
-                                "distill": distill, "evaluate": evaluate}
+from .kinds import module
 
 
 def suffix(r: int) -> str:
@@ -23,7 +18,25 @@ def suffix(r: int) -> str:
 
 
 def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
-    """The stage instances of `cfg`, in the order they run; each names the stages it reads and the artifact it writes."""
+    """The stage instances of `cfg`, in the order they run; each names the stages it reads and the artifact it writes.
+
+    eval.models must name models the run trains (ConfigError otherwise)."""
+    out = _training(cfg, paths)
+    by_model = {s.model: s.name for s in out if s.model}
+    unknown = [m for m in cfg.eval.models or [] if m not in by_model]
+    if unknown:
+        raise ConfigError(f"eval.models {unknown} are not trained by this run (reflow.rounds={cfg.reflow.rounds}, "
+                          f"distill {'on' if cfg.distill else 'off'}: {list(by_model)})")
+    evaluated = cfg.eval.models if cfg.eval.models is not None else [m for m in by_model if m != "anneal"]
+    reads = tuple((m, by_model[m]) for m in evaluated)
+    if cfg.eval.guidance == "autoguidance" and not cfg.eval.guide_checkpoint:
+        reads += (("guide", "teacher"),)  # AutoGuidance's weaker model: the teacher stage's guide.pt
+    out.append(Stage("evaluate", "evaluate", 0, reads, paths.url("eval")))
+    return out
+
+
+def _training(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
+    """Every stage of the plan before evaluate."""
     out = [Stage("teacher", "teacher", 0, (), paths.url("teacher"), model="teacher")]
     prev = "teacher"
     for r in range(1, cfg.reflow.rounds + 1):
@@ -42,13 +55,26 @@ def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
             init = "anneal"
         out.append(Stage("distill", "distill", r, (("pairs", "distill-pairs"), ("teacher", prev), ("init", init)),
                          paths.url("distill"), model="slim" if cfg.distill.net is not None else "distilled"))
-    by_model = {s.model: s.name for s in out if s.model}
-    evaluated = cfg.eval.models if cfg.eval.models is not None else [m for m in by_model if m != "anneal"]
-    reads = tuple((m, by_model[m]) for m in evaluated)
-    if cfg.eval.guidance == "autoguidance" and not cfg.eval.guide_checkpoint:
-        reads += (("guide", "teacher"),)  # AutoGuidance's weaker model: the teacher stage's guide.pt
-    out.append(Stage("evaluate", "evaluate", 0, reads, paths.url("eval")))
     return out
+
+
+def model_names(cfg: PipelineConfig) -> list[str]:
+    """The models the run trains, in plan order, by the names evaluation and `reflow sample --model` use."""
+    return [s.model for s in _training(cfg, RunPaths("", cfg.name)) if s.model]
+
+
+def final_models(stages: list[Stage]) -> set[str]:
+    """The models a run hands to users (registered by the flow): its last reflow round and its one-step student."""
+    reflows = [s.model for s in stages if s.kind == "reflow"]
+    return set(reflows[-1:]) | {s.model for s in stages if s.kind == "distill"}
+
+
+def check_stage_names(cfg: PipelineConfig, names: list[str]) -> None:
+    """ConfigError unless every name is a stage of the run's plan (`--stages`, `--redo-stage`)."""
+    known = stage_names(cfg)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad}; this run's stages are {known} (`reflow plan` prints them)")
 
 
 def stage_names(cfg: PipelineConfig) -> list[str]:
@@ -60,10 +86,6 @@ def find(stages: list[Stage], name: str) -> Stage:
         if s.name == name:
             return s
     raise ConfigError(f"unknown stage {name!r}; this run's stages are {[s.name for s in stages]}")
-
-
-def module(stage: Stage) -> ModuleType:
-    return KINDS[stage.kind]
 
 
 def upstream(stages: list[Stage], names: list[str]) -> list[Stage]:

@@ -5,28 +5,21 @@ reads:  {"pairs": the round's pair store, "init": the model that simulated them 
 writes: <run>/reflow/ckpt-<step>.pt + latest.json (round r > 1: reflow-r/)
 output: {"model": checkpoint URL}
 
-Batches are a function of the step (`PairSampler.batch`), so a resumed run trains on exactly the batches an
+Batches are a function of the step (`batches.pair_batches`), so a resumed run trains on exactly the batches an
 uninterrupted run would have.
 """
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
 from .. import checkpoint, distributed
-from ..config import TrainConfig
 from ..nets import set_dropout
-from ..pairs import PairSampler, PairStore
-from ..train import Batch, train
+from ..train import train
 from ..velocity import velocity_model_from_state
-from . import pairs as pairs_stage
 from .base import Context, Stage, StageOutput, default_device, round_seed
+from .batches import checked_pairs, pair_batches
 
 
 def done(stage: Stage, ctx: Context) -> bool:
-    info = checkpoint.latest_info(stage.writes)
-    return info is not None and info.step >= ctx.cfg.reflow.train.steps
+    return checkpoint.reached(stage.writes, ctx.cfg.reflow.train.steps)
 
 
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -48,35 +41,3 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
                     callback=ctx.callback, device=default_device(ctx.device))
     return StageOutput({"model": url}, {"sampler": mode})
 
-
-def checked_pairs(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], simulated_by: str,
-                  finished: bool) -> PairStore:
-    """The stage's pair store (input role "pairs"), complete, re-hashed once before training reads it (not when the
-    stage is finished), and made by the checkpoint `simulated_by` (pairs are never mixed across models)."""
-    url, name = inputs["pairs"].urls["pairs"], stage.inputs["pairs"]
-    store = pairs_stage.check_store(url, name, verify=not finished)
-    if store.attrs.get("teacher_hash") != pairs_stage.model_hash(simulated_by):
-        raise RuntimeError(f"pairs at {url} were made by another model than {simulated_by}; refusing to mix them "
-                           f"(rerun with --redo-stage {name})")
-    return store
-
-
-@contextlib.contextmanager
-def pair_batches(store: PairStore, model, tc: TrainConfig, forward_ratio: float, ram_budget_mb: int):
-    """(batches, sampler mode): `batches(key)` is the training Batch of key = step (under DDP step * world + rank),
-    a pure function of the store, tc.seed and the key: stored sample as data, stored noise as noise, labels (with
-    CFG label dropout) when the model is class-conditional."""
-    sampler = PairSampler(store, tc.batch_size, forward_ratio=forward_ratio, seed=tc.seed,
-                          ram_budget_bytes=ram_budget_mb * 2**20)
-
-    def batches(key: int) -> Batch:
-        b = sampler.batch(key)
-        label = b.label if model.class_cond else None
-        if label is not None and tc.label_dropout > 0:
-            label = model.drop_labels(label, tc.label_dropout, torch.Generator().manual_seed(tc.seed * 7_919 + key))
-        return Batch(b.sample, b.noise, label)
-
-    try:
-        yield batches, sampler.mode
-    finally:
-        sampler.close()

@@ -7,12 +7,11 @@ output: {"model": checkpoint URL, "guide": guide.pt URL when there is one}
 """
 from __future__ import annotations
 
-import torch
-
 from .. import checkpoint, distributed, storage
-from ..train import Batch, train
+from ..train import train
 from ..velocity import VelocityModel
 from .base import CONVENTION, Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
+from .batches import teacher_batches
 
 GUIDE_FILE = "guide.pt"
 
@@ -20,10 +19,7 @@ GUIDE_FILE = "guide.pt"
 def done(stage: Stage, ctx: Context) -> bool:
     if ctx.cfg.teacher.checkpoint:
         return True
-    state = checkpoint.latest_info(stage.writes)
-    if ctx.cfg.teacher.source == "diffusers":
-        return state is not None
-    return state is not None and state.step >= ctx.cfg.teacher.train.steps
+    return checkpoint.reached(stage.writes, 0 if ctx.cfg.teacher.source == "diffusers" else ctx.cfg.teacher.train.steps)
 
 
 def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -37,14 +33,8 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
         url = distributed.launch_torchrun(tc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
         return output(stage, url)
     ds = dataset(cfg)
-    y = ds.y if cfg.net.class_cond else None
     model = new_model(cfg, ds, tc.seed)
-
-    def batches(step: int) -> Batch:
-        g = torch.Generator().manual_seed(tc.seed * 7_919 + step)
-        idx = torch.randint(len(ds), (tc.batch_size,), generator=g)
-        label = None if y is None else model.drop_labels(y[idx], tc.label_dropout, g)
-        return Batch(ds.x[idx], torch.randn((tc.batch_size, *ds.shape), generator=g), label)
+    batches = teacher_batches(ds, model, tc, cfg.net.class_cond)
 
     def train_to(steps: int) -> str:
         return train(net=model, batches=batches, cfg=tc.model_copy(update={"steps": steps}), ckpt_dir=stage.writes,
