@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
@@ -34,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows import FLOW_NAME, report
+from flows import FLOW_NAME, report, serving
 from flows.tracking import MlflowTracker, TrackingFileError, local_path, resolve_tracking_uri, source_tags, ui_command
 from reflow_core import host, lease, storage
 from reflow_core import stages as st
@@ -197,7 +196,7 @@ def publish_task(cfg: PipelineConfig, paths: st.RunPaths, preset: str, walk: lis
                  outputs: dict[str, st.StageOutput], wall: dict[str, float], tracker: MlflowTracker,
                  evaluated: bool) -> dict[str, Any]:
     """The results where users look: MLflow (headline metrics on the parent, one evaluation run per model, the final
-    models logged with mlflow.pytorch into theirs and registered as `<preset>-<model>`) and the flow run's Prefect
+    models logged as pyfunc samplers into theirs and registered as `<preset>-<model>`, flows/serving.py) and the flow run's Prefect
     artifacts. Idempotent: a model already logged from the same checkpoint is not logged again."""
     ev = outputs["evaluate"]
     stored = storage.read_json(ev.urls["metrics"])
@@ -208,15 +207,13 @@ def publish_task(cfg: PipelineConfig, paths: st.RunPaths, preset: str, walk: lis
     else:  # a no-op resume: logged by the flow run that evaluated
         eval_runs = tracker.eval_run_ids(list(dict.fromkeys(r["model"] for r in rows)))
     registered: dict[str, str] = {}
-    final = registered_models(walk)
-    with tempfile.TemporaryDirectory(prefix="reflow-model-") as tmp:
-        config = os.path.join(tmp, "config.json")
-        Path(config).write_bytes(storage.read_bytes(paths.config_json))
-        for model in final & set(eval_runs):
-            ckpt, name = stored["checkpoints"][model], model_registry_name(preset, model)
-            version = tracker.log_model(eval_runs[model], st.load_model(ckpt), name, ckpt, extra_files=[config])
-            if version:
-                registered[name] = version
+    for model in sorted(registered_models(walk) & set(eval_runs)):
+        ckpt, name, head = stored["checkpoints"][model], model_registry_name(preset, model), \
+            serving.headline(rows, metric, model)
+        version = serving.log_sampler(tracker, eval_runs[model], ckpt, paths.config_json, name, head,
+                                      serving.version_description(preset, model, paths.run, head))
+        if version:
+            registered[name] = version
     if registered:
         tracker.set_tags(parent, {"reflow.registered_models": ", ".join(f"{k}/{v}" for k, v in registered.items())})
     images = sorted(_pngs(st.find(walk, "evaluate").writes))
