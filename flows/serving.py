@@ -129,7 +129,7 @@ def promote(client: mlflow.MlflowClient, name: str, version: str, headline: tupl
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champ = None
-    if champ is not None and champ.version == str(version):
+    if champ is not None and str(champ.version) == str(version):
         return True
     old = _metric_of(champ, key)
     if champ is None or old is None:
