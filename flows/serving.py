@@ -1,7 +1,7 @@
 """A trained model leaves the pipeline as an MLflow pyfunc sampler: logged without pickle, registered with
 descriptions, `@champion` moved only by a better headline metric.
 
-    log_sampler(tracker, run_id, checkpoint_url, config_json, ...)   -> (model URI, registered version or None)
+    log_sampler(tracker, run_id, checkpoint_url, config_json, name, headline, description) -> version | None
 
 What is logged (into the model's evaluation run, name "model"): `flows/sampler_model.py` as the model's code
 ("models from code"), the EMA weights as safetensors, model.json and the run's config.json as artifacts, the
@@ -29,6 +29,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, TensorSpec
 
 import reflow_core
+from flows.tracking import MlflowTracker
 from reflow_core import export, storage
 
 SAMPLER_FILE = Path(__file__).with_name("sampler_model.py")
@@ -68,7 +69,7 @@ def input_example(meta: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]
     return pd.DataFrame(example), {"nfe": 1, "solver": "euler"}
 
 
-def log_sampler(tracker, run_id: str, checkpoint_url: str, config_json: str, registered_name: str | None,
+def log_sampler(tracker: MlflowTracker, run_id: str, checkpoint_url: str, config_json: str, registered_name: str | None,
                 headline: tuple[str, float] | None = None, description: str = "") -> str | None:
     """Log the pyfunc sampler of checkpoint_url into run_id and register it under registered_name (a new version,
     then `promote`). Once per checkpoint: a run already tagged with this checkpoint is left as it is. Returns the
@@ -155,9 +156,8 @@ def _metric_of(mv, key: str) -> float | None:
 def headline(rows: list[dict], metric: str, model: str) -> tuple[str, float] | None:
     """The model's headline metric: its quality at the fewest NFE with Euler (1 NFE in every preset), keyed as
     on the pipeline's parent run (`sliced_w2.reflow.euler.nfe1`)."""
-    mine = [r for r in rows if r["model"] == model and r["solver"] == "euler" and r.get("guidance", "none") in
-            ("none", None) and metric in r]
-    mine = mine or [r for r in rows if r["model"] == model and metric in r]
+    mine = [r for r in rows if r["model"] == model and metric in r]
+    mine = [r for r in mine if r["solver"] == "euler"] or mine
     if not mine:
         return None
     r = min(mine, key=lambda r: r["nfe"])
@@ -168,11 +168,14 @@ def version_description(preset: str, model: str, run: str, key_value: tuple[str,
     """What a version is: preset, model, run and its headline metric."""
     what = f"{model} model of preset {preset} (run {run})"
     if key_value:
-        what += f"; {key_value[0]} = {key_value[1]:.6g} (lower is better)"
+        key, value = key_value
+        solver, nfe = key.split(".")[-2], key.rsplit(".nfe", 1)[-1]
+        what += f"; {key} = {value:.6g} (quality at {nfe} NFE with {solver}; lower is better)"
     return (f"ReFlow {what}. A pyfunc sampler: predict({{'n': [N], 'seed': [S]}} or one flattened 'noise' row a "
             f"sample, optional 'label'; params nfe, solver, guidance, guidance_weight) -> samples.")
 
 
 def registry_description(name: str, version_text: str) -> str:
+    """What the registered model is, ending with its newest version's description."""
     return (f"{name}: ReFlow (rectified flow) generators of this preset and model, one version per pipeline run; "
             f"@champion is the best by the 1-NFE headline metric, @latest the newest. Newest: {version_text}")

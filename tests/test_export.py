@@ -142,3 +142,28 @@ def test_sample_class_conditional_labels_guidance_and_grid(home, tmp_path, capsy
     with pytest.raises(SystemExit):
         _sample(home, tmp_path, "--label", "1")  # toy2d is unconditional
     assert "unconditional" in capsys.readouterr().err
+
+
+def test_pyfunc_sampler_labels_and_guidance_like_reflow_sample(home, tmp_path):
+    """The MLflow sampler's predict on a class-conditional model: uniform labels by default, `label`, CFG params,
+    the same numbers as `reflow sample` (the class is used directly here; test_serving loads it through MLflow)."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from flows.sampler_model import ReflowSampler
+
+    paths = stages.RunPaths.of(str(home / "runs"), "digits")
+    files = export.save_weights(stages.model_checkpoint(paths, "teacher"), tmp_path / "m")
+    sampler = ReflowSampler()
+    sampler.load_context(SimpleNamespace(artifacts=files))
+    base = ("--model", "teacher", "--n", "6", "--seed", "2")
+
+    def predict(params, **cols):
+        return sampler.predict(None, pd.DataFrame({"n": [6], "seed": [2], **cols}), params).reshape(6, 1, 8, 8)
+
+    assert np.array_equal(predict({"nfe": 1}), _sample(home, tmp_path, *base, run="digits"))
+    assert np.array_equal(predict({"nfe": 1}, label=[4]), _sample(home, tmp_path, *base, "--label", "4",
+                                                                  run="digits"))
+    guided = _sample(home, tmp_path, *base, "--label", "4", "--guidance", "cfg", "--weight", "3", "--nfe", "2",
+                     run="digits")
+    assert np.array_equal(predict({"nfe": 2, "guidance": "cfg", "guidance_weight": 3.0}, label=[4]), guided)

@@ -200,7 +200,7 @@ def test_readme_serve_command_answers_invocations(demo, tmp_path):
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "server not up in 180 s: " + (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no server in 180 s: " + (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
         req = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -245,4 +245,5 @@ def test_champion_moves_only_to_a_better_version(demo, tracking):
     assert float(tags[v2]["reflow.metric_value"]) == pytest.approx(m2)
     mv = client.get_model_version(name, v2)
     assert "preset toy2d" in mv.description and "sliced_w2.reflow.euler.nfe1" in mv.description
+    assert "quality at 1 NFE with euler" in mv.description
     assert "@champion" in client.get_registered_model(name).description

@@ -88,8 +88,8 @@ def model_checkpoint(paths: RunPaths, model: str) -> str:
 
 
 def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, seed: int, device=None,
-                 label: int | Sequence[int] | None = None, *, guidance: str | None = None, guidance_weight: float | None = None,
-                 grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
+                 label: int | Sequence[int] | None = None, *, guidance: str | None = None,
+                 guidance_weight: float | None = None, grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
     """n samples in data space (toy: (n, 2); images: (n, C, H, W) in [-1, 1]), from noise seeded by `seed`.
 
     nfe counts network evaluations; guidance (default: the run's eval.guidance / guidance_weight) costs 2 a step.
