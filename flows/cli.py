@@ -1,9 +1,11 @@
-"""`reflow` command line: run the pipeline, sample a trained model, open the MLflow UI, list presets.
+"""`reflow` command line: run the pipeline, sample or export a trained model, open the MLflow UI, list presets.
 
     reflow run --preset toy2d --root ./runs --run demo --set teacher.train.steps=500 --set eval.nfes=[1,2,4]
     reflow run --preset toy2d --root ./runs --run demo --stages evaluate
     reflow run --preset toy2d --root ./runs --run demo --redo-stage pairs
     reflow sample --root ./runs --run demo --model reflow --nfe 2 --solver euler --n 1000 --out samples.npy
+    reflow sample --root ./runs --run digits --labels 0,1,2,3,4,5,6,7,8,9 --n 100 --out grid.png
+    reflow export --root ./runs --run demo --model reflow --format diffusers ./toy2d-diffusers
     reflow plan --preset digits_3rf
     reflow ui --root ./runs
     reflow presets
@@ -141,16 +143,55 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from reflow_core import stages
+    from reflow_core import plots, stages
 
     cfg = _run_config(args.root, args.run)
     paths = stages.prepare_run(cfg, args.root, args.run)
-    x = stages.sample_model(paths, args.model, args.nfe, args.solver, args.n, args.seed, args.device)
+    labels = _sample_labels(args)
+    if cfg.net.class_cond and labels is None:
+        print(f"note: {args.model} is class-conditional and no --label/--labels was given: labels are drawn "
+              f"uniformly over the classes (seed {args.seed + 1})", file=sys.stderr)
+    x = stages.sample_model(paths, args.model, args.nfe, args.solver, args.n, args.seed, args.device, labels,
+                            guidance=args.guidance, guidance_weight=args.weight)
     arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    stem, ext = os.path.splitext(args.out)
+    out = args.out if ext == ".npy" else stem + ".npy"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.save(out, arr)
-    print(f"saved {arr.shape} samples ({args.model}, {args.solver}, NFE {args.nfe}) to {out}")
+    what = f"({args.model}, {args.solver}, NFE {args.nfe})"
+    print(f"saved {arr.shape} samples {what} to {out}")
+    if ext in (".png", ".jpg", ".pdf", ".svg"):
+        plots.save_samples(x, args.out, title=f"{args.run}: {args.model}, {args.solver}, NFE {args.nfe}")
+        print(f"saved a {'scatter' if arr.ndim == 2 else 'grid'} of them to {args.out}")
+    return 0
+
+
+def _sample_labels(args: argparse.Namespace) -> list[int] | None:
+    if args.label is not None and args.labels:
+        raise ConfigError("give --label or --labels, not both")
+    if args.labels:
+        try:
+            return [int(v) for v in args.labels.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--labels expects comma-separated class indices, got {args.labels!r}") from None
+    return None if args.label is None else [args.label]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from reflow_core import export, stages, storage
+
+    cfg = _run_config(args.root, args.run)
+    paths = stages.RunPaths.of(args.root, args.run)
+    ckpt = stages.model_checkpoint(paths, args.model)
+    config = storage.read_json(paths.config_json)
+    if args.format == "diffusers":
+        export.write_diffusers(ckpt, args.out, config)
+        print(f"wrote a diffusers pipeline of {args.run}/{args.model} to {args.out}: "
+              f"DiffusionPipeline.from_pretrained({args.out!r}, trust_remote_code=True)")
+    else:
+        export.save_weights(ckpt, args.out, config)
+        print(f"wrote {export.WEIGHTS}, {export.META} and {export.CONFIG} of {args.run}/{args.model} "
+              f"({cfg.name}) to {args.out}")
     return 0
 
 
@@ -217,9 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", choices=["euler", "heun"], default="euler")
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="output .npy file")
+    s.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional models)")
+    s.add_argument("--labels", default=None, help="comma-separated classes, cycled over the samples (0,1,2,...)")
+    s.add_argument("--guidance", choices=["none", "cfg", "autoguidance"], default=None,
+                   help="default: the run's eval.guidance")
+    s.add_argument("--weight", type=float, default=None, help="guidance weight (default: eval.guidance_weight)")
+    s.add_argument("--out", required=True, help="output .npy file; x.png writes x.npy and an image grid (images) "
+                   "or a scatter (2-D) next to it")
     s.add_argument("--device", default=None)
     s.set_defaults(func=_cmd_sample)
+
+    e = sub.add_parser("export", help="write a trained model as safetensors + config, or as a diffusers pipeline")
+    e.add_argument("--root", default="./runs")
+    e.add_argument("--run", required=True)
+    e.add_argument("--model", default="reflow", help="reflow, reflow-2, ..., distilled (a model the run trained)")
+    e.add_argument("--format", choices=["diffusers", "safetensors"], default="diffusers")
+    e.add_argument("out", help="output directory")
+    e.set_defaults(func=_cmd_export)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the tracking store of a root")
     u.add_argument("--root", default="./runs")

@@ -2,15 +2,13 @@
 registered as `<preset>-<model>`) and the flow run's Prefect artifacts."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import report
+from flows import report, serving
 from flows.tracking import MlflowTracker, ui_command
 from reflow_core import stages, storage
 from reflow_core.config import PipelineConfig
@@ -21,8 +19,8 @@ def publish_task(cfg: PipelineConfig, paths: stages.RunPaths, preset: str, walk:
                  outputs: dict[str, stages.StageOutput], wall: dict[str, float], tracker: MlflowTracker,
                  evaluated: bool) -> dict[str, Any]:
     """The results where users look: MLflow (headline metrics on the parent, one evaluation run per model, the final
-    models logged with mlflow.pytorch into theirs and registered as `<preset>-<model>`) and the flow run's Prefect
-    artifacts. Idempotent: a model already logged from the same checkpoint is not logged again."""
+    models logged as pyfunc samplers into theirs and registered as `<preset>-<model>`, see serving.py) and the flow
+    run's Prefect artifacts. Idempotent: a model already logged from the same checkpoint is not logged again."""
     ev = outputs["evaluate"]
     stored = storage.read_json(ev.urls["metrics"])
     rows, metric = ev.info["rows"], stored["metric"]
@@ -32,14 +30,13 @@ def publish_task(cfg: PipelineConfig, paths: stages.RunPaths, preset: str, walk:
     else:  # a no-op resume: logged by the flow run that evaluated
         eval_runs = tracker.eval_run_ids(list(dict.fromkeys(r["model"] for r in rows)))
     registered: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="reflow-model-") as tmp:
-        config = os.path.join(tmp, "config.json")
-        Path(config).write_bytes(storage.read_bytes(paths.config_json))
-        for model in stages.final_models(walk) & set(eval_runs):
-            ckpt, name = stored["checkpoints"][model], model_registry_name(preset, model)
-            version = tracker.log_model(eval_runs[model], stages.load_model(ckpt), name, ckpt, extra_files=[config])
-            if version:
-                registered[name] = version
+    for model in sorted(stages.final_models(walk) & set(eval_runs)):
+        ckpt, name = stored["checkpoints"][model], model_registry_name(preset, model)
+        head = serving.headline(rows, metric, model)
+        version = serving.log_sampler(tracker, eval_runs[model], ckpt, paths.config_json, name, head,
+                                      serving.version_description(preset, model, paths.run, head))
+        if version:
+            registered[name] = version
     if registered:
         tracker.set_tags(parent, {"reflow.registered_models": ", ".join(f"{k}/{v}" for k, v in registered.items())})
     images = sorted(_pngs(stages.find(walk, "evaluate").writes))

@@ -1,14 +1,15 @@
 """MLflow tracking for a pipeline run: one parent run per pipeline run, one child run per stage.
 
-This is the only module of the project that imports mlflow. It talks to the tracking store through an explicit
-`mlflow.MlflowClient` (no fluent `mlflow.start_run` global state), so Prefect tasks running in threads can log to
-their own stage's run concurrently.
+With `serving.py` (the logged model) and `sampler_model.py` (its pyfunc), the only module that imports mlflow. It
+talks to the tracking store through an explicit `mlflow.MlflowClient` (no fluent `mlflow.start_run` global state),
+so Prefect tasks running in threads can log to their own stage's run concurrently.
 
 Resume: the parent run id is kept at `<run dir>/mlflow_run.json`, so a re-run of the same pipeline run logs into
 the same parent run; a stage's child run is found again by its tags (`mlflow.parentRunId`, `reflow.stage`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -363,27 +364,16 @@ class MlflowTracker:
             runs[model] = run_id
         return runs
 
-    def log_model(self, run_id: str, model, registered_name: str | None, checkpoint_url: str,
-                  extra_files: list[str] = ()) -> str | None:
-        """The model (a torch module: the EMA velocity net with its config) logged with mlflow.pytorch into run_id
-        and registered under `registered_name` (a new version). Once per checkpoint: a run already tagged with
-        this checkpoint is left as it is. Returns the registered version, if any."""
-        import mlflow.pytorch
+    @contextlib.contextmanager
+    def active_run(self, run_id: str):
+        """run_id as MLflow's active run in this thread (for `mlflow.<flavor>.log_model`, which logs into the
+        active run), on this tracker's store; left FINISHED afterwards, as it was (start_run re-opens it)."""
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        run = self.client.get_run(run_id)
-        if run.data.tags.get("reflow.logged_checkpoint") == checkpoint_url:
-            return run.data.tags.get("reflow.registered_version")
         with self._lock, _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True,
-                                                                               log_system_metrics=False):
-            info = mlflow.pytorch.log_model(
-                model, name="model", registered_model_name=registered_name, extra_files=list(extra_files) or None,
-                pip_requirements=_requirements(), await_registration_for=60, serialization_format="pickle")
-        version = str(info.registered_model_version) if registered_name and info.registered_model_version else ""
-        self.set_tags(run_id, {"reflow.logged_checkpoint": checkpoint_url, "reflow.model_uri": info.model_uri,
-                               "reflow.registered_model": registered_name or "", "reflow.registered_version": version})
-        self.client.update_run(run_id, status="FINISHED")  # start_run(run_id) re-opened it; leave it as it was
-        return version or None
+                                                                               log_system_metrics=False) as run:
+            yield run
+        self.client.update_run(run_id, status="FINISHED")
 
 
 def headline_metrics(rows: list[dict]) -> dict[str, float]:
@@ -413,19 +403,6 @@ def per_model_metrics(rows: list[dict]) -> dict[str, dict[str, float]]:
         if "params" in r:
             m["params"] = float(r["params"])
     return out
-
-
-def _requirements() -> list[str]:
-    """The logged model's pip requirements: this package and torch at the versions running now (no inference)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in ("reflow", "torch"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            reqs.append(pkg)
-    return reqs
 
 
 def source_tags(repo: str | os.PathLike | None = None) -> dict[str, str]:

@@ -20,7 +20,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLo
 
 from reflow_core import storage  # noqa: E402
 
-__all__ = ["trajectory_plot", "sample_grid", "scatter_samples", "quality_vs_nfe", "loss_curve", "save_figure"]
+__all__ = ["trajectory_plot", "sample_grid", "scatter_samples", "save_samples", "quality_vs_nfe", "loss_curve", "save_figure"]
 
 _MODEL_COLORS = {"teacher": "tab:blue", "reflow": "tab:orange", "distilled": "tab:red", "slim": "tab:brown"}
 _ROUND_COLORS = ("tab:green", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
@@ -163,6 +163,13 @@ def scatter_samples(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def save_samples(x: torch.Tensor, path: str, title: str | None = None) -> str:
+    """Samples as a picture: images (N, C, H, W) as a grid, 2-D points (N, 2) as a scatter. Returns ``path``."""
+    if _np(x).ndim == 2:
+        return scatter_samples({"samples": x}, None, path, title)
+    return sample_grid(x, path, title=title)
 
 
 def quality_vs_nfe(rows: Sequence[Mapping], metric: str, path: str, title: str | None = None) -> str:

@@ -62,8 +62,9 @@ def test_reflow_core_has_no_import_cycles():
 
 
 def test_only_tracking_imports_mlflow():
+    """MLflow lives in tracking (runs, metrics) and serving (the logged model and the pyfunc MLflow runs)."""
     users = {f.name for f in (ROOT / "flows").rglob("*.py") if "mlflow" in _imports(f)}
-    assert users <= {"tracking.py"}, users
+    assert users <= {"tracking.py", "serving.py", "sampler_model.py"}, users
 
 
 def test_original_rf_adapter_generates_in_our_convention():

@@ -139,8 +139,9 @@ def test_flow_logs_parent_and_stage_runs(tmp_path, monkeypatch, prefect_api, cle
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == \
         "custom_model_development"  # opens in the model-training view
 
-    # the registered model (one version per pipeline) loads with mlflow.pytorch and samples like the checkpoint
+    # the registered model (one version per pipeline) loads as a pyfunc sampler and samples like the checkpoint
     import mlflow
+    import pandas as pd
     import torch
 
     from reflow_core import stages
@@ -149,12 +150,20 @@ def test_flow_logs_parent_and_stage_runs(tmp_path, monkeypatch, prefect_api, cle
     versions = {v.run_id: v.version for v in client.search_model_versions("name = 'toy2d-reflow'")}
     assert len(versions) == 2 and evals["reflow"].info.run_id in versions  # one per pipeline, in its eval run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user points MLflow at the store
-    served = mlflow.pytorch.load_model(f"models:/toy2d-reflow/{versions[evals['reflow'].info.run_id]}")
+    served = mlflow.pyfunc.load_model(f"models:/toy2d-reflow/{versions[evals['reflow'].info.run_id]}")
     noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
-    from_registry = generate(served.eval(), noise, nfe=1)
+    from_registry = torch.from_numpy(served.predict(pd.DataFrame({"noise": list(noise.double().numpy())}),
+                                                    params={"nfe": 1}))
     from_checkpoint = generate(stages.load_model(result["reflow_checkpoint"]), noise, nfe=1)
     assert torch.equal(from_registry, from_checkpoint)
     assert worse["registered_models"] == {"toy2d-reflow": str(max(int(v) for v in versions.values()))}
+    # @champion stays with the better first pipeline; MLflow's @latest is the worse, newer one
+    champion = client.get_model_version_by_alias("toy2d-reflow", "champion")
+    assert str(champion.version) == str(versions[evals["reflow"].info.run_id])
+    assert str(client.get_model_version_by_alias("toy2d-reflow", "latest").version) == \
+        worse["registered_models"]["toy2d-reflow"]
+    assert client.get_model_version("toy2d-reflow", worse["registered_models"]["toy2d-reflow"]).tags[
+        "reflow.champion_reason"].startswith("not @champion")
 
 
 def _stage_files(run_dir):

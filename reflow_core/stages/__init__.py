@@ -48,18 +48,24 @@ def model_checkpoint(paths: RunPaths, model: str) -> str:
 
 
 def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, seed: int, device=None,
-                 label: int | None = None, *, guidance: str | None = None, guidance_weight: float | None = None,
-                 grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
+                 label: int | Sequence[int] | None = None, *, guidance: str | None = None,
+                 guidance_weight: float | None = None, grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
     """n samples in data space (toy: (n, 2); images: (n, C, H, W) in [-1, 1]), from noise seeded by `seed`.
 
-    nfe counts network evaluations; guidance (default: the run's eval.guidance / guidance_weight) costs 2 a step."""
+    nfe counts network evaluations; guidance (default: the run's eval.guidance / guidance_weight) costs 2 a step.
+    label: one class for all samples, or a list cycled over them; a class-conditional model without labels gets
+    them drawn uniformly (seed + 1), never the untrained "no label" row."""
     dev = default_device(device)
     cfg = paths.config()
     m = load_model(model_checkpoint(paths, model), device=dev)
     ds = dataset(cfg)
     lab = None
     if cfg.net.class_cond:
-        lab = torch.full((n,), label) if label is not None else evaluate.eval_labels(ds, True, n, seed)
+        lab = _cycled(label, n) if label is not None else evaluate.eval_labels(ds, True, n, seed)
+        if lab.numel() and not 0 <= int(lab.min()) <= int(lab.max()) < ds.num_classes:
+            raise ConfigError(f"labels must be classes 0..{ds.num_classes - 1}, got {sorted(set(lab.tolist()))}")
+    elif label is not None:
+        raise ConfigError(f"the {model} model of this run is unconditional (net.class_cond: false): it takes no labels")
     g = cfg.eval.guidance if guidance is None else guidance
     w = cfg.eval.guidance_weight if guidance_weight is None else guidance_weight
     guide = None
@@ -69,3 +75,11 @@ def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, see
     x = evaluate.generate(m, evaluate.eval_noise(ds.shape, n, seed), nfe, solver, grid, rho, label=lab, device=dev,
                           guidance=g, weight=w, guide=guide)
     return x.clamp(-1, 1) if ds.kind == "image" else x
+
+
+def _cycled(label: int | Sequence[int], n: int) -> torch.Tensor:
+    """n labels: one class repeated, or a list of classes cycled."""
+    lab = torch.as_tensor(label, dtype=torch.long).reshape(-1)
+    if lab.numel() == 0:
+        raise ConfigError("labels must name at least one class")
+    return lab.repeat(-(-n // lab.numel()))[:n]
