@@ -34,7 +34,7 @@ from reflow_core import solvers  # noqa: E402
 from reflow_core.config import EvalConfig, PipelineConfig, load_preset  # noqa: E402
 from reflow_core import checkpoint, stages  # noqa: E402
 from reflow_core.callbacks import NullCallback  # noqa: E402
-from reflow_core.stages import RunPaths, StageOutput, dataset, prepare_run  # noqa: E402
+from reflow_core.stages import RunDir, StageOutput, dataset, prepare_run  # noqa: E402
 from reflow_core.stages.evaluate import eval_labels, eval_noise  # noqa: E402
 from reflow_core.velocity import velocity_model_from_state  # noqa: E402
 from reflow_core.tuning import search_rho  # noqa: E402
@@ -93,10 +93,10 @@ def _set(raw: dict, key: str, value) -> None:
     raw[leaf] = value
 
 
-def run_stage(cfg: PipelineConfig, paths: RunPaths, name: str, **inputs: StageOutput) -> StageOutput:
+def run_stage(cfg: PipelineConfig, rundir: RunDir, name: str, **inputs: StageOutput) -> StageOutput:
     """One stage instance of cfg's plan, in this process, with the given inputs (role -> earlier stage output)."""
-    st = stages.find(stages.plan(cfg, paths), name)
-    return stages.module(st).run(st, stages.Context(cfg, paths, NullCallback()), inputs)
+    st = stages.find(stages.plan(cfg, rundir), name)
+    return stages.module(st).run(st, stages.Context(cfg, rundir, NullCallback()), inputs)
 
 
 def tune(cfg: PipelineConfig, ckpt: str, solver: str, nfes: list[int], guidance: str = "none", w: float = 1.0,
@@ -134,10 +134,10 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
 
     def run_eval(name: str, cfg: PipelineConfig, reflow_ckpt: str, models=("reflow",)) -> list[dict]:
         cfg.eval.models = list(models)
-        paths = _paths(cfg, name)
+        rundir = _rundir(cfg, name)
         t0 = time.perf_counter()
-        ev = stages.find(stages.plan(cfg, paths), "evaluate")  # reads the models in eval.models (+ guide)
-        rows = run_stage(cfg, paths, "evaluate", **stages.inputs_of(
+        ev = stages.find(stages.plan(cfg, rundir), "evaluate")  # reads the models in eval.models (+ guide)
+        rows = run_stage(cfg, rundir, "evaluate", **stages.inputs_of(
             ev, {"teacher": teacher_out, "reflow": StageOutput({"model": reflow_ckpt})})).info["rows"]
         rows = [r for r in rows if r["model"] in models]
         results[name] = {r["nfe"]: r[metric] for r in rows}
@@ -146,7 +146,7 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
             + f" (eval {time.perf_counter() - t0:.0f} s)")
         return rows
 
-    def _paths(cfg: PipelineConfig, name: str) -> RunPaths:
+    def _rundir(cfg: PipelineConfig, name: str) -> RunDir:
         run = f"{data}-" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
         return prepare_run(cfg, out, run)  # its reflow stage reads the shared store (pairs_out), not a copy
 
@@ -166,7 +166,7 @@ def run_dataset(data: str, quick: bool, out: str, log) -> dict:
         key = json.dumps(cfg.reflow.model_dump(), sort_keys=True)
         if key != last_reflow_key:
             t0 = time.perf_counter()
-            reflow_ckpt = run_stage(cfg, _paths(cfg, name), "reflow", pairs=pairs_out,
+            reflow_ckpt = run_stage(cfg, _rundir(cfg, name), "reflow", pairs=pairs_out,
                                     init=teacher_out).urls["model"]
             log(f"[{data}] {name}: reflow {cfg.reflow.train.steps} steps ({time.perf_counter() - t0:.0f} s)")
             last_reflow_key = key

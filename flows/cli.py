@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from flows.report import quality_column, summary_table
         from reflow_core.callbacks import ConsoleCallback
         from reflow_core.host import steady_malloc
-        from reflow_core.stages import RunPaths, run_local
+        from reflow_core.stages import RunDir, run_local
 
         steady_malloc()  # as the flow does (flows/reflow.py)
         rows = run_local(cfg, root, args.run, callback=ConsoleCallback(), device=args.device, new=args.new,
@@ -80,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if rows:
             print(summary_table(rows, quality_column(rows)))
         if not args.new:  # (with --new the run may have been given a suffixed name: run_local returns rows only)
-            print(f"run directory:  {RunPaths.of(root, args.run or cfg.name).dir}")
+            print(f"run directory:  {RunDir.of(root, args.run or cfg.name).dir}")
         return 0
 
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -134,9 +134,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from reflow_core import stages
 
     cfg = load_preset(args.preset, parse_sets(args.set))
-    paths = stages.RunPaths.of(args.root, args.run or cfg.name)
-    print(f"plan of preset {args.preset!r} (run {paths.run!r} under {args.root}; reflow.rounds={cfg.reflow.rounds}):")
-    print(stages.describe(stages.plan(cfg, paths), paths.dir))
+    rundir = stages.RunDir.of(args.root, args.run or cfg.name)
+    print(f"plan of preset {args.preset!r} (run {rundir.run!r} under {args.root}; reflow.rounds={cfg.reflow.rounds}):")
+    print(stages.describe(stages.plan(cfg, rundir), rundir.dir))
     return 0
 
 
@@ -146,12 +146,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from reflow_core import plots, stages
 
     cfg = _run_config(args.root, args.run)
-    paths = stages.prepare_run(cfg, args.root, args.run)
+    rundir = stages.prepare_run(cfg, args.root, args.run)
     labels = _sample_labels(args)
     if cfg.net.class_cond and labels is None:
         print(f"note: {args.model} is class-conditional and no --label/--labels was given: labels are drawn "
               f"uniformly over the classes (seed {args.seed + 1})", file=sys.stderr)
-    x = stages.sample_model(paths, args.model, args.nfe, args.solver, args.n, args.seed, args.device, labels,
+    x = stages.sample_model(rundir, args.model, args.nfe, args.solver, args.n, args.seed, args.device, labels,
                             guidance=args.guidance, guidance_weight=args.weight)
     arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     stem, ext = os.path.splitext(args.out)
@@ -181,9 +181,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from reflow_core import export, stages, storage
 
     cfg = _run_config(args.root, args.run)
-    paths = stages.RunPaths.of(args.root, args.run)
-    ckpt = stages.model_checkpoint(paths, args.model)
-    config = storage.read_json(paths.config_json)
+    rundir = stages.RunDir.of(args.root, args.run)
+    ckpt = stages.model_checkpoint(rundir, args.model)
+    config = storage.read_json(rundir.config_json)
     if args.format == "diffusers":
         export.write_diffusers(ckpt, args.out, config)
         print(f"wrote a diffusers pipeline of {args.run}/{args.model} to {args.out}: "
@@ -198,9 +198,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _run_config(root: str, run: str):
     """The validated config stored with an existing run."""
     from reflow_core import storage
-    from reflow_core.stages import RunPaths, read_run_config
+    from reflow_core.stages import RunDir, read_run_config
 
-    url = RunPaths.of(root, run).config_json  # refuses a run name that would leave the root
+    url = RunDir.of(root, run).config_json  # refuses a run name that would leave the root
     if not storage.exists(url):
         raise ConfigError(f"no run {run!r} under {root} ({url} not found)")
     return read_run_config(url)  # truncated / invalid JSON: a ConfigError naming the file

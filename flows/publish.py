@@ -15,7 +15,7 @@ from reflow_core.config import PipelineConfig
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(cfg: PipelineConfig, paths: stages.RunPaths, preset: str, walk: list[stages.Stage],
+def publish_task(cfg: PipelineConfig, rundir: stages.RunDir, preset: str, walk: list[stages.Stage],
                  outputs: dict[str, stages.StageOutput], wall: dict[str, float], tracker: MlflowTracker,
                  evaluated: bool) -> dict[str, Any]:
     """The results where users look: MLflow (headline metrics on the parent, one evaluation run per model, the final
@@ -33,14 +33,14 @@ def publish_task(cfg: PipelineConfig, paths: stages.RunPaths, preset: str, walk:
     for model in sorted(stages.final_models(walk) & set(eval_runs)):
         ckpt, name = stored["checkpoints"][model], model_registry_name(preset, model)
         head = serving.headline(rows, metric, model)
-        version = serving.log_sampler(tracker, eval_runs[model], ckpt, paths.config_json, name, head,
-                                      serving.version_description(preset, model, paths.run, head))
+        version = serving.log_sampler(tracker, eval_runs[model], ckpt, rundir.config_json, name, head,
+                                      serving.version_description(preset, model, rundir.run, head))
         if version:
             registered[name] = version
     if registered:
         tracker.set_tags(parent, {"reflow.registered_models": ", ".join(f"{k}/{v}" for k, v in registered.items())})
     images = sorted(_pngs(stages.find(walk, "evaluate").writes))
-    results = report.RunResults(preset, paths.run, paths.dir, rows, metric, images, tracker.tracking_uri,
+    results = report.RunResults(preset, rundir.run, rundir.dir, rows, metric, images, tracker.tracking_uri,
                                 tracker.experiment, tracker.experiment_id, parent, registered)
     try:
         artifacts = report.publish(results, ui_command(tracker.tracking_uri))

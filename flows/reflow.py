@@ -40,7 +40,7 @@ from flows.tracking import MlflowTracker, resolve_tracking_uri, source_tags, ui_
 from reflow_core import host, lease
 from reflow_core.config import (ConfigOverrides, PipelineConfig, deployment_preset, load_preset, override_dict,
                                 preset_names)
-from reflow_core.stages import (RUN_NAME, Context, RunPaths, StageOutput, Step, begin, check_stage_names, describe,
+from reflow_core.stages import (RUN_NAME, Context, RunDir, StageOutput, Step, begin, check_stage_names, describe,
                                 prepare_run, suffix, walk)
 
 
@@ -113,7 +113,7 @@ def reflow(
     root, root_source = resolve_root(root)
     flow_run_id = str(runtime.flow_run.id or "")
     owner = flow_run_id or lease.local_owner()
-    requested = RunPaths.of(root, run or cfg.name)
+    requested = RunDir.of(root, run or cfg.name)
     with lease.hold(requested.dir, owner, is_stale=_holder_ended,
                     info={"flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name or ""}):
         return _run(cfg, preset, root, root_source, run, new, stages, redo_stages, logger)
@@ -121,17 +121,17 @@ def reflow(
 
 def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str | None, new: bool,
          stages: list[str] | None, redo_stages: list[str] | None, logger) -> dict[str, Any]:
-    paths = prepare_run(cfg, root, run, new=new)
-    sched, removed = begin(cfg, paths, redo_stages or (), stages)
+    rundir = prepare_run(cfg, root, run, new=new)
+    sched, removed = begin(cfg, rundir, redo_stages or (), stages)
     if removed:
         logger.info("redo: removed %s", removed)
 
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, root)
     params = cfg.model_dump(mode="json")
-    tracker = MlflowTracker(uri, cfg.tracking.experiment, paths.dir, run_name=paths.run, params=params)
+    tracker = MlflowTracker(uri, cfg.tracking.experiment, rundir.dir, run_name=rundir.run, params=params)
     parent = tracker.parent_run_id()
     tracker.log_params(parent, params)
-    tags = {"reflow.preset": preset, "reflow.run_dir": paths.dir,
+    tags = {"reflow.preset": preset, "reflow.run_dir": rundir.dir,
             "reflow.stages": ",".join(s.name for s in sched.chosen),
             **source_tags()}
     if runtime.flow_run.id:
@@ -139,22 +139,22 @@ def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str
                      "reflow.prefect_flow_run": runtime.flow_run.name,
                      "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or ""})
     tracker.set_tags(parent, tags)
-    logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", paths.run, paths.dir, root_source, parent,
+    logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", rundir.run, rundir.dir, root_source, parent,
                 uri)
-    logger.info("plan:\n%s", describe(sched.stages, paths.dir))
+    logger.info("plan:\n%s", describe(sched.stages, rundir.dir))
 
     wall: dict[str, float] = {}
 
     def execute(step: Step) -> StageOutput:  # one stage instance as tasks; the wall time of those with work to do
         t0 = time.perf_counter()
-        out = stage_tasks(cfg, paths, step, tracker, logger)
+        out = stage_tasks(cfg, rundir, step, tracker, logger)
         if not step.done:
             wall[step.stage.name] = time.perf_counter() - t0
         return out
 
     try:
-        outputs = walk(Context(cfg, paths), sched, execute)
-        published = (publish_task(cfg, paths, preset, sched.stages, outputs, wall, tracker, "evaluate" in wall)
+        outputs = walk(Context(cfg, rundir), sched, execute)
+        published = (publish_task(cfg, rundir, preset, sched.stages, outputs, wall, tracker, "evaluate" in wall)
                      if "evaluate" in outputs else {"registered": {}, "metric": None})
     except BaseException:
         tracker.finish_open("FAILED")
@@ -167,13 +167,13 @@ def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str
     ui = ui_command(uri)
     if rows:
         print(report.summary_table(rows, published["metric"]))
-    print(f"run directory:  {paths.dir}")
+    print(f"run directory:  {rundir.dir}")
     print(f"metrics:        {metrics_json}")
     print(f"MLflow run:     {parent} (experiment {cfg.tracking.experiment!r}, store {uri})")
     for name, version in published["registered"].items():
         print(f"model:          models:/{name}/{version}")
     print(f"MLflow UI:      {ui}")
-    return {"run": paths.run, "run_dir": paths.dir, "metrics_json": metrics_json or paths.metrics_json,
+    return {"run": rundir.run, "run_dir": rundir.dir, "metrics_json": metrics_json or rundir.url("eval", "metrics.json"),
             "metrics": rows, "metric": published["metric"], "checkpoints": models,
             "teacher_checkpoint": models.get("teacher"),
             "reflow_checkpoint": models.get(f"reflow{suffix(cfg.reflow.rounds)}"),

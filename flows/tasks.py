@@ -41,27 +41,27 @@ def run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[An
     return out
 
 
-def _ctx(cfg: PipelineConfig, paths: stages.RunPaths, callback=None) -> stages.Context:
-    return stages.Context(cfg, paths, callback or NullCallback())
+def _ctx(cfg: PipelineConfig, rundir: stages.RunDir, callback=None) -> stages.Context:
+    return stages.Context(cfg, rundir, callback or NullCallback())
 
 
 @task(name="stage", task_run_name="{stage.name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
-def stage_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stages.Stage, inputs: dict[str, stages.StageOutput],
+def stage_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage, inputs: dict[str, stages.StageOutput],
                tracker: MlflowTracker, done: bool) -> stages.StageOutput:
     """One stage instance (teacher, reflow-r, evaluate, ...): its kind's `run`, against its MLflow child run. done:
     what the walk found when it reached the stage."""
     kind = stages.module(stage)
-    out = run_stage(tracker, stage.name, done, lambda cb: kind.run(stage, _ctx(cfg, paths, cb), inputs))
+    out = run_stage(tracker, stage.name, done, lambda cb: kind.run(stage, _ctx(cfg, rundir, cb), inputs))
     if "model" in out.urls:
         tracker.set_tags(tracker.parent_run_id(), {f"reflow.{stage.name}_checkpoint": out.urls["model"]})
     return out
 
 
 @task(name="plan-pairs", task_run_name="plan-{stage.name}", cache_policy=NO_CACHE)
-def pair_shards_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stages.Stage,
+def pair_shards_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage,
                      inputs: dict[str, stages.StageOutput], tracker: MlflowTracker) -> list[int]:
-    pending = [int(k) for k in stages.sharded(stage).pending(stage, _ctx(cfg, paths), inputs)]
+    pending = [int(k) for k in stages.sharded(stage).pending(stage, _ctx(cfg, rundir), inputs)]
     tracker.set_tags(tracker.child_run_id(stage.name), {"reflow.pending_shards": len(pending),
                                                         "reflow.model_checkpoint": inputs["model"].urls["model"]})
     return pending
@@ -69,13 +69,13 @@ def pair_shards_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stages.
 
 @task(name="simulate-shard", task_run_name="{stage.name}-shard-{shard}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def simulate_shard_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stages.Stage,
+def simulate_shard_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage,
                         inputs: dict[str, stages.StageOutput], shard: int, tracker: MlflowTracker) -> dict:
     if cfg.pairs.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
         host.worker_threads(workers=1 if cfg.pairs.dask_address else cfg.pairs.workers)
         host.steady_malloc()
     callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
-    result = stages.sharded(stage).simulate(stage, _ctx(cfg, paths, callback), inputs, shard)
+    result = stages.sharded(stage).simulate(stage, _ctx(cfg, rundir, callback), inputs, shard)
     if "rows" in result:  # reflow_core logs pairs_per_s and shard_seconds itself
         tracker.log_metrics(callback.run_id, {"shard_rows": result["rows"]}, step=shard)
     callback.flush()  # in a Dask worker process nobody else flushes this process's buffer
@@ -83,7 +83,7 @@ def simulate_shard_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stag
 
 
 @task(name="finish-pairs", task_run_name="finish-{stage.name}", cache_policy=NO_CACHE)
-def finish_pairs_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stages.Stage, tracker: MlflowTracker,
+def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage, tracker: MlflowTracker,
                       shard_results: list[dict]) -> stages.StageOutput:
     def after(out: stages.StageOutput, run_id: str) -> None:
         done = [r for r in shard_results if not r.get("skipped")]
@@ -94,30 +94,30 @@ def finish_pairs_task(cfg: PipelineConfig, paths: stages.RunPaths, stage: stages
 
     # the shard hashes are checked once, before training reads the pairs (the reflow stage)
     kind = stages.sharded(stage)
-    return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, paths, cb)), after)
+    return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, rundir, cb)), after)
 
 
-def stage_tasks(cfg: PipelineConfig, paths: stages.RunPaths, step: stages.Step, tracker: MlflowTracker,
+def stage_tasks(cfg: PipelineConfig, rundir: stages.RunDir, step: stages.Step, tracker: MlflowTracker,
                 logger) -> stages.StageOutput:
     """One stage instance of the walk as tasks: a sharded stage (pairs) with work to do as plan, one task per
     pending shard (at most pairs.workers in flight) and finish; any other stage (or a finished sharded one) as one
     stage task."""
     stage, inputs = step.stage, step.inputs
     if step.done or stages.sharded(stage) is None:
-        return stage_task(cfg, paths, stage, inputs, tracker, step.done)
-    pending = pair_shards_task(cfg, paths, stage, inputs, tracker)
+        return stage_task(cfg, rundir, stage, inputs, tracker, step.done)
+    pending = pair_shards_task(cfg, rundir, stage, inputs, tracker)
     logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
     results: list[dict] = []
     if pending and cfg.pairs.engine == "threads" and cfg.pairs.workers == 1:
         # one at a time, in this thread, a task run each: a pool thread would run torch with an OpenMP team of its
         # own next to this thread's, and libgomp cuts spin-waits short once a process's OpenMP threads outnumber
         # its cores (about a third slower shards on the 2-core box; docs/performance.md, "Threads")
-        results = [simulate_shard_task(cfg, paths, stage, inputs, k, tracker) for k in pending]
+        results = [simulate_shard_task(cfg, rundir, stage, inputs, k, tracker) for k in pending]
     elif pending:
         runner, annotations = pair_task_runner(cfg)
         with runner, annotations:
             futures = runner.map(simulate_shard_task, {
-                "cfg": unmapped(cfg), "paths": unmapped(paths), "stage": unmapped(stage),
+                "cfg": unmapped(cfg), "rundir": unmapped(rundir), "stage": unmapped(stage),
                 "inputs": unmapped(inputs), "shard": pending, "tracker": unmapped(tracker)})
             results = futures.result()  # raises the first failed shard (after its retries)
-    return finish_pairs_task(cfg, paths, stage, tracker, results)
+    return finish_pairs_task(cfg, rundir, stage, tracker, results)

@@ -6,7 +6,7 @@ runner ends (`release`), or is stale: its process is gone (a holder on this mach
 its heartbeat is older than `ttl` seconds (a killed process elsewhere, a lost machine), or the caller's
 `is_stale(holder)` says so (the flow asks the Prefect API whether the holding flow run ended).
 
-    with lease.hold(paths.dir, owner="flow-run-id or host:pid"):
+    with lease.hold(rundir.dir, owner="flow-run-id or host:pid"):
         ...walk the plan...
 
 On a local root the lease is created with O_EXCL; on an object store there is no create-if-absent, so a writer

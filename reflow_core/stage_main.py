@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> str:
 
     cfg = PipelineConfig.model_validate(json.loads(storage.read_bytes(a.config)))
     root, run = a.run_dir.rstrip("/").rsplit("/", 1)
-    ctx = stages.Context(cfg, stages.RunPaths.of(root, run), device=a.device)
-    if stages.find(stages.plan(cfg, ctx.paths), a.stage).kind not in ("teacher", "reflow"):
+    ctx = stages.Context(cfg, stages.RunDir.of(root, run), device=a.device)
+    if stages.find(stages.plan(cfg, ctx.rundir), a.stage).kind not in ("teacher", "reflow"):
         raise SystemExit(f"stage_main runs training stages (teacher, reflow-r), not {a.stage!r}")
     try:  # the stages it reads must have finished (`schedule`); they are only asked for their outputs
         outputs = stages.walk(ctx, stages.schedule(ctx, [a.stage]), lambda step: step.run(ctx))

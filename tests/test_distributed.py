@@ -54,24 +54,24 @@ def _cfg(nproc=2):
                                                    "log_every": 10, "nproc": nproc}})
 
 
-def train_teacher(cfg, paths) -> str:
+def train_teacher(cfg, rundir) -> str:
     """The teacher stage of cfg's plan (nproc > 1: it launches torchrun); its checkpoint URL."""
-    st = stages.find(stages.plan(cfg, paths), "teacher")
-    return stages.module(st).run(st, stages.Context(cfg, paths), {}).urls["model"]
+    st = stages.find(stages.plan(cfg, rundir), "teacher")
+    return stages.module(st).run(st, stages.Context(cfg, rundir), {}).urls["model"]
 
 
 def test_pipeline_teacher_via_torchrun_resumes_exactly(tmp_path, monkeypatch):
     root = str(tmp_path)
     full = train_teacher(_cfg(), prepare_run(_cfg(), root, "full"))
     assert checkpoint.load(full)["step"] == 20
-    paths = prepare_run(_cfg(), root, "cut")
+    rundir = prepare_run(_cfg(), root, "cut")
     monkeypatch.setenv("REFLOW_FAULT_STAGE", "teacher")
     monkeypatch.setenv("REFLOW_FAULT_AT_STEP", "15")
     with pytest.raises(distributed.LaunchError, match="injected fault"):
-        train_teacher(_cfg(), paths)
-    assert checkpoint.load(checkpoint.latest(paths.teacher_dir))["step"] == 15
+        train_teacher(_cfg(), rundir)
+    assert checkpoint.load(checkpoint.latest(rundir.url("teacher")))["step"] == 15
     monkeypatch.delenv("REFLOW_FAULT_STAGE")
-    resumed = train_teacher(_cfg(), paths)
+    resumed = train_teacher(_cfg(), rundir)
     a, b = checkpoint.load(full), checkpoint.load(resumed)
     assert b["step"] == 20
     for k in a["net"]:

@@ -93,7 +93,7 @@ def test_safetensors_export_is_weights_and_config(home, tmp_path):
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "config.json"}
     assert json.loads((out / "config.json").read_text())["name"] == "toy2d"
     model = export.load_weights(out)
-    ckpt = stages.load_model(stages.model_checkpoint(stages.RunPaths.of(str(home / "runs"), "toy2d"), "reflow"))
+    ckpt = stages.load_model(stages.model_checkpoint(stages.RunDir.of(str(home / "runs"), "toy2d"), "reflow"))
     noise = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(export.draw(model, noise, 2), export.draw(ckpt, noise, 2))
     from safetensors import safe_open
@@ -117,8 +117,8 @@ def test_sample_class_conditional_labels_guidance_and_grid(home, tmp_path, capsy
     assert "drawn uniformly" in capsys.readouterr().err
     assert (tmp_path / "drawn.png").exists() and drawn.shape == (12, 1, 8, 8)
     # uniform labels (as the evaluation draws them), not the untrained "no label" row
-    paths = stages.RunPaths.of(str(home / "runs"), "digits")
-    model = stages.load_model(stages.model_checkpoint(paths, "teacher"))
+    rundir = stages.RunDir.of(str(home / "runs"), "digits")
+    model = stages.load_model(stages.model_checkpoint(rundir, "teacher"))
     noise = evaluate.eval_noise((1, 8, 8), 12, 0)
     null_row = export.draw(model, noise, 1, image=True).numpy()
     uniform = export.draw(model, noise, 1, labels=export.default_labels(model, 12, 0), image=True).numpy()
@@ -152,8 +152,8 @@ def test_pyfunc_sampler_labels_and_guidance_like_reflow_sample(home, tmp_path):
 
     from flows.sampler_model import ReflowSampler
 
-    paths = stages.RunPaths.of(str(home / "runs"), "digits")
-    files = export.save_weights(stages.model_checkpoint(paths, "teacher"), tmp_path / "m")
+    rundir = stages.RunDir.of(str(home / "runs"), "digits")
+    files = export.save_weights(stages.model_checkpoint(rundir, "teacher"), tmp_path / "m")
     sampler = ReflowSampler()
     sampler.load_context(SimpleNamespace(artifacts=files))
     base = ("--model", "teacher", "--n", "6", "--seed", "2")

@@ -1,6 +1,6 @@
 """The speed knobs on a real GPU: CUDA graphs, bf16 and torch.compile give the eager fp32 answers (within bf16's
 tolerance), the batch probe finds the memory limit, and a pair shard simulated with every knob on matches one
-simulated without. Every test here needs CUDA and is reported as skipped without it (the CPU paths of the same code
+simulated without. Every test here needs CUDA and is reported as skipped without it (the CPU rundir of the same code
 are tested in test_accel.py). On the lent GPU machine: `bash benchmarks/gpu_device.sh` runs them."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from reflow_core.nets import UNet
 from reflow_core.velocity import VelocityModel, velocity_for
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU paths: test_accel.py)")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU rundir: test_accel.py)")]
 
 DEV = torch.device("cuda")
 
@@ -138,9 +138,9 @@ def test_pair_shard_with_every_knob_matches_plain(tmp_path):
             "pairs.n_pairs": 4096, "pairs.shard_size": 4096, "pairs.chunk_size": 512, "pairs.batch_size": 256,
             "pairs.nfe": 9}
     cfg = load_preset("toy2d", tiny)
-    paths = stages.prepare_run(cfg, str(tmp_path), "teacher")
-    tst = stages.find(stages.plan(cfg, paths), "teacher")
-    teacher = stages.module(tst).run(tst, stages.Context(cfg, paths, device=DEV), {}).urls["model"]
+    rundir = stages.prepare_run(cfg, str(tmp_path), "teacher")
+    tst = stages.find(stages.plan(cfg, rundir), "teacher")
+    teacher = stages.module(tst).run(tst, stages.Context(cfg, rundir, device=DEV), {}).urls["model"]
     stores, batches = [], []
     for name, knobs in (("plain", {}),
                         ("fast", {"pairs.amp": True, "pairs.compile": True, "pairs.cuda_graph": True,
@@ -156,7 +156,7 @@ def test_pair_shard_with_every_knob_matches_plain(tmp_path):
             def on_metrics(self, stage, step, m):
                 seen.update(m)
         stages.pairs.simulate(pst, stages.Context(c, p, Rec(), DEV), inputs, 0)
-        stores.append(PairStore.open(p.pairs_url))
+        stores.append(PairStore.open(p.url("pairs.zarr")))
         batches.append(seen.get("batch_size"))
     plain, fast = (s.read(torch.arange(4096)) for s in stores)
     assert torch.equal(plain.noise, fast.noise)

@@ -123,22 +123,22 @@ TINY = {
 }
 
 
-def _stage(cfg, paths, name, **inputs) -> stages.StageOutput:
+def _stage(cfg, rundir, name, **inputs) -> stages.StageOutput:
     """Run one stage instance of cfg's plan with the given inputs (role -> earlier stage output)."""
-    s = stages.find(stages.plan(cfg, paths), name)
-    return stages.module(s).run(s, stages.Context(cfg, paths, NullCallback()), inputs)
+    s = stages.find(stages.plan(cfg, rundir), name)
+    return stages.module(s).run(s, stages.Context(cfg, rundir, NullCallback()), inputs)
 
 
 @pytest.fixture(scope="module")
 def tiny_digits(tmp_path_factory):
-    """(cfg, paths, teacher stage output, reflow stage output): teacher, pairs and reflow stages, no evaluation."""
+    """(cfg, rundir, teacher stage output, reflow stage output): teacher, pairs and reflow stages, no evaluation."""
     root = str(tmp_path_factory.mktemp("improvements"))
     cfg = load_preset("digits", TINY)
-    paths = prepare_run(cfg, root, "tiny")
-    teacher = _stage(cfg, paths, "teacher")
-    pairs = _stage(cfg, paths, "pairs", model=teacher)
-    reflow = _stage(cfg, paths, "reflow", pairs=pairs, init=teacher)
-    return cfg, paths, teacher, reflow
+    rundir = prepare_run(cfg, root, "tiny")
+    teacher = _stage(cfg, rundir, "teacher")
+    pairs = _stage(cfg, rundir, "pairs", model=teacher)
+    reflow = _stage(cfg, rundir, "reflow", pairs=pairs, init=teacher)
+    return cfg, rundir, teacher, reflow
 
 
 def test_reflow_dropout_differs_from_the_teachers(tiny_digits):
@@ -153,8 +153,8 @@ def test_reflow_dropout_differs_from_the_teachers(tiny_digits):
 
 
 def test_forward_pair_fraction_is_exact_in_every_batch(tiny_digits):
-    _, paths, _, _ = tiny_digits
-    store = PairStore.open(paths.pairs_url)
+    _, rundir, _, _ = tiny_digits
+    store = PairStore.open(rundir.url("pairs.zarr"))
     assert store.n_backward == 32 and store.n_forward == 32
     assert store.read(torch.arange(64)).direction.tolist() == [0] * 32 + [1] * 32
     with PairSampler(store, 8, forward_ratio=0.25, seed=0) as sampler, \
@@ -176,12 +176,12 @@ def test_guide_snapshot_is_the_teacher_ema_at_a_quarter(tiny_digits):
 
 @pytest.mark.parametrize("guidance", ["none", "cfg", "autoguidance"])
 def test_evaluate_reports_network_evaluations(tiny_digits, guidance):
-    cfg, paths, teacher, reflow = tiny_digits
+    cfg, rundir, teacher, reflow = tiny_digits
     cfg = cfg.model_copy(deep=True)
     cfg.eval = EvalConfig(**(TINY["eval"] | {"guidance": guidance, "guidance_weight": 1.5, "nfes": [1, 2, 4],
                                              "solvers": ["euler", "heun"]}))
-    ev = stages.find(stages.plan(cfg, paths), "evaluate")  # reads reflow (+ guide: the teacher, autoguidance)
-    rows = _stage(cfg, paths, "evaluate", **stages.inputs_of(ev, {"teacher": teacher, "reflow": reflow})).info["rows"]
+    ev = stages.find(stages.plan(cfg, rundir), "evaluate")  # reads reflow (+ guide: the teacher, autoguidance)
+    rows = _stage(cfg, rundir, "evaluate", **stages.inputs_of(ev, {"teacher": teacher, "reflow": reflow})).info["rows"]
     got = {(r["solver"], r["nfe"], r["steps"]) for r in rows}
     if guidance == "none":
         assert got == {("euler", 1, 1), ("euler", 2, 2), ("euler", 4, 4), ("heun", 1, 1)}

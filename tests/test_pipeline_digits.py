@@ -4,7 +4,7 @@ import torch
 
 from reflow_core.config import load_preset
 from reflow_core.pairs import PairStore
-from reflow_core.stages import RunPaths, run_local, sample_model
+from reflow_core.stages import RunDir, run_local, sample_model
 
 TINY = {
     "teacher.train": {"steps": 300, "batch_size": 64, "lr": 0.001, "warmup": 50, "ckpt_every": 300, "log_every": 100},
@@ -18,18 +18,18 @@ TINY = {
 def test_digits_pipeline_end_to_end(tmp_path):
     cfg = load_preset("digits", TINY)
     rows = run_local(cfg, str(tmp_path), "digits")
-    paths = RunPaths.of(str(tmp_path), "digits")
+    rundir = RunDir.of(str(tmp_path), "digits")
     by = {(r["model"], r["nfe"]): r for r in rows}
     assert set(by) == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
     for r in rows:
         assert r["fd_digits"] > 0 and torch.isfinite(torch.tensor(r["fd_digits"]))
-    # reflow straightens the teacher's paths even after 200 steps
+    # reflow straightens the teacher's rundir even after 200 steps
     assert by[("reflow", 1)]["straightness"] < by[("teacher", 1)]["straightness"]
-    store = PairStore.open(paths.pairs_url)
+    store = PairStore.open(rundir.url("pairs.zarr"))
     batch = store.read(slice(0, 1000))
     assert batch.noise.shape == (1000, 1, 8, 8)
     assert ((batch.label >= 0) & (batch.label < 10)).all()  # class-conditional pairs keep their labels
     for name in ("grid_teacher_euler_1.png", "grid_reflow_euler_2.png", "fd_digits_vs_nfe.png"):
-        assert open(f"{paths.eval_dir}/{name}", "rb").read(4) == b"\x89PNG"
-    x = sample_model(paths, "reflow", nfe=1, solver="euler", n=16, seed=0, label=3)
+        assert open(f"{rundir.url("eval")}/{name}", "rb").read(4) == b"\x89PNG"
+    x = sample_model(rundir, "reflow", nfe=1, solver="euler", n=16, seed=0, label=3)
     assert x.shape == (16, 1, 8, 8) and x.min() >= -1 and x.max() <= 1

@@ -212,15 +212,15 @@ from reflow_core.callbacks import NullCallback
 from reflow_core.config import load_preset
 root, run, overrides, flush_every = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 cfg = load_preset("toy2d", overrides)
-paths = stages.prepare_run(cfg, root, run)
-plan = stages.plan(cfg, paths)
-tracker = MlflowTracker(resolve_tracking_uri(None, root), "reflow", paths.dir, run_name=paths.run)
+rundir = stages.prepare_run(cfg, root, run)
+plan = stages.plan(cfg, rundir)
+tracker = MlflowTracker(resolve_tracking_uri(None, root), "reflow", rundir.dir, run_name=rundir.run)
 parent = tracker.parent_run_id()
 tracker.log_params(parent, cfg.model_dump(mode="json"))
 print("parent", parent, flush=True)
 
 def stage(name, fn):  # as flows.tasks.run_stage: a finished stage is called with a silent callback
-    done = name != "evaluate" and stages.stage_done(paths, name)
+    done = name != "evaluate" and stages.stage_done(rundir, name)
     cb = tracker.stage_callback(name)
     cb.flush_every = flush_every  # 1: every metric is its own MLflow write, so a kill lands inside one
     out = fn(NullCallback() if done else cb)
@@ -230,7 +230,7 @@ def stage(name, fn):  # as flows.tasks.run_stage: a finished stage is called wit
 
 def run(name, cb, **inputs):  # one stage instance of the plan, as flows.tasks.stage_task
     s = stages.find(plan, name)
-    return stages.module(s).run(s, stages.Context(cfg, paths, cb), inputs)
+    return stages.module(s).run(s, stages.Context(cfg, rundir, cb), inputs)
 
 teacher = stage("teacher", lambda cb: run("teacher", cb))
 pairs = stage("pairs", lambda cb: run("pairs", cb, model=teacher))
@@ -284,41 +284,41 @@ def tiny_run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("runs"))
     cfg = load_preset("toy2d", TINY)
     rows = stages.run_local(cfg, root, "tiny")
-    return cfg, stages.RunPaths.of(root, "tiny"), rows
+    return cfg, stages.RunDir.of(root, "tiny"), rows
 
 
 def _copy_run(tiny_run, tmp_path, name="copy"):
     import shutil
-    cfg, paths, rows = tiny_run
-    shutil.copytree(paths.dir, tmp_path / name)
-    return cfg, stages.RunPaths.of(str(tmp_path), name), rows
+    cfg, rundir, rows = tiny_run
+    shutil.copytree(rundir.dir, tmp_path / name)
+    return cfg, stages.RunDir.of(str(tmp_path), name), rows
 
 
 def test_truncated_checkpoint_names_file_and_way_out(tiny_run, tmp_path):
-    cfg, paths, _ = _copy_run(tiny_run, tmp_path)
-    ckpt = Path(checkpoint.latest(paths.reflow_dir).removeprefix("file://"))
+    cfg, rundir, _ = _copy_run(tiny_run, tmp_path)
+    ckpt = Path(checkpoint.latest(rundir.url("reflow")).removeprefix("file://"))
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError) as exc:
-        stages.run_local(cfg, paths.root, paths.run)
+        stages.run_local(cfg, rundir.root, rundir.run)
     msg = str(exc.value)
     assert ckpt.name in msg and "truncated or corrupt" in msg and "--redo-stage" in msg
-    removed = stages.reset_stage(paths, "reflow")
-    assert removed == [paths.reflow_dir, paths.eval_dir]
-    assert Path(paths.teacher_dir).exists() and Path(paths.pairs_url).exists()
-    rows = stages.run_local(cfg, paths.root, paths.run)
+    removed = stages.reset_stage(rundir, "reflow")
+    assert removed == [rundir.url("reflow"), rundir.url("eval")]
+    assert Path(rundir.url("teacher")).exists() and Path(rundir.url("pairs.zarr")).exists()
+    rows = stages.run_local(cfg, rundir.root, rundir.run)
     assert {r["model"] for r in rows} == {"teacher", "reflow"}
-    assert checkpoint.load(checkpoint.latest(paths.reflow_dir))["step"] == cfg.reflow.train.steps
+    assert checkpoint.load(checkpoint.latest(rundir.url("reflow")))["step"] == cfg.reflow.train.steps
 
 
-def _chunk_files(paths) -> list[Path]:
-    return sorted(p for p in Path(paths.pairs_url).glob("sample/c/**/*") if p.is_file())
+def _chunk_files(rundir) -> list[Path]:
+    return sorted(p for p in Path(rundir.url("pairs.zarr")).glob("sample/c/**/*") if p.is_file())
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupt_pair_chunk_is_caught_before_training(tiny_run, tmp_path, damage):
-    cfg, paths, _ = _copy_run(tiny_run, tmp_path)
-    stages.reset_stage(paths, "reflow")
-    chunks = _chunk_files(paths)
+    cfg, rundir, _ = _copy_run(tiny_run, tmp_path)
+    stages.reset_stage(rundir, "reflow")
+    chunks = _chunk_files(rundir)
     assert len(chunks) == 8
     victim = chunks[5]  # chunk 5 of 125 rows: shard 2
     data = bytearray(victim.read_bytes())
@@ -327,38 +327,38 @@ def test_corrupt_pair_chunk_is_caught_before_training(tiny_run, tmp_path, damage
     else:
         data[100] ^= 0x01
         victim.write_bytes(bytes(data))
-    store = PairStore.open(paths.pairs_url)
+    store = PairStore.open(rundir.url("pairs.zarr"))
     assert store.is_complete()  # the markers alone do not see it ...
     if damage == "flip":
         assert not store.verify_shard(2) and store.verify_shard(1)
     with pytest.raises(pairs.PairStoreCorrupt) as exc:  # ... the reflow stage's hash check does
-        stages.run_local(cfg, paths.root, paths.run)
+        stages.run_local(cfg, rundir.root, rundir.run)
     msg = str(exc.value)
-    assert "shard 2 " in msg and "chunks 4..5" in msg and "--redo-stage pairs" in msg and paths.pairs_url in msg
+    assert "shard 2 " in msg and "chunks 4..5" in msg and "--redo-stage pairs" in msg and rundir.url("pairs.zarr") in msg
     assert "shard 1 " not in msg
-    assert checkpoint.latest(paths.reflow_dir) is None  # no training on bad pairs
+    assert checkpoint.latest(rundir.url("reflow")) is None  # no training on bad pairs
 
     # the way out, through the CLI: reflow run --local ... --redo-stage pairs
     sets = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
-    argv = ["run", "--local", "--preset", "toy2d", "--root", paths.root, "--run", paths.run, "--redo-stage", "pairs"]
+    argv = ["run", "--local", "--preset", "toy2d", "--root", rundir.root, "--run", rundir.run, "--redo-stage", "pairs"]
     assert cli.main(argv + sum((["--set", s] for s in sets), [])) == 0
-    store = PairStore.open(paths.pairs_url)
+    store = PairStore.open(rundir.url("pairs.zarr"))
     assert all(store.verify_shard(k) for k in range(len(store.plan)))
-    assert victim.read_bytes() == (Path(tiny_run[1].pairs_url) / victim.relative_to(paths.pairs_url)).read_bytes()
+    assert victim.read_bytes() == (Path(tiny_run[1].url("pairs.zarr")) / victim.relative_to(rundir.url("pairs.zarr"))).read_bytes()
 
 
 def test_truncated_config_json_is_a_config_error(tiny_run, tmp_path):
-    cfg, paths, _ = _copy_run(tiny_run, tmp_path)
-    p = Path(paths.config_json)
+    cfg, rundir, _ = _copy_run(tiny_run, tmp_path)
+    p = Path(rundir.config_json)
     p.write_text(p.read_text()[:40])
-    for call in (lambda: stages.prepare_run(cfg, paths.root, paths.run), paths.config,
-                 lambda: cli._run_config(paths.root, paths.run)):
+    for call in (lambda: stages.prepare_run(cfg, rundir.root, rundir.run), rundir.config,
+                 lambda: cli._run_config(rundir.root, rundir.run)):
         with pytest.raises(ConfigError, match="config.json is not valid JSON") as exc:
             call()
         assert str(p) in str(exc.value) and "delete it" in str(exc.value)
     p.write_text(json.dumps({"pairs": {"nfe": "many"}}))
     with pytest.raises(ConfigError, match=r"pairs\.nfe"):
-        paths.config()
+        rundir.config()
 
 
 def test_redo_stage_cli_and_flow_parameter(tmp_path, capsys):
@@ -376,16 +376,16 @@ def test_redo_stage_cli_and_flow_parameter(tmp_path, capsys):
 
 
 def test_reset_stage(tmp_path):
-    paths = stages.RunPaths.of(str(tmp_path), "r")
-    for url in (paths.teacher_dir, paths.pairs_url, paths.reflow_dir, paths.eval_dir):
+    rundir = stages.RunDir.of(str(tmp_path), "r")
+    for url in (rundir.url("teacher"), rundir.url("pairs.zarr"), rundir.url("reflow"), rundir.url("eval")):
         Path(url).mkdir(parents=True)
         (Path(url) / "x").write_text("x")
-    Path(paths.config_json).write_text("{}")
-    assert stages.reset_stage(paths, "evaluate") == [paths.eval_dir]
-    assert stages.reset_stage(paths, "teacher") == [paths.teacher_dir, paths.pairs_url, paths.reflow_dir]
-    assert [p.name for p in Path(paths.dir).iterdir()] == ["config.json"]
+    Path(rundir.config_json).write_text("{}")
+    assert stages.reset_stage(rundir, "evaluate") == [rundir.url("eval")]
+    assert stages.reset_stage(rundir, "teacher") == [rundir.url("teacher"), rundir.url("pairs.zarr"), rundir.url("reflow")]
+    assert [p.name for p in Path(rundir.dir).iterdir()] == ["config.json"]
     with pytest.raises(ValueError, match="unknown stage"):  # a ConfigError (a ValueError)
-        stages.reset_stage(paths, "nope")
+        stages.reset_stage(rundir, "nope")
 
 
 # =====================================================================================================================
@@ -416,15 +416,15 @@ def test_execution_settings_may_change_on_resume(tmp_path):
     moved = load_preset("toy2d", TINY | {"pairs.workers": 4, "pairs.engine": "dask", "pairs.batch_size": 1000,
                                          "pairs.auto_batch": True, "pairs.compile": True,
                                          "reflow.train.compile": True, "teacher.train.log_every": 7})
-    paths = stages.prepare_run(moved, root, "r")
-    assert paths.run == "r"
-    assert stages.read_run_config(paths.config_json).pairs.engine == "dask"
+    rundir = stages.prepare_run(moved, root, "r")
+    assert rundir.run == "r"
+    assert stages.read_run_config(rundir.config_json).pairs.engine == "dask"
 
 
-def _stage(cfg, paths, name, **inputs) -> stages.StageOutput:
+def _stage(cfg, rundir, name, **inputs) -> stages.StageOutput:
     """Run one stage instance of the run's plan with the given inputs (role -> earlier stage output)."""
-    s = stages.find(stages.plan(cfg, paths), name)
-    return stages.module(s).run(s, stages.Context(cfg, paths, NullCallback()), inputs)
+    s = stages.find(stages.plan(cfg, rundir), name)
+    return stages.module(s).run(s, stages.Context(cfg, rundir, NullCallback()), inputs)
 
 
 def test_pairs_of_another_teacher_are_never_mixed_in(tmp_path):
@@ -434,45 +434,45 @@ def test_pairs_of_another_teacher_are_never_mixed_in(tmp_path):
     teachers = []
     for seed in (0, 1):
         cfg = load_preset("toy2d", small | {"teacher.train.seed": seed})
-        paths = stages.prepare_run(cfg, str(tmp_path), f"t{seed}")
-        teachers.append(_stage(cfg, paths, "teacher").urls["model"])
+        rundir = stages.prepare_run(cfg, str(tmp_path), f"t{seed}")
+        teachers.append(_stage(cfg, rundir, "teacher").urls["model"])
     given = tmp_path / "teacher.pt"
     given.write_bytes(Path(teachers[0]).read_bytes())
     cfg = load_preset("toy2d", small | {"teacher.checkpoint": str(given)})
-    paths = stages.prepare_run(cfg, str(tmp_path), "student")
-    teacher_out = _stage(cfg, paths, "teacher")
+    rundir = stages.prepare_run(cfg, str(tmp_path), "student")
+    teacher_out = _stage(cfg, rundir, "teacher")
     teacher = teacher_out.urls["model"]
     assert teacher == str(given)
-    ctx, pairs_stage = stages.Context(cfg, paths), stages.find(stages.plan(cfg, paths), "pairs")
+    ctx, pairs_stage = stages.Context(cfg, rundir), stages.find(stages.plan(cfg, rundir), "pairs")
     pending = stages.pairs.pending(pairs_stage, ctx, {"model": teacher_out})
     stages.pairs.simulate(pairs_stage, ctx, {"model": teacher_out}, pending[0])  # one shard by teacher 0
 
     given.write_bytes(Path(teachers[1]).read_bytes())  # someone replaces the file
     with pytest.raises(PairStoreMismatch, match="teacher_hash") as exc:
-        _stage(cfg, paths, "pairs", model=teacher_out)
+        _stage(cfg, rundir, "pairs", model=teacher_out)
     assert "--redo-stage pairs" in str(exc.value)
-    store = PairStore.open(paths.pairs_url)
+    store = PairStore.open(rundir.url("pairs.zarr"))
     assert store.done_shards() == {0}  # nothing written by teacher 1
     given.write_bytes(Path(teachers[0]).read_bytes())  # a finished store of teacher 0 ...
-    pairs_out = _stage(cfg, paths, "pairs", model=teacher_out)
+    pairs_out = _stage(cfg, rundir, "pairs", model=teacher_out)
     given.write_bytes(Path(teachers[1]).read_bytes())
     with pytest.raises(RuntimeError, match="another model"):  # ... is not trained on with teacher 1 either
-        _stage(cfg, paths, "reflow", pairs=pairs_out, init=teacher_out)
-    assert checkpoint.latest(paths.reflow_dir) is None
-    stages.reset_stage(paths, "pairs")
-    _stage(cfg, paths, "pairs", model=teacher_out)
-    assert PairStore.open(paths.pairs_url).attrs["teacher_hash"] == storage.sha256(given.read_bytes())
+        _stage(cfg, rundir, "reflow", pairs=pairs_out, init=teacher_out)
+    assert checkpoint.latest(rundir.url("reflow")) is None
+    stages.reset_stage(rundir, "pairs")
+    _stage(cfg, rundir, "pairs", model=teacher_out)
+    assert PairStore.open(rundir.url("pairs.zarr")).attrs["teacher_hash"] == storage.sha256(given.read_bytes())
 
 
 def test_nonfinite_data_stops_the_teacher_stage(tmp_path, monkeypatch):
     cfg = load_preset("toy2d", TINY | {"teacher.train.max_bad_steps": 3})
-    paths = stages.prepare_run(cfg, str(tmp_path), "nan")
+    rundir = stages.prepare_run(cfg, str(tmp_path), "nan")
     ds = stages.dataset(cfg)
     bad = dataclasses.replace(ds, x=torch.full_like(ds.x, math.nan))
     monkeypatch.setattr(stages.teacher, "dataset", lambda c: bad)  # the teacher stage's data
     with pytest.raises(NonFiniteLossError, match="max_bad_steps=3"):
-        _stage(cfg, paths, "teacher")
-    assert checkpoint.latest(paths.teacher_dir) is None  # nothing poisoned was saved
+        _stage(cfg, rundir, "teacher")
+    assert checkpoint.latest(rundir.url("teacher")) is None  # nothing poisoned was saved
 
 
 # =====================================================================================================================
@@ -481,7 +481,7 @@ def test_nonfinite_data_stops_the_teacher_stage(tmp_path, monkeypatch):
 
 class FlakyFS(MemoryFileSystem):
     """An in-memory fsspec filesystem whose next `fail` writes of chunk objects or done markers raise ENOSPC
-    (`only` narrows them to paths containing a substring)."""
+    (`only` narrows them to rundir containing a substring)."""
 
     protocol = ("flaky",)
     fail = 0

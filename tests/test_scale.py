@@ -32,10 +32,10 @@ TINY = {
 }
 
 
-def _stage(cfg, paths, name, device=None, **inputs) -> stages.StageOutput:
+def _stage(cfg, rundir, name, device=None, **inputs) -> stages.StageOutput:
     """Run one stage instance of cfg's plan in this process with the given inputs (role -> earlier stage output)."""
-    s = stages.find(stages.plan(cfg, paths), name)
-    return stages.module(s).run(s, stages.Context(cfg, paths, NullCallback(), device), inputs)
+    s = stages.find(stages.plan(cfg, rundir), name)
+    return stages.module(s).run(s, stages.Context(cfg, rundir, NullCallback(), device), inputs)
 
 
 def assert_same_store(a: PairStore, b: PairStore) -> None:
@@ -79,7 +79,7 @@ def test_dask_engine_matches_threads_bit_for_bit(tmp_path, prefect_api, monkeypa
                  stages=["teacher", "pairs"])
     t_dask = time.perf_counter() - t0
     teacher = out["teacher_checkpoint"]
-    dask_store = PairStore.open(stages.RunPaths.of(root, "dask").pairs_url)
+    dask_store = PairStore.open(stages.RunDir.of(root, "dask").url("pairs.zarr"))
     assert dask_store.is_complete() and len(dask_store.plan) == 4
     assert all(dask_store.verify_shard(k) for k in range(4))
 
@@ -91,7 +91,7 @@ def test_dask_engine_matches_threads_bit_for_bit(tmp_path, prefect_api, monkeypa
     assert tteacher.urls["model"] == teacher
     _stage(cfg, tpaths, "pairs", device="cpu", model=tteacher)
     t_threads = time.perf_counter() - t0
-    threads_store = PairStore.open(stages.RunPaths.of(root, "threads").pairs_url)
+    threads_store = PairStore.open(stages.RunDir.of(root, "threads").url("pairs.zarr"))
     assert threads_store.attrs["teacher_hash"] == dask_store.attrs["teacher_hash"]
     assert_same_store(dask_store, threads_store)
     print(f"dask flow (teacher + pairs) {t_dask:.1f}s, threads engine (pairs) {t_threads:.1f}s")
@@ -107,7 +107,7 @@ def s3_pipeline(moto_s3, tmp_path_factory):
     t0 = time.perf_counter()
     rows = stages.run_local(cfg, root, "toy", device="cpu")
     print(f"s3 pipeline {time.perf_counter() - t0:.1f}s")
-    return {"root": root, "cfg": cfg, "rows": rows, "paths": stages.RunPaths.of(root, "toy"), **moto_s3}
+    return {"root": root, "cfg": cfg, "rows": rows, "rundir": stages.RunDir.of(root, "toy"), **moto_s3}
 
 
 def _keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -136,11 +136,11 @@ def test_whole_pipeline_on_s3_root(s3_pipeline):
     metrics = json.loads(s3_pipeline["client"].get_object(Bucket="reflow-scale",
                                                           Key="runs/toy/eval/metrics.json")["Body"].read())
     assert {(r["model"], r["nfe"]) for r in metrics["rows"]} == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
-    paths = s3_pipeline["paths"]
-    names = [s.name for s in stages.plan(s3_pipeline["cfg"], paths)]
+    rundir = s3_pipeline["rundir"]
+    names = [s.name for s in stages.plan(s3_pipeline["cfg"], rundir)]
     assert names == ["teacher", "pairs", "reflow", "evaluate"]
-    assert all(stages.stage_done(paths, s) for s in names)
-    assert PairStore.open(paths.pairs_url).is_complete()
+    assert all(stages.stage_done(rundir, s) for s in names)
+    assert PairStore.open(rundir.url("pairs.zarr")).is_complete()
 
 
 @pytest.mark.s3
@@ -164,10 +164,10 @@ torch.set_num_threads(1)
 from reflow_core import stages
 from reflow_core.config import PipelineConfig
 cfg = PipelineConfig.model_validate_json(sys.argv[1])
-paths = stages.RunPaths.of(sys.argv[2], sys.argv[3])
-st = stages.find(stages.plan(cfg, paths), "pairs")
+rundir = stages.RunDir.of(sys.argv[2], sys.argv[3])
+st = stages.find(stages.plan(cfg, rundir), "pairs")
 inputs = {"model": stages.StageOutput({"model": sys.argv[4]})}  # the teacher checkpoint
-print(stages.pairs.simulate(st, stages.Context(cfg, paths, device="cpu"), inputs, 0), flush=True)
+print(stages.pairs.simulate(st, stages.Context(cfg, rundir, device="cpu"), inputs, 0), flush=True)
 """
 
 
@@ -175,16 +175,16 @@ print(stages.pairs.simulate(st, stages.Context(cfg, paths, device="cpu"), inputs
 @pytest.mark.slow
 def test_worker_killed_mid_shard_then_resumed(s3_pipeline, tmp_path):
     client, root = s3_pipeline["client"], s3_pipeline["root"]
-    teacher = stages.model_checkpoint(s3_pipeline["paths"], "teacher")
+    teacher = stages.model_checkpoint(s3_pipeline["rundir"], "teacher")
     # one big shard written in many small chunks, so the worker is still busy when the first chunk lands
     over = {**TINY, "teacher.checkpoint": teacher, "pairs.n_pairs": 8_000, "pairs.shard_size": 4_000,
             "pairs.chunk_size": 100, "pairs.batch_size": 400, "pairs.nfe": 15}
     cfg = load_preset("toy2d", over)
-    paths = stages.prepare_run(cfg, root, "killed")
-    teacher_out = _stage(cfg, paths, "teacher")  # teacher.checkpoint given: checked, not trained
+    rundir = stages.prepare_run(cfg, root, "killed")
+    teacher_out = _stage(cfg, rundir, "teacher")  # teacher.checkpoint given: checked, not trained
     assert teacher_out.urls["model"] == teacher
-    pairs_stage = stages.find(stages.plan(cfg, paths), "pairs")
-    assert stages.pairs.pending(pairs_stage, stages.Context(cfg, paths), {"model": teacher_out}) == [0, 1]
+    pairs_stage = stages.find(stages.plan(cfg, rundir), "pairs")
+    assert stages.pairs.pending(pairs_stage, stages.Context(cfg, rundir), {"model": teacher_out}) == [0, 1]
     proc = subprocess.Popen([sys.executable, "-c", _WORKER, cfg.model_dump_json(), root, "killed", teacher],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
     first = "runs/killed/pairs.zarr/noise/c/0/0"
@@ -201,20 +201,20 @@ def test_worker_killed_mid_shard_then_resumed(s3_pipeline, tmp_path):
         proc.kill()
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
-    store = PairStore.open(paths.pairs_url)
+    store = PairStore.open(rundir.url("pairs.zarr"))
     assert store.marker(0) is None and store.pending_shards() == [0, 1]  # killed mid-shard: nothing marked done
     written = [k for k in _keys(client, "reflow-scale", "runs/killed/pairs.zarr/noise/c/")]
     assert 0 < len(written) < 40, len(written)  # partial: some of shard 0's 40 chunks
 
     t0 = time.perf_counter()
-    _stage(cfg, paths, "pairs", device="cpu", model=teacher_out)  # the resume
+    _stage(cfg, rundir, "pairs", device="cpu", model=teacher_out)  # the resume
     t_resume = time.perf_counter() - t0
-    resumed = PairStore.open(paths.pairs_url)
+    resumed = PairStore.open(rundir.url("pairs.zarr"))
     assert resumed.is_complete()
 
     ref_paths = stages.prepare_run(cfg, str(tmp_path / "runs"), "clean")  # one clean pass, local
     _stage(cfg, ref_paths, "pairs", device="cpu", model=_stage(cfg, ref_paths, "teacher"))
-    assert_same_store(resumed, PairStore.open(ref_paths.pairs_url))
+    assert_same_store(resumed, PairStore.open(ref_paths.url("pairs.zarr")))
     print(f"killed after {len(written)} noise chunks; resume {t_resume:.1f}s")
 
 

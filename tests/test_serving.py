@@ -45,12 +45,12 @@ def _register(root: str, run: str, name: str, overrides: dict) -> tuple[str, tup
     """A tiny local run, its results and model published as the flow's publish task does."""
     cfg = load_preset("toy2d", overrides)
     rows = stages.run_local(cfg, root, run)
-    paths = stages.RunPaths.of(root, run)
-    tracker = MlflowTracker(f"sqlite:///{Path(root).resolve() / 'mlflow.db'}", "reflow", paths.dir)
+    rundir = stages.RunDir.of(root, run)
+    tracker = MlflowTracker(f"sqlite:///{Path(root).resolve() / 'mlflow.db'}", "reflow", rundir.dir)
     eval_runs = tracker.log_results(rows, "sliced_w2", {})
     head = serving.headline(rows, "sliced_w2", "reflow")
-    version = serving.log_sampler(tracker, eval_runs["reflow"], stages.model_checkpoint(paths, "reflow"),
-                                  paths.config_json, name, head,
+    version = serving.log_sampler(tracker, eval_runs["reflow"], stages.model_checkpoint(rundir, "reflow"),
+                                  rundir.config_json, name, head,
                                   serving.version_description("toy2d", "reflow", run, head))
     return version, head
 
@@ -223,7 +223,7 @@ def test_champion_moves_only_to_a_better_version(demo, tracking):
     """Three more runs from the demo's teacher, registered as the flow does: 2 reflow steps (v1, champion), 200
     steps (v2: better, @champion moves), 1 step (v3: worse, @champion stays); @latest is always the newest."""
     client = tracking.MlflowClient()
-    teacher = stages.model_checkpoint(stages.RunPaths.of(demo["root"], "toy2d"), "teacher")
+    teacher = stages.model_checkpoint(stages.RunDir.of(demo["root"], "toy2d"), "teacher")
     name = "toy2d-reflow-aliases"
     quick = {**TINY, "teacher.checkpoint": teacher, "eval.nfes": [1], "pairs.n_pairs": 1000,
              "pairs.shard_size": 1000}

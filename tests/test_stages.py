@@ -35,14 +35,14 @@ TINY = {
 
 
 def _names(cfg) -> list[str]:
-    return [s.name for s in stages.plan(cfg, stages.RunPaths("file:///r", "x"))]
+    return [s.name for s in stages.plan(cfg, stages.RunDir("file:///r", "x"))]
 
 
 # --- the plan ------------------------------------------------------------------------------------------------------
 
 def test_plan_of_one_round_keeps_the_historical_names_and_layout():
     cfg = load_preset("toy2d")
-    plan = stages.plan(cfg, stages.RunPaths("/r", "toy2d"))
+    plan = stages.plan(cfg, stages.RunDir("/r", "toy2d"))
     assert [(s.name, s.kind, s.round) for s in plan] == [
         ("teacher", "teacher", 0), ("pairs", "pairs", 1), ("reflow", "reflow", 1), ("evaluate", "evaluate", 0)]
     assert [s.writes for s in plan] == ["/r/toy2d/teacher", "/r/toy2d/pairs.zarr", "/r/toy2d/reflow",
@@ -55,7 +55,7 @@ def test_plan_of_one_round_keeps_the_historical_names_and_layout():
 def test_plan_of_k_rounds_chains_each_round_on_the_last_model():
     cfg = load_preset("digits_3rf")
     assert cfg.reflow.rounds == 2
-    plan = stages.plan(cfg, stages.RunPaths("/r", "d"))
+    plan = stages.plan(cfg, stages.RunDir("/r", "d"))
     assert [s.name for s in plan] == ["teacher", "pairs", "reflow", "pairs-2", "reflow-2", "evaluate"]
     p2, r2, ev = plan[3], plan[4], plan[5]
     assert p2.inputs == {"model": "reflow"} and p2.writes == "/r/d/pairs-2.zarr" and p2.round == 2
@@ -67,7 +67,7 @@ def test_plan_of_k_rounds_chains_each_round_on_the_last_model():
 
 def test_plan_reads_only_earlier_stages_and_writes_distinct_artifacts():
     for preset in ("toy2d", "digits", "digits_3rf", "digits_simple"):
-        plan = stages.plan(load_preset(preset), stages.RunPaths("/r", "x"))
+        plan = stages.plan(load_preset(preset), stages.RunDir("/r", "x"))
         seen = set()
         for s in plan:
             assert {src for _, src in s.reads} <= seen, (preset, s)
@@ -77,11 +77,11 @@ def test_plan_reads_only_earlier_stages_and_writes_distinct_artifacts():
 
 def test_eval_models_select_and_autoguidance_reads_the_teacher_guide():
     cfg = load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-2"]})
-    assert stages.find(stages.plan(cfg, stages.RunPaths("/r", "x")), "evaluate").inputs == {"reflow-2": "reflow-2"}
+    assert stages.find(stages.plan(cfg, stages.RunDir("/r", "x")), "evaluate").inputs == {"reflow-2": "reflow-2"}
     with pytest.raises(ConfigError, match="reflow-3"):
-        stages.plan(load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-3"]}), stages.RunPaths("/r", "x"))
+        stages.plan(load_preset("toy2d", {"reflow.rounds": 2, "eval.models": ["reflow-3"]}), stages.RunDir("/r", "x"))
     guided = load_preset("digits", {"eval.guidance": "autoguidance", "eval.nfes": [2]})
-    ev = stages.find(stages.plan(guided, stages.RunPaths("/r", "x")), "evaluate")
+    ev = stages.find(stages.plan(guided, stages.RunDir("/r", "x")), "evaluate")
     assert ev.inputs["guide"] == "teacher"
 
 
@@ -103,12 +103,12 @@ def test_every_stage_kind_satisfies_the_typed_contract():
     for fn in ("pending", "simulate", "finish"):
         assert params(getattr(stages.pairs, fn)) == params(getattr(stages.ShardedKind, fn)), fn
     assert [n for n, k in stages.KINDS.items() if isinstance(k, stages.ShardedKind)] == ["pairs"]
-    plan = stages.plan(load_preset("digits_slim"), stages.RunPaths("/r", "x"))
+    plan = stages.plan(load_preset("digits_slim"), stages.RunDir("/r", "x"))
     assert [s.name for s in plan if stages.sharded(s) is not None] == ["pairs", "distill-pairs"]
 
 
 def test_upstream_and_unknown_names():
-    plan = stages.plan(load_preset("digits_3rf"), stages.RunPaths("/r", "x"))
+    plan = stages.plan(load_preset("digits_3rf"), stages.RunDir("/r", "x"))
     assert [s.name for s in stages.upstream(plan, ["reflow-2"])] == ["teacher", "pairs", "reflow", "pairs-2",
                                                                       "reflow-2"]
     assert [s.name for s in stages.upstream(plan, ["pairs"])] == ["teacher", "pairs"]
@@ -236,13 +236,13 @@ def test_time_grid_is_one_tagged_union():
     assert UniformGrid().solver_args(8) == {"grid": "uniform", "rho": 1.0, "times": None}
 
 
-# --- hostile run names (one check, where run paths are built) -------------------------------------------------------
+# --- hostile run names (one check, where run rundir are built) -------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["../../escape", "a/b", "..", ".", "", "x" * 101, "a b", "ok\n", "s3://b/x"])
 def test_run_names_that_would_leave_the_root_are_refused_before_any_io(tmp_path, capsys, bad):
     root = tmp_path / "root"
     with pytest.raises(ConfigError, match="invalid run name"):
-        stages.RunPaths.of(str(root), bad)
+        stages.RunDir.of(str(root), bad)
     with pytest.raises(ConfigError, match="invalid run name"):
         stages.prepare_run(load_preset("toy2d"), str(root), bad)
     for argv in (["run", "--local", "--preset", "toy2d", "--root", str(root), "--run", bad],
@@ -257,7 +257,7 @@ def test_run_names_that_would_leave_the_root_are_refused_before_any_io(tmp_path,
 
 def test_safe_run_names_are_accepted():
     for ok in ("toy2d", "run-2", "a.b_c", "x" * 100):
-        assert stages.RunPaths.of("/r", ok).dir == f"/r/{ok}"
+        assert stages.RunDir.of("/r", ok).dir == f"/r/{ok}"
 
 
 def test_a_config_json_with_the_old_flat_grid_fields_reopens_with_the_same_identity(tmp_path):
@@ -278,19 +278,19 @@ def test_a_config_json_with_the_old_flat_grid_fields_reopens_with_the_same_ident
 # --- one-step students: the distill stages are modules in the same plan ----------------------------------------------
 
 def test_plan_with_a_distilled_and_a_slim_student():
-    same = stages.plan(load_preset("digits_distill"), stages.RunPaths("/r", "d"))
+    same = stages.plan(load_preset("digits_distill"), stages.RunDir("/r", "d"))
     assert [s.name for s in same] == ["teacher", "pairs", "reflow", "distill-pairs", "distill", "evaluate"]
     dp, d, ev = same[3], same[4], same[5]
     assert dp.kind == "pairs" and dp.inputs == {"model": "reflow"} and dp.writes == "/r/d/distill-pairs.zarr"
     assert d.inputs == {"pairs": "distill-pairs", "teacher": "reflow", "init": "reflow"} and d.model == "distilled"
     assert ev.inputs == {"teacher": "teacher", "reflow": "reflow", "distilled": "distill"}
-    slim = stages.plan(load_preset("digits_slim"), stages.RunPaths("/r", "s"))
+    slim = stages.plan(load_preset("digits_slim"), stages.RunDir("/r", "s"))
     assert [s.name for s in slim] == ["teacher", "pairs", "reflow", "distill-pairs", "anneal", "distill", "evaluate"]
     assert stages.find(slim, "anneal").inputs == {"pairs": "distill-pairs", "teacher": "reflow"}
     assert stages.find(slim, "distill").inputs["init"] == "anneal" and stages.find(slim, "distill").model == "slim"
     assert "anneal" not in stages.find(slim, "evaluate").inputs  # evaluated on request only (eval.models)
     k = load_preset("digits_slim", {"reflow.rounds": 2})
-    assert stages.find(stages.plan(k, stages.RunPaths("/r", "s")), "distill-pairs").inputs == {"model": "reflow-2"}
+    assert stages.find(stages.plan(k, stages.RunDir("/r", "s")), "distill-pairs").inputs == {"model": "reflow-2"}
 
 
 def test_distill_config_is_checked():
@@ -299,7 +299,7 @@ def test_distill_config_is_checked():
     with pytest.raises(ConfigError, match="fgd_t"):
         load_preset("digits_slim", {"distill.fgd_t": [0.5, 1.0]})
     with pytest.raises(ConfigError, match="slim"):
-        stages.plan(load_preset("digits", {"eval.models": ["teacher", "slim"]}), stages.RunPaths("/r", "x"))
+        stages.plan(load_preset("digits", {"eval.models": ["teacher", "slim"]}), stages.RunDir("/r", "x"))
     assert stages.model_names(load_preset("digits_slim")) == ["teacher", "reflow", "anneal", "slim"]
 
 
@@ -346,9 +346,9 @@ def test_a_distilled_student_of_the_same_size_runs_and_samples(tmp_path):
     rows = stages.run_local(cfg, str(tmp_path), "d")
     assert {r["model"] for r in rows} == {"teacher", "reflow", "distilled"}
     assert len({r["params"] for r in rows}) == 1  # initialised from the reflow model: the same net
-    paths = stages.RunPaths.of(str(tmp_path), "d")
+    rundir = stages.RunDir.of(str(tmp_path), "d")
     student = checkpoint.load_latest(str(tmp_path / "d" / "distill"))
-    reflow = checkpoint.load(stages.model_checkpoint(paths, "reflow"))
+    reflow = checkpoint.load(stages.model_checkpoint(rundir, "reflow"))
     assert student["step"] == 20 and student["meta"] == reflow["meta"]
     assert not all(torch.equal(student["ema"][k], reflow["ema"][k]) for k in student["ema"])  # it was trained
     out = tmp_path / "x.npy"
@@ -360,6 +360,6 @@ def test_every_shipped_preset_validates_and_plans():
     from reflow_core.config import preset_names
     for name in preset_names():
         cfg = load_preset(name)
-        plan = stages.plan(cfg, stages.RunPaths("/r", cfg.name))
+        plan = stages.plan(cfg, stages.RunDir("/r", cfg.name))
         assert plan[0].name == "teacher" and plan[-1].name == "evaluate", name
         assert {s.model for s in plan if s.model} == set(stages.model_names(cfg)), name

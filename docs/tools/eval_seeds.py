@@ -29,13 +29,13 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
 
-    paths = stages.RunPaths.of(a.root, a.run)
-    cfg = paths.config()
+    rundir = stages.RunDir.of(a.root, a.run)
+    cfg = rundir.config()
     ds = stages.dataset(cfg)
     n = a.n or cfg.eval.n_samples
-    models = {m: stages.load_model(stages.model_checkpoint(paths, m)) for m in a.models}
+    models = {m: stages.load_model(stages.model_checkpoint(rundir, m)) for m in a.models}
     if ds.name == "digits":
-        net = metrics.load_or_train_digit_classifier(storage.join(paths.root, "_cache", "digit_classifier.pt"),
+        net = metrics.load_or_train_digit_classifier(storage.join(rundir.root, "_cache", "digit_classifier.pt"),
                                                      ds.x, ds.y)
         name, ref_of, score = "fd_digits", lambda r: metrics.digit_stats(r, net), \
             lambda x, ref: metrics.digit_fd(x, ref, net)

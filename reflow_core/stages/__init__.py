@@ -1,8 +1,8 @@
 """The pipeline as data: a config yields a plan of stage instances; one module per stage kind runs them.
 
     from reflow_core import stages
-    paths = stages.prepare_run(cfg, "./runs", "demo")
-    for s in stages.plan(cfg, paths): print(s.name, s.kind, s.reads, s.writes)
+    rundir = stages.prepare_run(cfg, "./runs", "demo")
+    for s in stages.plan(cfg, rundir): print(s.name, s.kind, s.reads, s.writes)
     rows = stages.run_local(cfg, "./runs", "demo")
 
 Every stage kind (module) satisfies `kinds.StageKind`: `done(stage, ctx) -> bool` and `run(stage, ctx, inputs) ->
@@ -17,14 +17,14 @@ import torch
 from .. import checkpoint
 from ..config import ConfigError
 from . import anneal, batches, distill, evaluate, pairs, reflow, teacher
-from .base import (RUN_NAME, Context, RunPaths, Stage, StageOutput, check_run_name, dataset, default_device,
+from .base import (RUN_NAME, Context, RunDir, Stage, StageOutput, check_run_name, dataset, default_device,
                    load_model, prepare_run, read_run_config)
 from .graph import (check_stage_names, describe, final_models, find, inputs_of, model_names, plan, reset_stage,
                     stage_done, stage_names, suffix, upstream)
 from .kinds import KINDS, ShardedKind, StageKind, module, sharded
 from .walker import Schedule, Step, begin, run_local, schedule, walk
 
-__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "batches", "Context", "RunPaths", "Stage",
+__all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "batches", "Context", "RunDir", "Stage",
            "StageOutput", "StageKind", "ShardedKind", "KINDS", "module", "sharded", "plan", "describe", "find",
            "upstream", "inputs_of", "suffix", "model_names", "final_models", "check_stage_names", "stage_done",
            "stage_names", "reset_stage", "prepare_run", "read_run_config", "dataset", "load_model", "check_run_name",
@@ -32,10 +32,10 @@ __all__ = ["teacher", "pairs", "reflow", "anneal", "distill", "evaluate", "batch
            "sample_model"]
 
 
-def model_checkpoint(paths: RunPaths, model: str) -> str:
+def model_checkpoint(rundir: RunDir, model: str) -> str:
     """The latest checkpoint of a model of the run: teacher, reflow, reflow-2, ..., anneal, distilled or slim."""
-    cfg = paths.config()
-    models = {s.model: s for s in plan(cfg, paths) if s.model}
+    cfg = rundir.config()
+    models = {s.model: s for s in plan(cfg, rundir) if s.model}
     if model not in models:
         raise ConfigError(f"model must be one of {list(models)} for this run, got {model!r}")
     if model == "teacher" and cfg.teacher.checkpoint:
@@ -47,7 +47,7 @@ def model_checkpoint(paths: RunPaths, model: str) -> str:
     return url
 
 
-def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, seed: int, device=None,
+def sample_model(rundir: RunDir, model: str, nfe: int, solver: str, n: int, seed: int, device=None,
                  label: int | Sequence[int] | None = None, *, guidance: str | None = None,
                  guidance_weight: float | None = None, grid: str = "uniform", rho: float = 1.0) -> torch.Tensor:
     """n samples in data space (toy: (n, 2); images: (n, C, H, W) in [-1, 1]), from noise seeded by `seed`.
@@ -56,8 +56,8 @@ def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, see
     label: one class for all samples, or a list cycled over them; a class-conditional model without labels gets
     them drawn uniformly (seed + 1), never the untrained "no label" row."""
     dev = default_device(device)
-    cfg = paths.config()
-    m = load_model(model_checkpoint(paths, model), device=dev)
+    cfg = rundir.config()
+    m = load_model(model_checkpoint(rundir, model), device=dev)
     ds = dataset(cfg)
     lab = None
     if cfg.net.class_cond:
@@ -70,7 +70,7 @@ def sample_model(paths: RunPaths, model: str, nfe: int, solver: str, n: int, see
     w = cfg.eval.guidance_weight if guidance_weight is None else guidance_weight
     guide = None
     if g == "autoguidance":
-        t = teacher.output(find(plan(cfg, paths), "teacher"), model_checkpoint(paths, "teacher"))
+        t = teacher.output(find(plan(cfg, rundir), "teacher"), model_checkpoint(rundir, "teacher"))
         guide = evaluate.load_guide(evaluate.guide_checkpoint(cfg, t), dev)
     x = evaluate.generate(m, evaluate.eval_noise(ds.shape, n, seed), nfe, solver, grid, rho, label=lab, device=dev,
                           guidance=g, weight=w, guide=guide)

@@ -2,7 +2,7 @@
 
 A stage instance (`Stage`) is data: its name, its kind (the module that runs it), its round, the earlier stages
 whose outputs it reads, and the one artifact (a directory or a zarr store under the run directory) it writes.
-`graph.plan(cfg, paths)` makes the ordered list of them; every runner walks it through `walker.walk`.
+`graph.plan(cfg, rundir)` makes the ordered list of them; every runner walks it through `walker.walk`.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def check_run_name(run: str) -> str:
 
 
 @dataclass(frozen=True)
-class RunPaths:
+class RunDir:
     """Where one pipeline run keeps its artifacts; all fsspec URLs. Stage artifacts are named by the plan.
 
     The run name is checked here, the one place every run path is built from (`check_run_name`)."""
@@ -80,7 +80,7 @@ class RunPaths:
         check_run_name(self.run)
 
     @classmethod
-    def of(cls, root: str, run: str) -> "RunPaths":
+    def of(cls, root: str, run: str) -> "RunDir":
         return cls(root, run)
 
     @property
@@ -94,27 +94,6 @@ class RunPaths:
     def config_json(self) -> str:
         return self.url("config.json")
 
-    # the round-1 layout, by name (later rounds add -2, -3, ...: teacher/, pairs.zarr, reflow/, eval/)
-    @property
-    def teacher_dir(self) -> str:
-        return self.url("teacher")
-
-    @property
-    def pairs_url(self) -> str:
-        return self.url("pairs.zarr")
-
-    @property
-    def reflow_dir(self) -> str:
-        return self.url("reflow")
-
-    @property
-    def eval_dir(self) -> str:
-        return self.url("eval")
-
-    @property
-    def metrics_json(self) -> str:
-        return self.url("eval", "metrics.json")
-
     def config(self) -> PipelineConfig:
         return read_run_config(self.config_json)
 
@@ -124,7 +103,7 @@ class Context:
     """What a stage runs with besides its inputs: the run's config and directory, a callback, a device."""
 
     cfg: PipelineConfig
-    paths: RunPaths
+    rundir: RunDir
     callback: Callback = field(default_factory=NullCallback)
     device: str | torch.device | None = None
 
@@ -153,25 +132,25 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_run(cfg: PipelineConfig, root: str, run: str | None = None, *, new: bool = False) -> RunPaths:
+def prepare_run(cfg: PipelineConfig, root: str, run: str | None = None, *, new: bool = False) -> RunDir:
     """Create (or reopen) <root>/<run> and write config.json.
 
     Reopening a run with a different identity (`PipelineConfig.identity`) is refused: its artifacts would mix two
     configurations. `new=True` picks a fresh run name instead (<run>-2, <run>-3, ...)."""
     run = cfg.name if run is None else run
-    paths = RunPaths.of(root, run)
-    if storage.exists(paths.config_json):
-        changes = _diff(read_run_config(paths.config_json).identity(), cfg.identity())
+    rundir = RunDir.of(root, run)
+    if storage.exists(rundir.config_json):
+        changes = _diff(read_run_config(rundir.config_json).identity(), cfg.identity())
         if changes and not new:
-            raise ConfigError(f"run {paths.dir} exists with a different configuration:\n  " + "\n  ".join(changes)
+            raise ConfigError(f"run {rundir.dir} exists with a different configuration:\n  " + "\n  ".join(changes)
                               + "\nuse another --run NAME, or --new for a fresh run name")
         if changes and new:
             k = 2
-            while storage.exists(RunPaths.of(root, f"{run}-{k}").config_json):
+            while storage.exists(RunDir.of(root, f"{run}-{k}").config_json):
                 k += 1
             return prepare_run(cfg, root, f"{run}-{k}")
-    storage.write_json(paths.config_json, cfg.model_dump(mode="json"))
-    return paths
+    storage.write_json(rundir.config_json, cfg.model_dump(mode="json"))
+    return rundir
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:

@@ -16,10 +16,10 @@ from ..config import ConfigError, PipelineConfig
 from ..data import DataSet, real_reference
 from ..nets import count_params
 from ..velocity import VelocityModel, generate
-from .base import Context, RunPaths, Stage, StageOutput, dataset, default_device, load_model
+from .base import Context, RunDir, Stage, StageOutput, dataset, default_device, load_model
 
 GUIDE = "guide"
-TRAJ_LINES = 256  # paths drawn per model in the toy trajectory plot
+TRAJ_LINES = 256  # rundir drawn per model in the toy trajectory plot
 GRID_IMAGES = 64  # images per sample grid
 
 
@@ -84,12 +84,12 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
     label = eval_labels(ds, cfg.net.class_cond, ec.n_samples, ec.seed)
     real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(ec.seed + 2))
-    quality = _quality_fn(cfg, ds, ctx.paths, real)
+    quality = _quality_fn(cfg, ds, ctx.rundir, real)
     # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
     combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
     rows, samples, total = [], {}, len(models) * len(combos)
-    # toy: the trajectory plot's paths are the first TRAJ_LINES of the straightness integration (no second ODE)
+    # toy: the trajectory plot's rundir are the first TRAJ_LINES of the straightness integration (no second ODE)
     keep = min(TRAJ_LINES, ec.n_samples) if ds.kind == "toy" else 0
     trajs = {}
     for name, model in models.items():
@@ -130,13 +130,13 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     return StageOutput({"metrics": url}, {"rows": rows})
 
 
-def _quality_fn(cfg: PipelineConfig, ds: DataSet, paths: RunPaths, real: torch.Tensor):
+def _quality_fn(cfg: PipelineConfig, ds: DataSet, rundir: RunDir, real: torch.Tensor):
     """The quality metric of the data kind, with the reference side computed once per evaluation (not per row):
     the toy distances' sorted projections and within-reference term, the digit features' (mu, sigma), FID's
     Inception extractor and reference statistics (kept under <root>/_cache, keyed by content)."""
     if ds.kind == "toy":
         return metrics.ToyReference(real, seed=0)
-    cache = storage.join(paths.root, "_cache")
+    cache = storage.join(rundir.root, "_cache")
     if ds.name == "digits":
         net = metrics.load_or_train_digit_classifier(storage.join(cache, "digit_classifier.pt"), ds.x, ds.y)
         ref = metrics.digit_stats(real, net)
@@ -146,7 +146,7 @@ def _quality_fn(cfg: PipelineConfig, ds: DataSet, paths: RunPaths, real: torch.T
 
 
 class _TrajectoryRecorder:
-    """A straightness step callback keeping the first k paths: (steps + 1, k, ...) on the CPU, noise end first."""
+    """A straightness step callback keeping the first k rundir: (steps + 1, k, ...) on the CPU, noise end first."""
 
     def __init__(self, k: int):
         self.k, self.pts, self.last = k, [], None

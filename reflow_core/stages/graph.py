@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import storage
 from ..config import ConfigError, PipelineConfig
-from .base import Context, RunPaths, Stage, StageOutput
+from .base import Context, RunDir, Stage, StageOutput
 from .kinds import module
 
 
@@ -17,11 +17,11 @@ def suffix(r: int) -> str:
     return "" if r == 1 else f"-{r}"
 
 
-def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
+def plan(cfg: PipelineConfig, rundir: RunDir) -> list[Stage]:
     """The stage instances of `cfg`, in the order they run; each names the stages it reads and the artifact it writes.
 
     eval.models must name models the run trains (ConfigError otherwise)."""
-    out = _training(cfg, paths)
+    out = _training(cfg, rundir)
     by_model = {s.model: s.name for s in out if s.model}
     unknown = [m for m in cfg.eval.models or [] if m not in by_model]
     if unknown:
@@ -31,36 +31,36 @@ def plan(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
     reads = tuple((m, by_model[m]) for m in evaluated)
     if cfg.eval.guidance == "autoguidance" and not cfg.eval.guide_checkpoint:
         reads += (("guide", "teacher"),)  # AutoGuidance's weaker model: the teacher stage's guide.pt
-    out.append(Stage("evaluate", "evaluate", 0, reads, paths.url("eval")))
+    out.append(Stage("evaluate", "evaluate", 0, reads, rundir.url("eval")))
     return out
 
 
-def _training(cfg: PipelineConfig, paths: RunPaths) -> list[Stage]:
+def _training(cfg: PipelineConfig, rundir: RunDir) -> list[Stage]:
     """Every stage of the plan before evaluate."""
-    out = [Stage("teacher", "teacher", 0, (), paths.url("teacher"), model="teacher")]
+    out = [Stage("teacher", "teacher", 0, (), rundir.url("teacher"), model="teacher")]
     prev = "teacher"
     for r in range(1, cfg.reflow.rounds + 1):
         s = suffix(r)
-        out.append(Stage(f"pairs{s}", "pairs", r, (("model", prev),), paths.url(f"pairs{s}.zarr")))
-        out.append(Stage(f"reflow{s}", "reflow", r, (("pairs", f"pairs{s}"), ("init", prev)), paths.url(f"reflow{s}"),
+        out.append(Stage(f"pairs{s}", "pairs", r, (("model", prev),), rundir.url(f"pairs{s}.zarr")))
+        out.append(Stage(f"reflow{s}", "reflow", r, (("pairs", f"pairs{s}"), ("init", prev)), rundir.url(f"reflow{s}"),
                          model=f"reflow{s}"))
         prev = f"reflow{s}"
     if cfg.distill is not None:  # a one-step student of the last reflow model, on pairs of its own
         r = cfg.reflow.rounds + 1  # the round number only picks the store's own noise seed
-        out.append(Stage("distill-pairs", "pairs", r, (("model", prev),), paths.url("distill-pairs.zarr")))
+        out.append(Stage("distill-pairs", "pairs", r, (("model", prev),), rundir.url("distill-pairs.zarr")))
         init = prev
         if cfg.distill.net is not None:  # SlimFlow: a smaller student, first a flow of its own (Annealing Reflow)
             out.append(Stage("anneal", "anneal", r, (("pairs", "distill-pairs"), ("teacher", prev)),
-                             paths.url("anneal"), model="anneal"))
+                             rundir.url("anneal"), model="anneal"))
             init = "anneal"
         out.append(Stage("distill", "distill", r, (("pairs", "distill-pairs"), ("teacher", prev), ("init", init)),
-                         paths.url("distill"), model="slim" if cfg.distill.net is not None else "distilled"))
+                         rundir.url("distill"), model="slim" if cfg.distill.net is not None else "distilled"))
     return out
 
 
 def model_names(cfg: PipelineConfig) -> list[str]:
     """The models the run trains, in plan order, by the names evaluation and `reflow sample --model` use."""
-    return [s.model for s in _training(cfg, RunPaths("", cfg.name)) if s.model]
+    return [s.model for s in _training(cfg, RunDir("", cfg.name)) if s.model]
 
 
 def final_models(stages: list[Stage]) -> set[str]:
@@ -78,7 +78,7 @@ def check_stage_names(cfg: PipelineConfig, names: list[str]) -> None:
 
 
 def stage_names(cfg: PipelineConfig) -> list[str]:
-    return [s.name for s in plan(cfg, RunPaths("", cfg.name))]
+    return [s.name for s in plan(cfg, RunDir("", cfg.name))]
 
 
 def find(stages: list[Stage], name: str) -> Stage:
@@ -97,17 +97,17 @@ def upstream(stages: list[Stage], names: list[str]) -> list[Stage]:
     return [s for s in stages if s.name in need]
 
 
-def stage_done(paths: RunPaths, name: str) -> bool:
-    cfg = paths.config()
-    s = find(plan(cfg, paths), name)
-    return module(s).done(s, Context(cfg, paths))
+def stage_done(rundir: RunDir, name: str) -> bool:
+    cfg = rundir.config()
+    s = find(plan(cfg, rundir), name)
+    return module(s).done(s, Context(cfg, rundir))
 
 
-def reset_stage(paths: RunPaths, name: str) -> list[str]:
+def reset_stage(rundir: RunDir, name: str) -> list[str]:
     """Delete the artifacts of stage `name` and of every later stage (--redo-stage NAME), so the next run redoes
     them. A given teacher checkpoint (teacher.checkpoint) is never touched: only what lives under the run directory.
     Returns the URLs removed."""
-    stages = plan(paths.config(), paths)
+    stages = plan(rundir.config(), rundir)
     first = stages.index(find(stages, name))
     removed = []
     for s in stages[first:]:

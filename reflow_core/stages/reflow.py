@@ -28,7 +28,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     init_ckpt = inputs["init"].urls["model"]
     store = checked_pairs(stage, ctx, inputs, init_ckpt, done(stage, ctx))
     if rc.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this stage on every rank
-        url = distributed.launch_torchrun(rc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
+        url = distributed.launch_torchrun(rc.nproc, stage.name, cfg.model_dump_json(), ctx.rundir.dir, stage.writes)
         return StageOutput({"model": url})
     init = checkpoint.load(init_ckpt)
     model, meta = velocity_model_from_state(init, ema=True).train(), dict(init["meta"])

@@ -30,7 +30,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     if cfg.teacher.source == "diffusers":
         return output(stage, checkpoint.latest(stage.writes) or import_pretrained(stage, ctx))
     if tc.nproc > 1 and not distributed.under_torchrun():  # DDP: torchrun runs this stage on every rank
-        url = distributed.launch_torchrun(tc.nproc, stage.name, cfg.model_dump_json(), ctx.paths.dir, stage.writes)
+        url = distributed.launch_torchrun(tc.nproc, stage.name, cfg.model_dump_json(), ctx.rundir.dir, stage.writes)
         return output(stage, url)
     ds = dataset(cfg)
     model = new_model(cfg, ds, tc.seed)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from .. import lease
 from ..callbacks import Callback, NullCallback
 from ..config import ConfigError, PipelineConfig
-from .base import Context, RunPaths, Stage, StageOutput, prepare_run
+from .base import Context, RunDir, Stage, StageOutput, prepare_run
 from .graph import inputs_of, plan, reset_stage, upstream
 from .kinds import StageKind, module
 
@@ -46,26 +46,26 @@ class Step:
 def schedule(ctx: Context, selected: Sequence[str] | None = None) -> Schedule:
     """The walk for `--stages NAME,...` (None: all): the selected stages and those they read from; an unselected
     one must already be finished (it is then only asked for its output)."""
-    stages = plan(ctx.cfg, ctx.paths)
+    stages = plan(ctx.cfg, ctx.rundir)
     names = list(selected) if selected else [s.name for s in stages]
     walk = upstream(stages, names)
     chosen = [s for s in walk if s.name in names]
     missing = [s.name for s in walk if s not in chosen and not module(s).done(s, ctx)]
     if missing:
-        raise ConfigError(f"stage(s) {missing} are needed by {names} but have not finished under {ctx.paths.dir}; "
+        raise ConfigError(f"stage(s) {missing} are needed by {names} but have not finished under {ctx.rundir.dir}; "
                           "add them to --stages")
     return Schedule(walk, chosen)
 
 
-def begin(cfg: PipelineConfig, paths: RunPaths, redo_stages: Sequence[str] = (),
+def begin(cfg: PipelineConfig, rundir: RunDir, redo_stages: Sequence[str] = (),
           selected: Sequence[str] | None = None) -> tuple[Schedule, list[str]]:
     """What both runners do before walking: delete the artifacts of `redo_stages` (and every later stage's), and of
     `evaluate` when it is selected by name (asked for: recomputed even if metrics.json is current); then
     `schedule`. Returns (the schedule, URLs removed)."""
-    removed = [url for name in redo_stages for url in reset_stage(paths, name)]
+    removed = [url for name in redo_stages for url in reset_stage(rundir, name)]
     if selected and "evaluate" in selected:
-        removed += reset_stage(paths, "evaluate")
-    return schedule(Context(cfg, paths), selected), removed
+        removed += reset_stage(rundir, "evaluate")
+    return schedule(Context(cfg, rundir), selected), removed
 
 
 def walk(ctx: Context, sched: Schedule, execute: Callable[[Step], StageOutput]) -> dict[str, StageOutput]:
@@ -85,9 +85,9 @@ def run_local(cfg: PipelineConfig, root: str, run: str | None = None, callback: 
     """Walk the plan in this process, each stage skipped when its artifacts say it is done, holding the run
     directory's lease (another runner on it: `lease.RunInUse`). redo_stages: delete these stages' artifacts (and
     later stages') first (`reset_stage`). Returns the metric rows."""
-    with lease.hold(RunPaths.of(root, cfg.name if run is None else run).dir, lease.local_owner()):
-        paths = prepare_run(cfg, root, run, new=new)
-        sched, _ = begin(cfg, paths, redo_stages, stages)
-        ctx = Context(cfg, paths, callback or NullCallback(), device)
+    with lease.hold(RunDir.of(root, cfg.name if run is None else run).dir, lease.local_owner()):
+        rundir = prepare_run(cfg, root, run, new=new)
+        sched, _ = begin(cfg, rundir, redo_stages, stages)
+        ctx = Context(cfg, rundir, callback or NullCallback(), device)
         outputs = walk(ctx, sched, lambda step: step.run(ctx))
     return outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
