@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
 
 from reflow_core import host, solvers  # noqa: E402
 from reflow_core.config import load_preset  # noqa: E402
-from reflow_core.pairs import PairStore, simulate_shard  # noqa: E402
+from reflow_core.pairs import PairStore, simulate_shard, store_for_config  # noqa: E402
 from reflow_core.stages.base import dataset, new_model  # noqa: E402
 from reflow_core.stages.batches import pair_batches, teacher_batches  # noqa: E402
 from reflow_core.train import train  # noqa: E402
@@ -214,7 +214,7 @@ def bench_sim(preset: str, rows: int, batch: int, nfe: int, reps: int, tmp: str)
 
     def ours() -> float:
         runs[0] += 1
-        store = PairStore.create_from_config(os.path.join(tmp, f"sim-{preset}-{runs[0]}.zarr"), pc, shape=ds.shape,
+        store = store_for_config(os.path.join(tmp, f"sim-{preset}-{runs[0]}.zarr"), pc, shape=ds.shape,
                                              teacher_hash="bench")
         t0 = time.perf_counter()
         simulate_shard(store, 0, velocity_for(model), cfg=pc, num_classes=ncls)

@@ -18,7 +18,7 @@ from reflow_core import checkpoint, storage
 from reflow_core import stages as st
 from reflow_core.config import (ConfigError, allow_any_preset_path, deployment_preset, load_preset,
                                 PRESET_DIR, PRESET_DIR_ENV)
-from reflow_core.pairs.store import PairStore, PairStoreInvalid, PairStoreMismatch, verify_pairs
+from reflow_core.pairs import PairStore, PairStoreInvalid, PairStoreMismatch, verify_pairs
 from test_stages import TINY as TWO_ROUNDS  # pytest puts tests/ on sys.path
 
 TINY = TWO_ROUNDS | {"reflow.rounds": 1}  # a one-round version of tests/test_stages.py's TINY

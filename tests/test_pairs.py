@@ -11,9 +11,9 @@ from reflow_core import solvers
 from reflow_core.config import PairsConfig
 from reflow_core.pairs import (
     PairBatch, PairSampler, PairStore, PairStoreIncomplete, PairStoreMismatch, Shard, ram_bytes, row_labels,
-    row_noise, row_seed, shard_plan, simulate_shard,
+    row_noise, row_seed, shard_plan, simulate_shard, store_for_config, NOISE_RNG,
 )
-from reflow_core.pairs import store as store_mod
+from reflow_core import rng
 
 SHAPE = (2,)
 NUM_CLASSES = 3
@@ -49,7 +49,7 @@ def cfg_for(**kw) -> PairsConfig:
 
 
 def make_store(url, cfg: PairsConfig, shape=SHAPE, teacher_hash="abc") -> PairStore:
-    return PairStore.create_from_config(url, cfg, shape=shape, teacher_hash=teacher_hash)
+    return store_for_config(url, cfg, shape=shape, teacher_hash=teacher_hash)
 
 
 def data(n=40, seed=3):
@@ -117,23 +117,23 @@ def test_splitmix64_stream_is_the_standard_sequence():
     # published outputs of splitmix64.c seeded with 0
     assert _ref_splitmix64(0, 3) == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
     keys = np.array([0, 1, 0x9E3779B97F4A7C15, 2 ** 63 - 1, 2 ** 64 - 1, 123456789], dtype=np.uint64)
-    ours = store_mod._row_stream(keys, 1, 9)
-    odd, even = store_mod._row_stream(keys, 1, 4, 2), store_mod._row_stream(keys, 2, 4, 2)
+    ours = rng.row_stream(keys, 1, 9)
+    odd, even = rng.row_stream(keys, 1, 4, 2), rng.row_stream(keys, 2, 4, 2)
     for i, k in enumerate(keys):
         ref = _ref_splitmix64(int(k), 9)
         assert [int(v) for v in ours[i]] == ref
         assert [int(v) for v in odd[i]] == ref[0:8:2] and [int(v) for v in even[i]] == ref[1:8:2]
     z = np.random.default_rng(0).integers(0, 2 ** 64, 500, dtype=np.uint64)
-    assert [int(v) for v in store_mod._splitmix64_np(z)] == [_ref_splitmix64(int(v), 1)[0] for v in z]
+    assert [int(v) for v in rng.splitmix64_array(z)] == [_ref_splitmix64(int(v), 1)[0] for v in z]
 
 
 def test_vectorised_row_seed_equals_scalar():
-    rng = np.random.default_rng(1)
-    rows = np.concatenate([np.arange(100), rng.integers(0, 2 ** 40, 100), 2 ** 40 + np.arange(50),
-                           rng.integers(2 ** 40, 2 ** 63 - 1, 100), [2 ** 62, 2 ** 63 - 1]]).astype(np.int64)
+    draw = np.random.default_rng(1)
+    rows = np.concatenate([np.arange(100), draw.integers(0, 2 ** 40, 100), 2 ** 40 + np.arange(50),
+                           draw.integers(2 ** 40, 2 ** 63 - 1, 100), [2 ** 62, 2 ** 63 - 1]]).astype(np.int64)
     for seed in (0, 7, -5, 2 ** 31 + 1, 2 ** 63 + 11, 2 ** 80 + 3):
-        for tag in (store_mod._TAG_NOISE, store_mod._TAG_LABEL, store_mod._TAG_PERM):
-            keys = store_mod._row_keys(seed, store_mod._rows_array(rows), tag)
+        for tag in (rng.TAG_NOISE, rng.TAG_LABEL, rng.TAG_PERM):
+            keys = rng.row_keys(seed, rng.rows_array(rows), tag)
             assert keys.dtype == np.uint64
             assert [int(k) for k in keys] == [row_seed(seed, int(r), tag) for r in rows]
 
@@ -149,7 +149,7 @@ def test_row_noise_and_labels_follow_their_definition():
             rad = math.sqrt(-2.0 * math.log(1.0 - u[j]))
             want += [rad * math.cos(2 * math.pi * u[j + 1]), rad * math.sin(2 * math.pi * u[j + 1])]
         assert torch.allclose(noise[i].double(), torch.tensor(want[:d], dtype=torch.float64), rtol=2e-7, atol=1e-9)
-        lu = (_ref_splitmix64(row_seed(seed, r, store_mod._TAG_LABEL), 1)[0] >> 11) * 2.0 ** -53
+        lu = (_ref_splitmix64(row_seed(seed, r, rng.TAG_LABEL), 1)[0] >> 11) * 2.0 ** -53
         assert int(labels[i]) == math.floor(lu * k)
 
 
@@ -163,7 +163,7 @@ def test_row_noise_independent_of_blocks_threads_and_input_type(monkeypatch):
         assert torch.equal(row_noise(3, range(300), shape), full)
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(store_mod, "_BLOCK_ELEMS", 3000)  # 3 rows per block
+    monkeypatch.setattr(rng, "BLOCK_ELEMS", 3000)  # 3 rows per block
     assert torch.equal(row_noise(3, range(300), shape), full)
     idx = np.arange(299, 100, -7)
     assert torch.equal(row_noise(3, idx, shape), full[torch.from_numpy(idx)])
@@ -284,7 +284,7 @@ def test_float16_storage_rounds_as_torch_does():
     over 15 decades, ties, overflow to inf, subnormals, signed zeros and NaN, without numpy's overflow warning."""
     import warnings
 
-    from reflow_core.pairs.store import _to_storage
+    from reflow_core.pairs.layout import to_storage
 
     g = torch.Generator().manual_seed(0)
     wide = torch.randn(200_000, generator=g) * 10.0 ** torch.randint(-9, 6, (200_000,), generator=g).float()
@@ -293,7 +293,7 @@ def test_float16_storage_rounds_as_torch_does():
     x = torch.cat([wide, special]).reshape(-1, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = _to_storage(x, "float16")
+        got = to_storage(x, "float16")
     assert got.dtype == np.float16 and got.shape == tuple(x.shape)
     assert np.array_equal(got.view(np.uint16), x.to(torch.float16).numpy().view(np.uint16))
 
@@ -345,7 +345,7 @@ def test_store_records_noise_rng_and_refuses_another_scheme_with_pending_shards(
     url = str(tmp_path / "run" / "pairs.zarr")
     cfg = cfg_for(n_pairs=64, n_forward=0)
     s = make_store(url, cfg)
-    assert s.attrs["noise_rng"] == store_mod.NOISE_RNG == "splitmix64-boxmuller-v1"
+    assert s.attrs["noise_rng"] == NOISE_RNG == "splitmix64-boxmuller-v1"
     simulate_all(s, cfg)
     group = zarr.open_group(url, mode="r+")
     for old in (None, "torch-generator-per-row"):  # made before the attr existed / by another scheme
@@ -361,7 +361,7 @@ def test_store_records_noise_rng_and_refuses_another_scheme_with_pending_shards(
         with pytest.raises(PairStoreMismatch, match="noise_rng"):
             simulate_shard(PairStore.open(url), 1, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
         assert PairStore.open(url).pending_shards() == [1]
-        group.attrs["noise_rng"] = store_mod.NOISE_RNG
+        group.attrs["noise_rng"] = NOISE_RNG
         simulate_shard(make_store(url, cfg), 1, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
 
 

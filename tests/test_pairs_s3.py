@@ -14,7 +14,7 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 
 from reflow_core.config import PairsConfig  # noqa: E402
-from reflow_core.pairs import PairSampler, PairStore, row_noise, simulate_shard  # noqa: E402
+from reflow_core.pairs import PairSampler, PairStore, row_noise, simulate_shard, store_for_config  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
@@ -75,7 +75,7 @@ def s3():
 def local_ref(tmp_path_factory):
     """The same store written locally in one pass."""
     c = cfg()
-    s = PairStore.create_from_config(str(tmp_path_factory.mktemp("ref") / "pairs.zarr"), c, shape=SHAPE,
+    s = store_for_config(str(tmp_path_factory.mktemp("ref") / "pairs.zarr"), c, shape=SHAPE,
                                      teacher_hash="t1")
     x, y = data()
     for sh in s.plan:
@@ -93,7 +93,7 @@ def assert_same(a: PairStore, b: PairStore):
 
 def test_concurrent_writers_match_local(s3, local_ref):
     url, c = "s3://pairs/run-a/pairs.zarr", cfg()
-    PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
+    store_for_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
     x, y = data()
     errors = []
 
@@ -120,7 +120,7 @@ def test_concurrent_writers_match_local(s3, local_ref):
 
 def test_interrupted_shard_is_redone(s3, local_ref):
     url, c = "s3://pairs/run-b/pairs.zarr", cfg()
-    store = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
+    store = store_for_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
     x, y = data()
     for k in (0, 1):
         simulate_shard(store, k, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
@@ -130,7 +130,7 @@ def test_interrupted_shard_is_redone(s3, local_ref):
     store.write_rows(sh.start, row_noise(1, range(half), SHAPE), torch.full((half, *SHAPE), 7.0))
     assert store.pending_shards() == [2, 3, 4, 5]
     # resume from a fresh process's view of the store
-    resumed = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
+    resumed = store_for_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
     results = [simulate_shard(resumed, k, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
                for k in range(len(resumed.plan))]
     assert [r.get("skipped", False) for r in results] == [True, True, False, False, False, False]
@@ -143,7 +143,7 @@ def test_sampler_reads_from_s3_with_endpoint_from_env(s3, local_ref):
     opts = s3["opts"]
     if not PairStore.exists(url, opts):
         c = cfg()
-        s = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=opts)
+        s = store_for_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=opts)
         x, y = data()
         for sh in s.plan:
             simulate_shard(s, sh, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
@@ -168,7 +168,7 @@ def test_stream_from_s3_equals_memory(s3, local_ref):
     same store held in RAM, and as the local copy held in RAM."""
     url = "s3://pairs/run-c/pairs.zarr"
     c, x, y = cfg(), *data()
-    store = PairStore.create_from_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
+    store = store_for_config(url, c, shape=SHAPE, teacher_hash="t1", storage_options=s3["opts"])
     for sh in store.plan:
         simulate_shard(store, sh, velocity_for, cfg=c, data_x=x, data_y=y, num_classes=NUM_CLASSES)
     kw = dict(forward_ratio=0.25, seed=3, window_chunks=2)

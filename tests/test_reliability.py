@@ -30,7 +30,7 @@ from reflow_core import checkpoint, pairs, stages, storage
 from reflow_core.callbacks import NullCallback
 from reflow_core.pairs import store as pair_store
 from reflow_core.config import ConfigError, PairsConfig, load_preset
-from reflow_core.pairs import PairStore, PairStoreMismatch, PairWriteError, simulate_shard
+from reflow_core.pairs import PairStore, PairStoreMismatch, PairWriteError, simulate_shard, store_for_config
 from reflow_core.checkpoint import CheckpointError
 from reflow_core.train import NonFiniteLossError
 
@@ -144,9 +144,9 @@ SHARD_WORKER = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
 from reflow_core.config import PairsConfig
-from reflow_core.pairs import PairStore, simulate_shard
+from reflow_core.pairs import PairStore, simulate_shard, store_for_config
 url, cfg = sys.argv[1], PairsConfig(**json.loads(sys.argv[2]))
-store = PairStore.create_from_config(url, cfg, shape=(2,), teacher_hash="teacher-a")
+store = store_for_config(url, cfg, shape=(2,), teacher_hash="teacher-a")
 def v(x, t):
     time.sleep(0.003)  # a slow teacher (the values do not depend on it)
     return torch.tanh(x) * (1 + t[:, None])
@@ -174,7 +174,7 @@ def _store_files(url: str) -> dict[str, bytes]:
 def test_kill9_during_shard_write(tmp_path):
     cfg = PairsConfig(**SHARD_CFG)
     clean = str(tmp_path / "clean.zarr")
-    ref = PairStore.create_from_config(clean, cfg, shape=(2,), teacher_hash="teacher-a")
+    ref = store_for_config(clean, cfg, shape=(2,), teacher_hash="teacher-a")
     for k in ref.pending_shards():
         simulate_shard(ref, k, _velocity_for, cfg=cfg)
 
@@ -515,7 +515,7 @@ def flaky(monkeypatch):
 
 
 def _clean_reference(tmp_path, cfg):
-    ref = PairStore.create_from_config(str(tmp_path / "clean.zarr"), cfg, shape=(2,), teacher_hash="t")
+    ref = store_for_config(str(tmp_path / "clean.zarr"), cfg, shape=(2,), teacher_hash="t")
     for k in ref.pending_shards():
         simulate_shard(ref, k, _velocity_for, cfg=cfg)
     return ref.read_raw(slice(None))
@@ -529,7 +529,7 @@ def _same(store, ref_raw) -> bool:
 def test_transient_write_failures_are_retried(tmp_path, flaky):
     cfg = PairsConfig(**SHARD_CFG)
     url = f"flaky://retry-{uuid.uuid4().hex[:8]}/pairs.zarr"
-    store = PairStore.create_from_config(url, cfg, shape=(2,), teacher_hash="t")
+    store = store_for_config(url, cfg, shape=(2,), teacher_hash="t")
     flaky.fail = 3  # < WRITE_TRIES consecutive failures: absorbed by the backoff
     for k in store.pending_shards():
         simulate_shard(store, k, _velocity_for, cfg=cfg)
@@ -550,21 +550,21 @@ def test_backoff_timing(monkeypatch):
         raise OSError(errno.ENOSPC, "disk full")
 
     with pytest.raises(PairWriteError, match="s3://b/p.zarr"):
-        pairs._with_retries(broken, "s3://b/p.zarr", "shard 7 array 'noise'")
+        pairs.with_retries(broken, "s3://b/p.zarr", "shard 7 array 'noise'")
     assert len(calls) == pair_store.WRITE_TRIES == 4 and sleeps == [0.5, 1.0, 2.0]
 
     class ClientError(Exception):  # botocore's, by name
         pass
 
-    assert pairs._retryable(ClientError()) and pairs._retryable(ConnectionResetError())
-    assert not pairs._retryable(ValueError()) and not pairs._retryable(FileNotFoundError())
+    assert storage.is_transient(ClientError()) and storage.is_transient(ConnectionResetError())
+    assert not storage.is_transient(ValueError()) and not storage.is_transient(FileNotFoundError())
 
 
 @pytest.mark.parametrize("where", ["/c/", "/done/"])
 def test_persistent_write_failure_is_clear_and_store_stays_consistent(tmp_path, flaky, where):
     cfg = PairsConfig(**SHARD_CFG)
     url = f"flaky://full-{uuid.uuid4().hex[:8]}/pairs.zarr"
-    store = PairStore.create_from_config(url, cfg, shape=(2,), teacher_hash="t")
+    store = store_for_config(url, cfg, shape=(2,), teacher_hash="t")
     simulate_shard(store, 0, _velocity_for, cfg=cfg)
     flaky.only, flaky.fail = where, 10_000  # the disk stays full
     with pytest.raises(PairWriteError) as exc:

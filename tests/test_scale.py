@@ -17,7 +17,7 @@ import torch
 from reflow_core import stages
 from reflow_core.callbacks import NullCallback
 from reflow_core.config import load_preset
-from reflow_core.pairs import PairStore, simulate_shard
+from reflow_core.pairs import PairStore, simulate_shard, store_for_config
 
 TINY = {
     "data.n_train": 1000,
@@ -237,7 +237,7 @@ def test_zarr_layout_switches_keep_values(tmp_path, layout):
     stores = []
     for i, extra in enumerate(({}, layout)):
         c = PairsConfig(**base, **extra)
-        s = PairStore.create_from_config(str(tmp_path / f"p{i}.zarr"), c, shape=(3, 4, 4), teacher_hash="t")
+        s = store_for_config(str(tmp_path / f"p{i}.zarr"), c, shape=(3, 4, 4), teacher_hash="t")
         for sh in s.plan:
             simulate_shard(s, sh, _velocity_for, cfg=c, data_x=x)
         stores.append(PairStore.open(str(tmp_path / f"p{i}.zarr")))

@@ -135,6 +135,20 @@ def test_unknown_stage_names_are_refused_before_any_work(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("runner", ["local", "flow"])
+def test_a_pair_layout_the_store_refuses_is_refused_before_the_teacher_trains(tmp_path, capsys, runner):
+    """500 backward rows in chunks of 200 with forward pairs after them: a chunk would hold both sections. The store
+    refuses that layout; the plan refuses it first, so no teacher step is spent on a run that cannot finish."""
+    bad = ["--set", "pairs.n_pairs=500", "--set", "pairs.chunk_size=200", "--set", "pairs.shard_size=400",
+           "--set", "pairs.n_forward=100", "--set", "reflow.rounds=1"]
+    local = ["--local"] if runner == "local" else []
+    with pytest.raises((SystemExit, ConfigError)) as exc:
+        cli.main(["run", *local, "--preset", "toy2d", "--root", str(tmp_path), *bad])
+    message = str(exc.value) + capsys.readouterr().err
+    assert "n_backward (500) must be a multiple of chunk_size (200)" in message
+    assert not list(tmp_path.rglob("ckpt-*.pt")) and not list(tmp_path.rglob("*.zarr"))
+
+
 # --- config: identity vs execution by structure --------------------------------------------------------------------
 
 def test_execution_only_fields_are_marked_in_the_schema_not_a_side_table():

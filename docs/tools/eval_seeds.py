@@ -49,7 +49,7 @@ def main() -> None:
     for seed in a.seeds:
         noise = stages.evaluate.eval_noise(ds.shape, n, seed)
         label = stages.evaluate.eval_labels(ds, cfg.net.class_cond, n, seed)
-        ref = ref_of(real_reference(ds, n, torch.Generator().manual_seed(seed + 2)))
+        ref = ref_of(real_reference(ds, n, torch.Generator().manual_seed(rng.reference_seed(seed))))
         for m, model in models.items():
             for nfe in a.nfes:
                 out.setdefault((m, nfe), []).append(score(generate(model, noise, nfe, "euler", label=label), ref))

@@ -15,6 +15,7 @@ from .. import metrics, plots, solvers, storage
 from ..config import ConfigError, PipelineConfig
 from ..data import DataSet, real_reference
 from ..nets import count_params
+from ..rng import label_seed, reference_seed
 from ..velocity import VelocityModel, generate
 from .base import Context, RunDir, Stage, StageOutput, dataset, default_device, load_model
 
@@ -50,7 +51,7 @@ def eval_noise(shape: tuple, n: int, seed: int) -> torch.Tensor:
 def eval_labels(ds: DataSet, class_cond: bool, n: int, seed: int) -> torch.Tensor | None:
     if not class_cond or ds.num_classes == 0:
         return None
-    return torch.randint(ds.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return torch.randint(ds.num_classes, (n,), generator=torch.Generator().manual_seed(label_seed(seed)))
 
 
 def guide_checkpoint(cfg: PipelineConfig, teacher_out: StageOutput | None) -> str:
@@ -83,7 +84,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     guide = load_guide(guide_checkpoint(cfg, inputs.get(GUIDE)), dev) if ec.guidance == "autoguidance" else None
     noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
     label = eval_labels(ds, cfg.net.class_cond, ec.n_samples, ec.seed)
-    real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(ec.seed + 2))
+    real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(reference_seed(ec.seed)))
     quality = _quality_fn(cfg, ds, ctx.rundir, real)
     # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))

@@ -10,7 +10,8 @@ from __future__ import annotations
 from .. import checkpoint, distributed, storage
 from ..train import train
 from ..velocity import VelocityModel
-from .base import CONVENTION, Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
+from ..paths import CONVENTION
+from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
 from .batches import teacher_batches
 
 GUIDE_FILE = "guide.pt"
