@@ -202,16 +202,18 @@ def test_digit_net_shapes():
 def test_digit_fd_real_vs_noise(digits, digit_net):
     x, _ = digits
     a, b = x[:800], x[800:1600]
-    fd_real = M.digit_fd(a, b, digit_net)
+    ref = M.FrechetReference("fd_digits", M.DigitFeatures(digit_net), b)  # the reference's statistics, once
+    fd_real = ref.score(a)["fd_digits"]
     noise = torch.rand(800, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    fd_noise = M.digit_fd(noise, b, digit_net)
-    assert M.digit_fd(noise, M.digit_stats(b, digit_net), digit_net) == fd_noise  # reference stats computed once
+    fd_noise = ref.score(noise)["fd_digits"]
+    f_noise, f_b = M.digit_features(noise, digit_net), M.digit_features(b, digit_net)
+    assert fd_noise == M.frechet_distance(*M.feature_stats(f_noise), *M.feature_stats(f_b))  # the plain formula
     assert isinstance(fd_real, float)
     assert fd_real >= 0
     assert fd_noise > 10 * fd_real
     # 16x16 inputs of the same digits give the same kind of features
     a16 = torch.nn.functional.interpolate(a, size=(16, 16), mode="bilinear", align_corners=False)
-    assert M.digit_fd(a16, b, digit_net) < fd_noise / 5
+    assert ref.score(a16)["fd_digits"] < fd_noise / 5
 
 
 def test_load_or_train_digit_classifier_caches(tmp_path, digits, monkeypatch):
@@ -223,7 +225,7 @@ def test_load_or_train_digit_classifier_caches(tmp_path, digits, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should load from cache, not train")
 
-    monkeypatch.setattr(M, "train_digit_classifier", boom)
+    monkeypatch.setattr(M.digits, "train_digit_classifier", boom)
     net2 = M.load_or_train_digit_classifier(url, x[:256], y[:256])
     for (k1, v1), (k2, v2) in zip(net1.state_dict().items(), net2.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
@@ -233,7 +235,7 @@ def test_load_or_train_digit_classifier_caches(tmp_path, digits, monkeypatch):
 # ------------------------------------------------------------------ FID (torch-fidelity)
 def test_to_uint8_and_grey_to_rgb():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2)
-    u = M._to_uint8(x)
+    u = M.inception.to_uint8(x)
     assert u.dtype == torch.uint8 and u.shape == (1, 3, 2, 2)
     assert u[0, 0].flatten().tolist() == [0, 128, 255, 255]
     assert torch.equal(u[0, 0], u[0, 2])
@@ -291,7 +293,7 @@ def test_fid_torch_fidelity_random_weights(random_inception_weights, single_thre
 
 def test_fid_offline_error_message(tmp_path, monkeypatch):
     missing = str(tmp_path / "hub" / "checkpoints" / "weights-inception.pth")
-    monkeypatch.setattr(M, "inception_cache_path", lambda: missing)
+    monkeypatch.setattr(M.inception, "inception_cache_path", lambda: missing)
 
     def no_network(*a, **k):
         raise urllib.error.URLError("offline")
@@ -310,13 +312,12 @@ def test_fid_missing_weights_file(tmp_path):
         M.fid_torch_fidelity(x, x, inception_weights=str(tmp_path / "nope.pth"), device="cpu")
 
 
-def test_metrics_module_has_no_orchestration_imports():
+def test_metrics_package_has_no_orchestration_imports():
     import ast
-    import inspect
+    from pathlib import Path
 
-    tree = ast.parse(inspect.getsource(M))
     names = set()
-    for node in ast.walk(tree):
+    for node in (n for f in Path(M.__file__).parent.glob("*.py") for n in ast.walk(ast.parse(f.read_text()))):
         if isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -324,7 +325,7 @@ def test_metrics_module_has_no_orchestration_imports():
     assert not names & {"prefect", "mlflow"}
 
 
-# ------------------------------------------------------------------ reference work done once (issue 17)
+# ------------------------------------------------------------------ reference work done once
 def test_toy_reference_equals_the_plain_distances():
     g = torch.Generator().manual_seed(0)
     real, x = torch.randn(700, 2, generator=g), torch.randn(500, 2, generator=g) * 1.3 + 0.2
@@ -350,7 +351,8 @@ def test_fid_reference_matches_calculate_metrics_and_caches(random_inception_wei
     g = torch.Generator().manual_seed(1)
     real, fake = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.rand(8, 3, 16, 16, generator=g) * 1.6 - 0.9
     want = torch_fidelity.calculate_metrics(
-        input1=M._UInt8Images(M._to_uint8(fake)), input2=M._UInt8Images(M._to_uint8(real)), fid=True,
+        input1=M.inception.UInt8Images(M.inception.to_uint8(fake)),
+        input2=M.inception.UInt8Images(M.inception.to_uint8(real)), fid=True,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=random_inception_weights,
         batch_size=8, cuda=False, cache=False, save_cpu_ram=True, verbose=False)["frechet_inception_distance"]
     cache = f"file://{tmp_path}/cache"
@@ -411,8 +413,7 @@ def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeyp
                                          torch.tensor(d.target[:64]), steps=2)
     toy_plain = _count(monkeypatch, M, "sliced_w2") + _count(monkeypatch, M, "energy_distance")
     toy_refs = _count(monkeypatch, M, "ToyReference")
-    digit_stats = _count(monkeypatch, M, "digit_stats")
-    fid_stats = _count(monkeypatch, M.FIDReference, "_statistics_u8")
+    stats = _count(monkeypatch, M.FrechetReference, "statistics")  # the digit classifier's and Inception's
     extractors = _count(monkeypatch, torch_fidelity.utils, "create_feature_extractor")
 
     rows = run_local(load_preset(preset, _TINY_EVAL | over), str(tmp_path), "r")
@@ -422,8 +423,8 @@ def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeyp
     if kind == "toy":
         assert len(toy_refs) == 1 and toy_plain == []
     elif kind == "digits":
-        assert len(digit_stats) == n + 1  # each row's samples, and the reference once
+        assert len(stats) == n + 1  # each row's samples, and the reference once
     else:
-        assert len(extractors) == 1 and len(fid_stats) == n + 1
+        assert len(extractors) == 1 and len(stats) == n + 1
         assert all(r["fid"] >= 0 for r in rows)
         # (a re-evaluation loading the reference statistics from <root>/_cache instead: the test above)
