@@ -1,4 +1,4 @@
-"""Our overhead against plain torch loops doing the same maths, measured side by side in one process (issue 17).
+"""Our overhead against plain torch loops doing the same maths, measured side by side in one process.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --quick    # a few minutes on 2 cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py            # longer runs, more repeats
@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from reflow_core import host, solvers  # noqa: E402
-from reflow_core.config import load_preset  # noqa: E402
+from reflow_core.preset import load_preset  # noqa: E402
 from reflow_core.pairs import PairStore, simulate_shard, store_for_config  # noqa: E402
 from reflow_core.stages.base import dataset, new_model  # noqa: E402
 from reflow_core.stages.batches import pair_batches, teacher_batches  # noqa: E402

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from flows import FLOW_NAME, with_teacher_checkpoint
-from reflow_core.config import ConfigError, load_preset, preset_names
+from reflow_core.config import ConfigError
+from reflow_core.preset import load_preset, preset_names
 from reflow_core.lease import RunInUse
 
 
@@ -86,10 +87,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.reflow import reflow
-    from flows.tracking import open_store, resolve_tracking_uri
-    from reflow_core.config import allow_any_preset_path, leaf_overrides
+    from flows.tracking_store import open_store, resolve_tracking_uri
+    from flows.params import allow_any_preset_path, leaf_overrides, orchestration
 
-    open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # (for a new store: creates its tables)
+    orch = orchestration(args.preset, overrides)
+    open_store(resolve_tracking_uri(orch.mlflow_uri, root))  # (for a new store: creates its tables)
     settings = {}
     if server is not None:
         # (a server that lost its port to another process meanwhile was restarted on another one)
@@ -207,7 +209,7 @@ def _run_config(root: str, run: str):
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from flows.tracking import resolve_tracking_uri, ui_command
+    from flows.tracking_store import resolve_tracking_uri, ui_command
 
     uri = resolve_tracking_uri(args.uri, args.root)
     cmd = ui_command(uri)

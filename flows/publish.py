@@ -9,7 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import report, serving
-from flows.tracking import MlflowTracker, ui_command
+from flows.tracking import MlflowTracker
+from flows.tracking_store import ui_command
 from reflow_core import stages, storage
 from reflow_core.config import PipelineConfig
 

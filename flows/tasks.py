@@ -12,6 +12,7 @@ from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.retry import retry_transient
+from flows.params import Orchestration
 from flows.runners import pair_task_runner
 from flows.tracking import MlflowTracker
 from reflow_core import host, stages
@@ -69,10 +70,10 @@ def pair_shards_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.S
 
 @task(name="simulate-shard", task_run_name="{stage.name}-shard-{shard}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def simulate_shard_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage,
+def simulate_shard_task(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, stage: stages.Stage,
                         inputs: dict[str, stages.StageOutput], shard: int, tracker: MlflowTracker) -> dict:
-    if cfg.pairs.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
-        host.worker_threads(workers=1 if cfg.pairs.dask_address else cfg.pairs.workers)
+    if orch.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
+        host.worker_threads(workers=1 if orch.dask_address else cfg.pairs.workers)
         host.steady_malloc()
     callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
     result = stages.sharded(stage).simulate(stage, _ctx(cfg, rundir, callback), inputs, shard)
@@ -97,8 +98,8 @@ def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.
     return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, rundir, cb)), after)
 
 
-def stage_tasks(cfg: PipelineConfig, rundir: stages.RunDir, step: stages.Step, tracker: MlflowTracker,
-                logger) -> stages.StageOutput:
+def stage_tasks(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, step: stages.Step,
+                tracker: MlflowTracker, logger) -> stages.StageOutput:
     """One stage instance of the walk as tasks: a sharded stage (pairs) with work to do as plan, one task per
     pending shard (at most pairs.workers in flight) and finish; any other stage (or a finished sharded one) as one
     stage task."""
@@ -108,16 +109,16 @@ def stage_tasks(cfg: PipelineConfig, rundir: stages.RunDir, step: stages.Step, t
     pending = pair_shards_task(cfg, rundir, stage, inputs, tracker)
     logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
     results: list[dict] = []
-    if pending and cfg.pairs.engine == "threads" and cfg.pairs.workers == 1:
+    if pending and orch.engine == "threads" and cfg.pairs.workers == 1:
         # one at a time, in this thread, a task run each: a pool thread would run torch with an OpenMP team of its
         # own next to this thread's, and libgomp cuts spin-waits short once a process's OpenMP threads outnumber
         # its cores (about a third slower shards on the 2-core box; docs/performance.md, "Threads")
-        results = [simulate_shard_task(cfg, rundir, stage, inputs, k, tracker) for k in pending]
+        results = [simulate_shard_task(cfg, orch, rundir, stage, inputs, k, tracker) for k in pending]
     elif pending:
-        runner, annotations = pair_task_runner(cfg)
+        runner, annotations = pair_task_runner(orch, cfg.pairs.workers)
         with runner, annotations:
             futures = runner.map(simulate_shard_task, {
-                "cfg": unmapped(cfg), "rundir": unmapped(rundir), "stage": unmapped(stage),
+                "cfg": unmapped(cfg), "orch": unmapped(orch), "rundir": unmapped(rundir), "stage": unmapped(stage),
                 "inputs": unmapped(inputs), "shard": pending, "tracker": unmapped(tracker)})
             results = futures.result()  # raises the first failed shard (after its retries)
     return finish_pairs_task(cfg, rundir, stage, tracker, results)

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from captured import CapturedSampler
 
 from reflow_core import accel, checkpoint, solvers
 from reflow_core.config import NetConfig, TrainConfig
@@ -93,7 +94,7 @@ def test_captured_sampler_on_cpu_equals_integrate(solver, nfe):
     noise, _ = _inputs(4, seed=7)
     label = torch.tensor([0, 1, 2, 3])  # 3 = the null label
     lab = torch.zeros(4, dtype=torch.long)  # the caller's static label buffer, bound into the velocity
-    s = accel.CapturedSampler(VelocityModel(net, 3).solver_velocity(lab), noise.shape, nfe, solver, "rho", 2.0,
+    s = CapturedSampler(VelocityModel(net, 3).solver_velocity(lab), noise.shape, nfe, solver, "rho", 2.0,
                               device="cpu")
     assert not s.use_graph
     ref = solvers.sample(lambda x, t: net(x, t, label).float(), noise, nfe, solver, "rho", 2.0)
@@ -186,7 +187,8 @@ def test_largest_fitting_doubles_until_the_first_oom():
 
 
 def test_pair_auto_batch_off_cuda_keeps_the_configured_batch():
-    from reflow_core.config import ConfigError, PairsConfig, load_preset
+    from reflow_core.config import ConfigError, PairsConfig
+    from reflow_core.preset import load_preset
     from reflow_core.stages.pairs import pair_batch_size
     model = VelocityModel(MLP(dim=2, hidden=16, depth=2))  # unconditional
     pc = PairsConfig(batch_size=100, auto_batch=True, max_batch_size=1000)

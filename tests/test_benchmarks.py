@@ -24,7 +24,7 @@ def test_gpu_benchmark_runs_on_cpu_and_profiles(tmp_path, capsys, monkeypatch):
 
 
 def test_overhead_benchmark_smoke(tmp_path, capsys, monkeypatch):
-    """benchmarks/overhead.py (issue 17) at its --smoke size (seconds; no pipeline subprocesses): the RESULT line
+    """benchmarks/overhead.py at its --smoke size (seconds; no pipeline subprocesses): the RESULT line
     parses and carries the ratios the issue asks for."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import overhead

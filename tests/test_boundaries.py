@@ -1,5 +1,7 @@
 """Architectural boundaries and the convention adapter, checked mechanically."""
 import ast
+import subprocess
+import sys
 import pathlib
 
 import torch
@@ -64,7 +66,7 @@ def test_reflow_core_has_no_import_cycles():
 def test_only_tracking_imports_mlflow():
     """MLflow lives in tracking (runs, metrics) and serving (the logged model and the pyfunc MLflow runs)."""
     users = {f.name for f in (ROOT / "flows").rglob("*.py") if "mlflow" in _imports(f)}
-    assert users <= {"tracking.py", "serving.py", "sampler_model.py"}, users
+    assert users <= {"tracking.py", "tracking_store.py", "serving.py", "sampler_model.py"}, users
 
 
 def test_original_rf_adapter_generates_in_our_convention():
@@ -83,9 +85,10 @@ def test_original_rf_adapter_generates_in_our_convention():
 
 def test_configuration_reference_is_current():
     """docs/configuration.md is generated from the pydantic models; regenerate it when a field changes."""
-    from reflow_core.config import reference_markdown
-    assert (ROOT / "docs" / "configuration.md").read_text().strip() == reference_markdown().strip(), \
-        "run: python -m reflow_core.config > docs/configuration.md"
+    made = subprocess.run([sys.executable, str(ROOT / "docs" / "tools" / "config_reference.py")], check=True,
+                          capture_output=True, text=True).stdout
+    assert (ROOT / "docs" / "configuration.md").read_text().strip() == made.strip(), \
+        "run: python docs/tools/config_reference.py > docs/configuration.md"
 
 
 def test_gpu_benchmark_imports_only_what_the_gpu_machine_can_hold():
@@ -106,3 +109,26 @@ def test_gpu_benchmark_imports_only_what_the_gpu_machine_can_hold():
                "numcodecs", "donfig", "google_crc32c"}
     wheels = (ROOT / "benchmarks" / "device_wheels.sh").read_text()
     assert all(m.replace("_", "-") in wheels for m in carried)
+
+
+def test_reflow_core_imports_without_the_orchestration_stack():
+    """The torch core installs without prefect, mlflow and s3fs (pyproject: they are the `flows` extra): every
+    reflow_core module imports in a process where they cannot be imported."""
+    modules = sorted(".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for f in (ROOT / "reflow_core").rglob("*.py"))
+    code = ("import sys, importlib, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in {'prefect', 'mlflow', 's3fs', 'prefect_dask', 'dask', 'distributed'}:\n"
+            "            raise ImportError(f'{name} is blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print('ok', len(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"])
+    assert not any(p in base for p in ("prefect", "mlflow", "s3fs")), base
+    flows_extra = " ".join(project["optional-dependencies"]["flows"])
+    assert all(p in flows_extra for p in ("prefect", "mlflow", "s3fs")), flows_extra

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import assert_same
+
 from reflow_core import checkpoint, storage
 from reflow_core.checkpoint import CheckpointError
 from reflow_core.config import NetConfig, TrainConfig
@@ -33,22 +35,6 @@ def training_state(step: int) -> dict:
     return {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "bad_steps": 1,
             "rng": checkpoint.rng_state(), "train_config": TrainConfig(steps=10).model_dump(mode="json"),
             "meta": meta}
-
-
-def assert_same(a, b, where="state"):
-    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (where, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(params=["plain", "file_url"])

@@ -1,4 +1,4 @@
-"""Bad-input fuzzing of the configuration (issue #7): `reflow_core.config.validate(raw)` turns every invalid input
+"""Bad-input fuzzing of the configuration: `reflow_core.config.validate(raw)` turns every invalid input
 into a ConfigError whose message names the offending field path, never another exception; valid inputs round-trip.
 The same through presets + dotted overrides, and through the CLI (exit 2, the field named, no traceback)."""
 from __future__ import annotations
@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reflow_core.config import ConfigError, PipelineConfig, load_preset, validate
+from reflow_core.config import ConfigError, PipelineConfig, validate
+
+from reflow_core.preset import load_preset
 
 BASE = PipelineConfig().model_dump(mode="json")
 REPO = Path(__file__).resolve().parent.parent

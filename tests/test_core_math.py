@@ -4,10 +4,12 @@ import math
 import pytest
 import torch
 
+from helpers import NFECounter
+
 from reflow_core import losses, paths, solvers
 
 
-# --- the time convention (DESIGN.md section 2) ---------------------------------------------------------------------
+# --- the time convention (docs/architecture.md, "Time convention") ---------------------------------------------------------------------
 
 def test_interpolation_endpoints_and_target_sign():
     x_data, x_noise = torch.randn(5, 3), torch.randn(5, 3)
@@ -125,7 +127,7 @@ def test_convergence_order(solver, order):
 
 @pytest.mark.parametrize("solver,nfe", [("euler", 1), ("euler", 7), ("heun", 1), ("heun", 9), ("heun", 35)])
 def test_nfe_is_exact(solver, nfe):
-    counter = solvers.NFECounter(lambda x, t: -x)
+    counter = NFECounter(lambda x, t: -x)
     solvers.sample(counter, torch.randn(3, 2), nfe, solver)
     assert counter.nfe == nfe
     assert solvers.nfe_for_steps(solver, solvers.steps_for_nfe(solver, nfe)) == nfe
@@ -170,8 +172,8 @@ def test_time_grids():
 
 
 def test_guided_velocity_and_honest_nfe():
-    c = solvers.NFECounter(lambda x, t: torch.ones_like(x))
-    u = solvers.NFECounter(lambda x, t: torch.zeros_like(x))
+    c = NFECounter(lambda x, t: torch.ones_like(x))
+    u = NFECounter(lambda x, t: torch.zeros_like(x))
     v = solvers.guided(c, u, w=3.0)
     out = solvers.sample(v, torch.zeros(2, 2), nfe=1)
     assert torch.allclose(out, torch.full((2, 2), -3.0))  # one Euler step of size -1 with v = 0 + 3 (1 - 0)

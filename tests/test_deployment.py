@@ -23,20 +23,20 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from helpers import tiny
+
 from flows import tracking
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
-TINY = {
-    "data.n_train": 2000, "net.hidden": 64, "net.depth": 2,
-    "teacher.train.steps": 100, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 50,
-    "teacher.train.log_every": 20,
-    "pairs.n_pairs": 1000, "pairs.shard_size": 500, "pairs.chunk_size": 250, "pairs.batch_size": 250,
-    "pairs.nfe": 9, "pairs.workers": 2,
-    "reflow.train.steps": 100, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 50,
-    "reflow.train.log_every": 20,
-    "eval.n_samples": 256, "eval.nfes": [1, 2], "eval.straightness_steps": 8,
-}
+TINY = tiny({
+    "data.n_train": 2000, "eval.n_samples": 256, "eval.straightness_steps": 8, "net.hidden": 64,
+    "pairs.chunk_size": 250, "pairs.n_pairs": 1000, "pairs.nfe": 9, "pairs.shard_size": 500, "pairs.workers": 2,
+    "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 50, "reflow.train.log_every": 20,
+    "reflow.train.steps": 100, "reflow.train.warmup": 100, "teacher.train.batch_size": 128,
+    "teacher.train.ckpt_every": 50, "teacher.train.log_every": 20, "teacher.train.steps": 100,
+    "teacher.train.warmup": 100,
+})
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -301,7 +301,8 @@ def test_cloud_doc_commands_validate_and_resume(tmp_path):
     from flows import reflow as reflow_module
     from flows.root import ROOT_VARIABLE
     from reflow_core import stages
-    from reflow_core.config import load_preset, override_dict
+    from flows.params import override_dict
+    from reflow_core.preset import load_preset
 
     deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
                    ["deployments"]}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reflow_core import checkpoint, distributed, stages, storage
-from reflow_core.config import load_preset
+from reflow_core.preset import load_preset
 from reflow_core.stages import prepare_run
 
 pytestmark = pytest.mark.slow  # each torchrun launch starts 3 Python processes (~10-20 s on a busy 2-core box)

@@ -15,7 +15,7 @@ import torch
 
 from flows import cli
 from reflow_core import export, solvers, stages
-from reflow_core.config import load_preset
+from reflow_core.preset import load_preset
 from reflow_core.stages import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,9 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from flows import cli, tasks, tracking
+from helpers import tiny
+
+from flows import cli, tasks, tracking, tracking_store
 from flows import reflow as reflow_module
 from reflow_core import storage
 from reflow_core.config import ConfigError
@@ -20,17 +22,14 @@ from reflow_core.config import ConfigError
 STAGES = {"teacher", "pairs", "reflow", "evaluate"}
 
 # small enough for a contended 2-CPU runner; all four stages still do real work
-TINY = {
-    "data.n_train": 2000,
-    "net.hidden": 64, "net.depth": 2,
-    "teacher.train.steps": 200, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 50,
-    "teacher.train.log_every": 20,
-    "pairs.n_pairs": 2000, "pairs.shard_size": 1000, "pairs.chunk_size": 500, "pairs.batch_size": 500,
-    "pairs.nfe": 15, "pairs.workers": 2,
-    "reflow.train.steps": 200, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 50,
-    "reflow.train.log_every": 20,
-    "eval.n_samples": 500, "eval.nfes": [1, 2], "eval.straightness_steps": 8,
-}
+TINY = tiny({
+    "data.n_train": 2000, "eval.n_samples": 500, "eval.straightness_steps": 8, "net.hidden": 64,
+    "pairs.batch_size": 500, "pairs.chunk_size": 500, "pairs.n_pairs": 2000, "pairs.nfe": 15,
+    "pairs.shard_size": 1000, "pairs.workers": 2, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 50,
+    "reflow.train.log_every": 20, "reflow.train.steps": 200, "reflow.train.warmup": 100,
+    "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 50, "teacher.train.log_every": 20,
+    "teacher.train.steps": 200, "teacher.train.warmup": 100,
+})
 
 
 @pytest.fixture()
@@ -74,7 +73,7 @@ def test_flow_logs_parent_and_stage_runs(tmp_path, monkeypatch, prefect_api, cle
     parent = parents[0]
     assert parent.info.run_id == result["mlflow_run_id"]
     assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
-    stored = storage.read_json(storage.join(result["run_dir"], tracking.RUN_FILE))
+    stored = storage.read_json(storage.join(result["run_dir"], tracking_store.RUN_FILE))
     assert stored["run_id"] == parent.info.run_id
 
     # params: the flattened config, nothing secret-looking
@@ -220,10 +219,11 @@ def test_local_runner_and_prefect_flow_walk_one_plan_bit_identically(tmp_path, p
     import numpy as np
 
     from reflow_core import checkpoint, stages
-    from reflow_core.config import load_preset
+    from reflow_core.preset import load_preset
     from reflow_core.pairs import PairStore
-    from test_checkpoint import assert_same  # pytest puts tests/ on sys.path
-    from test_stages import TINY as TWO_ROUNDS
+    from helpers import assert_same
+
+    TWO_ROUNDS = tiny({"reflow.rounds": 2})
 
     local_root, flow_root = str(tmp_path / "local"), str(tmp_path / "flow")
     local_rows = stages.run_local(load_preset("toy2d", TWO_ROUNDS), local_root, "r")
@@ -332,12 +332,12 @@ def test_cli_presets_and_ui(tmp_path, capsys, monkeypatch):
 
 def test_tracking_uri_resolution_and_params(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_tracking_uri("http://mlflow:5000", str(tmp_path)) == "http://mlflow:5000"
-    assert tracking.resolve_tracking_uri(None, f"file://{tmp_path}") == f"sqlite:///{tmp_path}/mlflow.db"
-    assert tracking.resolve_tracking_uri(None, "s3://bucket/reflow") == "sqlite:///./mlruns.db"
+    assert tracking_store.resolve_tracking_uri("http://mlflow:5000", str(tmp_path)) == "http://mlflow:5000"
+    assert tracking_store.resolve_tracking_uri(None, f"file://{tmp_path}") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking_store.resolve_tracking_uri(None, "s3://bucket/reflow") == "sqlite:///./mlruns.db"
     assert "warning" in capsys.readouterr().err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
-    assert tracking.resolve_tracking_uri(None, str(tmp_path)) == "sqlite:////elsewhere.db"
+    assert tracking_store.resolve_tracking_uri(None, str(tmp_path)) == "sqlite:////elsewhere.db"
 
     params = tracking.loggable_params({"a": {"b": 1, "api_key": "x", "aws_secret": "y"}, "Token": "z",
                                        "long": "v" * 10_000, "lst": [1, 2]})
@@ -376,4 +376,4 @@ def test_tracker_reuses_parent_and_stage_runs(tmp_path):
     other = tracking.MlflowTracker(f"sqlite:///{tmp_path / 'other.db'}", "exp", run_dir)
     new_parent = other.parent_run_id()
     assert new_parent != parent
-    assert json.loads((tmp_path / "run" / tracking.RUN_FILE).read_text())["run_id"] == new_parent
+    assert json.loads((tmp_path / "run" / tracking_store.RUN_FILE).read_text())["run_id"] == new_parent

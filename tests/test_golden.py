@@ -71,7 +71,7 @@ def ema_fingerprint(ckpt_dir: Path) -> str:
 
 
 def fingerprint(tmp: Path, case: str) -> dict:
-    from reflow_core.config import load_preset
+    from reflow_core.preset import load_preset
     from reflow_core.stages import run_local
 
     preset, overrides = CASES[case]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from captured import CapturedSampler
 
 from reflow_core import accel, solvers
 from reflow_core.nets import UNet
@@ -52,7 +53,7 @@ def eager_fp32(net, x, nfe, solver="heun", label=None):
 @pytest.mark.parametrize("per_step", [False, True])
 def test_cuda_graph_sampler_equals_eager_fp32(per_step):
     net, x = unet(), noise()
-    s = accel.CapturedSampler(VelocityModel(net).solver_velocity(), x.shape, 9, "heun", "rho", 7.0, device=DEV,
+    s = CapturedSampler(VelocityModel(net).solver_velocity(), x.shape, 9, "heun", "rho", 7.0, device=DEV,
                               per_step=per_step)
     assert s.use_graph
     out = s(x)
@@ -67,7 +68,7 @@ def test_bf16_graph_sampler_close_to_fp32_with_labels():
     net, x = unet(num_classes=10), noise()
     lab = torch.arange(16, device=DEV) % 11  # 10 = the null label
     buf = torch.zeros(16, dtype=torch.long, device=DEV)  # static label buffer, read by the captured graph
-    s = accel.CapturedSampler(VelocityModel(net, 10, amp=True).solver_velocity(buf), x.shape, 9, "heun", "rho", 7.0,
+    s = CapturedSampler(VelocityModel(net, 10, amp=True).solver_velocity(buf), x.shape, 9, "heun", "rho", 7.0,
                               device=DEV)
     buf.copy_(lab)
     out = s(x)
@@ -82,7 +83,7 @@ def test_compiled_bf16_graph_sampler_close_to_fp32():
                                example=(x.contiguous(memory_format=torch.channels_last), torch.ones(16, device=DEV),
                                         None))
     assert isinstance(fast, torch._dynamo.eval_frame.OptimizedModule), "inductor fell back to eager on this GPU"
-    s = accel.CapturedSampler(VelocityModel(fast, amp=True).solver_velocity(), x.shape, 9, "heun", "rho", 7.0,
+    s = CapturedSampler(VelocityModel(fast, amp=True).solver_velocity(), x.shape, 9, "heun", "rho", 7.0,
                               device=DEV)
     err = rel(s(x.contiguous(memory_format=torch.channels_last)), eager_fp32(net, x, 9))
     assert 0 < err < 3e-2, err
@@ -129,7 +130,7 @@ def test_pair_shard_with_every_knob_matches_plain(tmp_path):
     eager simulation: the same noise rows, samples within bf16 tolerance; auto_batch grew the batch."""
     from reflow_core import stages
     from reflow_core.callbacks import NullCallback
-    from reflow_core.config import load_preset
+    from reflow_core.preset import load_preset
     from reflow_core.pairs import PairStore
 
     tiny = {"data.n_train": 1000, "net.hidden": 64, "net.depth": 2,

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import tracking
+from flows import tracking, tracking_store
 from reflow_core import checkpoint, storage
 from reflow_core import stages as st
-from reflow_core.config import (ConfigError, allow_any_preset_path, deployment_preset, load_preset,
-                                PRESET_DIR, PRESET_DIR_ENV)
+from flows.params import PRESET_DIR_ENV, allow_any_preset_path, deployment_preset
+from reflow_core.config import ConfigError
+from reflow_core.preset import load_preset, PRESET_DIR
 from reflow_core.pairs import PairStore, PairStoreInvalid, PairStoreMismatch, verify_pairs
-from test_stages import TINY as TWO_ROUNDS  # pytest puts tests/ on sys.path
+from helpers import tiny
 
-TINY = TWO_ROUNDS | {"reflow.rounds": 1}  # a one-round version of tests/test_stages.py's TINY
+TINY = tiny()
 
 
 def _cfg(**more):
@@ -39,16 +40,16 @@ def _tracker(tmp_path: Path) -> tracking.MlflowTracker:
                                                              "wrong-type"])
 def test_malformed_mlflow_run_json_names_the_file_and_the_fix(tmp_path, content):
     first = _tracker(tmp_path).parent_run_id()
-    url = storage.join(str(tmp_path / "run"), tracking.RUN_FILE)
+    url = storage.join(str(tmp_path / "run"), tracking_store.RUN_FILE)
     assert _tracker(tmp_path).parent_run_id() == first  # a valid file is reused
     Path(url).write_bytes(content)
-    with pytest.raises(tracking.TrackingFileError) as e:
+    with pytest.raises(tracking_store.TrackingFileError) as e:
         _tracker(tmp_path).parent_run_id()
     msg = str(e.value)
     assert url in msg and "delete it" in msg and "unaffected" in msg
     os.remove(url)  # the documented fix: a new parent run, recorded in a valid file
     again = _tracker(tmp_path).parent_run_id()
-    assert again != first and tracking.read_run_file(url).run_id == again
+    assert again != first and tracking_store.read_run_file(url).run_id == again
 
 
 # --- pair store attrs and shard markers ---------------------------------------------------------------------------
@@ -274,10 +275,10 @@ def test_flow_presets_and_stored_metadata(prefect_api, tmp_path, monkeypatch):
     assert checkpoint.latest_info(str(root / "r" / "teacher")).step == 40
 
     # a torn mlflow_run.json: the file and the fix, before any stage runs
-    run_file = root / "r" / tracking.RUN_FILE
+    run_file = root / "r" / tracking_store.RUN_FILE
     good = run_file.read_bytes()
     run_file.write_bytes(good[:10])
-    with pytest.raises(tracking.TrackingFileError, match="delete it"):
+    with pytest.raises(tracking_store.TrackingFileError, match="delete it"):
         reflow(preset="toy2d", overrides=TINY, root=str(root), run="r", stages=["teacher"])
     run_file.write_bytes(good)
 

@@ -1,12 +1,15 @@
-"""Simple ReFlow's seven improvements and guidance (issue 6): each switch's mathematics, not only that it runs."""
+"""Simple ReFlow's seven improvements and guidance: each switch's mathematics, not only that it runs."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import NFECounter
+
 from reflow_core import checkpoint, solvers, stages
-from reflow_core.config import ConfigError, EvalConfig, NetConfig, TrainConfig, load_preset, preset_names
+from reflow_core.config import ConfigError, EvalConfig, NetConfig, TrainConfig
+from reflow_core.preset import load_preset, preset_names
 from reflow_core.losses import HighPass, huber_c, mse, normalise, pseudo_huber
 from reflow_core.nets import build_net
 from reflow_core.callbacks import NullCallback
@@ -196,7 +199,7 @@ def test_evaluate_reports_network_evaluations(tiny_digits, guidance):
 def test_heun_nine_nfe_is_five_steps():
     assert solvers.steps_for_nfe("heun", 9) == 5 and solvers.nfe_for_steps("heun", 5) == 9
     seen = []
-    counter = solvers.NFECounter(lambda x, t: -x)
+    counter = NFECounter(lambda x, t: -x)
     solvers.sample(counter, torch.ones(3, 2), 9, "heun", callback=lambda i, t, x, v: seen.append(float(t)))
     assert counter.nfe == 9 and len(seen) == 5
     assert solvers.network_nfe("heun", 5, guided=True) == 18

@@ -394,7 +394,7 @@ def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeyp
     """Reference features/statistics once per evaluate stage, not once per (model, solver, NFE) row."""
     import torch_fidelity.utils
 
-    from reflow_core.config import load_preset
+    from reflow_core.preset import load_preset
     from reflow_core.stages import run_local
 
     preset, over = {"toy": ("toy2d", {"net.hidden": 16, "net.depth": 1, "data.n_train": 256, "pairs.n_pairs": 64,

@@ -21,8 +21,9 @@ from flows import report, root
 from flows.retry import retry_transient
 from flows import reflow as reflow_module
 from reflow_core import lease, storage
-from reflow_core.config import (OVERRIDE_KEYS, ConfigError, ConfigOverrides, leaf_overrides,
-                                load_preset, override_dict, preset_names)
+from flows.params import KEYS, OVERRIDE_KEYS, ConfigOverrides, leaf_overrides, override_dict
+from reflow_core.config import ConfigError
+from reflow_core.preset import load_preset, preset_names
 from reflow_core.pairs import PairStoreCorrupt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,8 +48,26 @@ def test_every_config_leaf_is_a_typed_override_key():
                 out.add(path)
         return out
 
-    assert leaves(cfg) == set(OVERRIDE_KEYS)
+    assert leaves(cfg) | set(KEYS) == set(OVERRIDE_KEYS)  # and the flow's own settings (engine, tracking)
     assert len(OVERRIDE_KEYS) > 80
+
+
+def test_orchestration_settings_are_the_flows_and_old_configs_still_load():
+    """Shard engine, Dask address and tracking are read by the flow (flows/params.py), not the torch core's schema;
+    a config that still carries them (every config.json written before) loads to the same config."""
+    from flows.params import orchestration
+    from reflow_core.config import PairsConfig, PipelineConfig, validate
+
+    old = load_preset("toy2d").model_dump(mode="json") | {"tracking": {"mlflow_uri": "sqlite:///x.db", "experiment": "e"}}
+    old["pairs"] = {**old["pairs"], "engine": "dask", "dask_address": "tcp://h:8786"}
+    assert validate(old) == load_preset("toy2d")
+    assert "engine" not in PairsConfig.model_fields and "tracking" not in PipelineConfig.model_fields
+    o = orchestration("toy2d", {"pairs.engine": "dask", "tracking.experiment": "e"})
+    assert (o.engine, o.experiment, o.dask_address, o.mlflow_uri) == ("dask", "e", None, None)
+    with pytest.raises(ConfigError, match="engine"):
+        orchestration("toy2d", {"pairs.engine": "ray"})
+    with pytest.raises(ConfigError, match="tracking"):  # an unknown key of the old section is still an error
+        load_preset("toy2d", {"tracking.experimnet": "e"})
 
 
 @pytest.mark.parametrize("bad", [

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from reflow_core.config import load_preset
+from reflow_core.preset import load_preset
 from reflow_core.pairs import PairStore
 from reflow_core.stages import RunDir, run_local, sample_model
 
@@ -30,6 +30,6 @@ def test_digits_pipeline_end_to_end(tmp_path):
     assert batch.noise.shape == (1000, 1, 8, 8)
     assert ((batch.label >= 0) & (batch.label < 10)).all()  # class-conditional pairs keep their labels
     for name in ("grid_teacher_euler_1.png", "grid_reflow_euler_2.png", "fd_digits_vs_nfe.png"):
-        assert open(f"{rundir.url("eval")}/{name}", "rb").read(4) == b"\x89PNG"
+        assert open(f"{rundir.url('eval')}/{name}", "rb").read(4) == b"\x89PNG"
     x = sample_model(rundir, "reflow", nfe=1, solver="euler", n=16, seed=0, label=3)
     assert x.shape == (16, 1, 8, 8) and x.min() >= -1 and x.max() <= 1

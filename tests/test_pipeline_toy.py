@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from reflow_core import solvers
-from reflow_core.config import ConfigError, load_preset
+from reflow_core.config import ConfigError
+from reflow_core.preset import load_preset
 from reflow_core.pairs import PairStore
 from reflow_core.stages import RunDir, load_model, prepare_run, run_local, sample_model
 
@@ -42,7 +43,7 @@ def test_reflow_beats_teacher_at_one_nfe(toy_run):
     assert stored["rows"] == rows and stored["metric"] == "sliced_w2"
     assert {(r["model"], r["nfe"]) for r in rows} >= {(m, n) for m in ("teacher", "reflow") for n in (1, 2, 4, 8)}
     for png in ("trajectories.png", "sliced_w2_vs_nfe.png", "samples_1nfe.png"):
-        assert open(f"{rundir.url("eval")}/{png}", "rb").read(4) == b"\x89PNG"
+        assert open(f"{rundir.url('eval')}/{png}", "rb").read(4) == b"\x89PNG"
 
 
 def test_stored_pairs_are_the_teachers_trajectories(toy_run):
@@ -51,7 +52,7 @@ def test_stored_pairs_are_the_teachers_trajectories(toy_run):
     store = PairStore.open(rundir.url("pairs.zarr"))
     assert store.is_complete() and store.n == 8000
     batch = store.read(torch.tensor([0, 1, 2, 1999, 2000, 7999]))
-    teacher = load_model(f"{rundir.url("teacher")}/ckpt-0001500.pt")
+    teacher = load_model(f"{rundir.url('teacher')}/ckpt-0001500.pt")
     grid = cfg.pairs.grid.solver_args(cfg.pairs.nfe)  # pairs.grid is a tagged union (uniform | rho)
     again = solvers.sample(teacher.solver_velocity(), batch.noise, cfg.pairs.nfe, cfg.pairs.solver, grid["grid"],
                            grid["rho"])

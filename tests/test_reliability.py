@@ -1,4 +1,4 @@
-"""Nothing lost, nothing leaked (issue #7): kill -9 of worker processes, corrupt artifacts, changed configs under a
+"""Nothing lost, nothing leaked: kill -9 of worker processes, corrupt artifacts, changed configs under a
 run name, storage failures during pair writes, credentials. The fault matrix is in docs/reliability.md.
 
 Worker processes are real subprocesses (`python -c` running reflow_core / flows.tracking code) killed with SIGKILL;
@@ -25,11 +25,14 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
+from helpers import tiny
+
 from flows import cli
 from reflow_core import checkpoint, pairs, stages, storage
 from reflow_core.callbacks import NullCallback
 from reflow_core.pairs import store as pair_store
-from reflow_core.config import ConfigError, PairsConfig, load_preset
+from reflow_core.config import ConfigError, PairsConfig
+from reflow_core.preset import load_preset
 from reflow_core.pairs import PairStore, PairStoreMismatch, PairWriteError, simulate_shard, store_for_config
 from reflow_core.checkpoint import CheckpointError
 from reflow_core.train import NonFiniteLossError
@@ -38,17 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 # tiny but real: every stage does work, each in a second or two on one thread
-TINY = {
-    "data.n_train": 1000,
-    "net.hidden": 32, "net.depth": 2,
-    "teacher.train.steps": 60, "teacher.train.batch_size": 64, "teacher.train.ckpt_every": 20,
-    "teacher.train.log_every": 10, "teacher.train.warmup": 5,
-    "pairs.n_pairs": 1000, "pairs.shard_size": 250, "pairs.chunk_size": 125, "pairs.batch_size": 250,
-    "pairs.nfe": 5, "pairs.solver": "heun", "pairs.grid": "uniform",
-    "reflow.train.steps": 40, "reflow.train.batch_size": 64, "reflow.train.ckpt_every": 20,
-    "reflow.train.log_every": 10, "reflow.train.warmup": 5,
-    "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
-}
+TINY = tiny({
+    "pairs.n_pairs": 1000, "reflow.train.ckpt_every": 20, "reflow.train.steps": 40, "teacher.train.ckpt_every": 20,
+    "teacher.train.steps": 60,
+})
 
 
 def _env(**extra) -> dict:
@@ -206,10 +202,11 @@ def test_kill9_during_shard_write(tmp_path):
 TRACKED_WORKER = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from flows.tracking import MlflowTracker, resolve_tracking_uri
+from flows.tracking import MlflowTracker
+from flows.tracking_store import resolve_tracking_uri
 from reflow_core import stages
 from reflow_core.callbacks import NullCallback
-from reflow_core.config import load_preset
+from reflow_core.preset import load_preset
 root, run, overrides, flush_every = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 cfg = load_preset("toy2d", overrides)
 rundir = stages.prepare_run(cfg, root, run)
@@ -247,7 +244,7 @@ def test_kill9_during_mlflow_logging(tmp_path):
     step; the rerun completes and logs into the same parent run and the same child runs."""
     from mlflow import MlflowClient
 
-    from flows import tracking
+    from flows import tracking, tracking_store
 
     root = str(tmp_path / "runs")
     overrides = json.dumps(TINY | {"teacher.train.steps": 150, "teacher.train.log_every": 1,
@@ -256,7 +253,7 @@ def test_kill9_during_mlflow_logging(tmp_path):
     parent = _wait_line(proc, "parent").split()[1]
     time.sleep(random.Random(5).uniform(0.5, 1.5))  # inside the teacher's per-step metric logging
     _kill9(proc)
-    assert storage.read_json(f"{root}/killed/{tracking.RUN_FILE}")["run_id"] == parent
+    assert storage.read_json(f"{root}/killed/{tracking_store.RUN_FILE}")["run_id"] == parent
 
     proc = _spawn(TRACKED_WORKER, root, "killed", overrides, "200")
     out, err = proc.communicate(timeout=300)
@@ -418,7 +415,7 @@ def test_execution_settings_may_change_on_resume(tmp_path):
                                          "reflow.train.compile": True, "teacher.train.log_every": 7})
     rundir = stages.prepare_run(moved, root, "r")
     assert rundir.run == "r"
-    assert stages.read_run_config(rundir.config_json).pairs.engine == "dask"
+    assert stages.read_run_config(rundir.config_json).pairs.workers == 4  # (pairs.engine is the flow's: params.py)
 
 
 def _stage(cfg, rundir, name, **inputs) -> stages.StageOutput:

@@ -1,4 +1,4 @@
-"""Pair simulation at scale (issue 5): the Prefect flow's shard fan-out on a Dask LocalCluster of worker processes,
+"""Pair simulation at scale: the Prefect flow's shard fan-out on a Dask LocalCluster of worker processes,
 a whole toy2d pipeline on an s3:// root (moto server on 127.0.0.1), a worker process killed with SIGKILL mid-shard
 and resumed, no credential in anything written, and the zarr layout switches (sharding codec, compression)."""
 from __future__ import annotations
@@ -14,22 +14,20 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny
+
 from reflow_core import stages
 from reflow_core.callbacks import NullCallback
-from reflow_core.config import load_preset
+from reflow_core.preset import load_preset
 from reflow_core.pairs import PairStore, simulate_shard, store_for_config
 
-TINY = {
-    "data.n_train": 1000,
-    "net.hidden": 32, "net.depth": 2,
-    "teacher.train.steps": 60, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 30,
-    "teacher.train.log_every": 20,
-    "pairs.n_pairs": 2000, "pairs.shard_size": 500, "pairs.chunk_size": 250, "pairs.batch_size": 250,
-    "pairs.nfe": 9, "pairs.workers": 2,
-    "reflow.train.steps": 60, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 30,
-    "reflow.train.log_every": 20,
-    "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
-}
+TINY = tiny({
+    "pairs.chunk_size": 250, "pairs.n_pairs": 2000, "pairs.nfe": 9, "pairs.shard_size": 500, "pairs.workers": 2,
+    "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 30, "reflow.train.log_every": 20,
+    "reflow.train.steps": 60, "reflow.train.warmup": 100, "teacher.train.batch_size": 128,
+    "teacher.train.ckpt_every": 30, "teacher.train.log_every": 20, "teacher.train.steps": 60,
+    "teacher.train.warmup": 100,
+})
 
 
 def _stage(cfg, rundir, name, device=None, **inputs) -> stages.StageOutput:
@@ -54,14 +52,15 @@ def test_pair_task_runner_choice():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
+    from flows.params import orchestration
     from flows.runners import pair_task_runner
-    runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.workers": 3}))
+    runner, _ = pair_task_runner(orchestration("toy2d"), workers=3)
     assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
-    runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.engine": "dask", "pairs.workers": 2}))
+    runner, _ = pair_task_runner(orchestration("toy2d", {"pairs.engine": "dask"}), workers=2)
     assert isinstance(runner, DaskTaskRunner) and runner.address is None
     assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["threads_per_worker"] == 1
-    runner, _ = pair_task_runner(load_preset("toy2d", {"pairs.engine": "dask",
-                                                        "pairs.dask_address": "tcp://10.0.0.1:8786"}))
+    runner, _ = pair_task_runner(orchestration("toy2d", {"pairs.engine": "dask",
+                                                         "pairs.dask_address": "tcp://10.0.0.1:8786"}), workers=1)
     assert runner.address == "tcp://10.0.0.1:8786"
     assert stages.pairs.shard_device(5, "cpu") == torch.device("cpu")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -25,19 +25,22 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import tiny
+
 from flows import cli, serving
 from flows.tracking import MlflowTracker
 from reflow_core import stages
-from reflow_core.config import load_preset
+from reflow_core.preset import load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {
-    "data.n_train": 2000, "net.hidden": 64, "net.depth": 2,
-    "teacher.train.steps": 200, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 100,
-    "pairs.n_pairs": 2000, "pairs.shard_size": 1000, "pairs.chunk_size": 500, "pairs.batch_size": 500,
-    "pairs.nfe": 15, "reflow.train.steps": 200, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 100,
-    "eval.n_samples": 500, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
-}
+TINY = tiny({
+    "data.n_train": 2000, "eval.n_samples": 500, "net.hidden": 64, "pairs.batch_size": 500,
+    "pairs.chunk_size": 500, "pairs.n_pairs": 2000, "pairs.nfe": 15, "pairs.shard_size": 1000,
+    "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 100, "reflow.train.log_every": 100,
+    "reflow.train.steps": 200, "reflow.train.warmup": 100, "teacher.train.batch_size": 128,
+    "teacher.train.ckpt_every": 100, "teacher.train.log_every": 100, "teacher.train.steps": 200,
+    "teacher.train.warmup": 100,
+})
 NAME = "toy2d-reflow"
 
 

@@ -12,26 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import assert_same  # pytest puts tests/ on sys.path
+
+from helpers import assert_same, tiny
 
 from flows import cli
 from reflow_core import checkpoint, stages, storage
-from reflow_core.config import ConfigError, load_preset
+from reflow_core.config import ConfigError
+from reflow_core.preset import load_preset
 
 REPO = Path(__file__).resolve().parent.parent
 
 # tiny but real: two reflow rounds, every stage does work in a second or two on one thread
-TINY = {
-    "data.n_train": 1000,
-    "net.hidden": 32, "net.depth": 2,
-    "teacher.train.steps": 40, "teacher.train.batch_size": 64, "teacher.train.ckpt_every": 10,
-    "teacher.train.log_every": 10, "teacher.train.warmup": 5,
-    "pairs.n_pairs": 500, "pairs.shard_size": 250, "pairs.chunk_size": 125, "pairs.batch_size": 250,
-    "pairs.nfe": 5, "pairs.solver": "heun", "pairs.grid": "uniform",
-    "reflow.train.steps": 30, "reflow.train.batch_size": 64, "reflow.train.ckpt_every": 10,
-    "reflow.train.log_every": 10, "reflow.train.warmup": 5, "reflow.rounds": 2,
-    "eval.n_samples": 200, "eval.nfes": [1, 2], "eval.straightness_steps": 4,
-}
+TINY = tiny({"reflow.rounds": 2})
 
 
 def _names(cfg) -> list[str]:
@@ -154,8 +146,7 @@ def test_a_pair_layout_the_store_refuses_is_refused_before_the_teacher_trains(tm
 def test_execution_only_fields_are_marked_in_the_schema_not_a_side_table():
     from reflow_core.config import PairsConfig, TrainConfig, is_execution_only
     execution = {n for n, f in PairsConfig.model_fields.items() if is_execution_only(f)}
-    assert execution == {"batch_size", "auto_batch", "max_batch_size", "workers", "compile", "cuda_graph", "engine",
-                         "dask_address"}
+    assert execution == {"batch_size", "auto_batch", "max_batch_size", "workers", "compile", "cuda_graph"}
     assert {n for n, f in TrainConfig.model_fields.items() if is_execution_only(f)} == {
         "compile", "channels_last", "log_every", "max_bad_steps"}
     a = load_preset("toy2d")
@@ -371,7 +362,7 @@ def test_a_distilled_student_of_the_same_size_runs_and_samples(tmp_path):
 
 
 def test_every_shipped_preset_validates_and_plans():
-    from reflow_core.config import preset_names
+    from reflow_core.preset import preset_names
     for name in preset_names():
         cfg = load_preset(name)
         plan = stages.plan(cfg, stages.RunDir("/r", cfg.name))

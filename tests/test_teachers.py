@@ -276,7 +276,7 @@ def test_pipeline_runs_from_a_pretrained_diffusers_teacher(tmp_path):
 
     from flows import cli
     from reflow_core import checkpoint, stages, storage
-    from reflow_core.config import load_preset
+    from reflow_core.preset import load_preset
     from reflow_core.pairs import PairStore
 
     torch.manual_seed(0)

@@ -141,7 +141,7 @@ def test_nonfinite_losses_skipped_then_stop(tmp_path):
 
 @pytest.mark.parametrize("clip", [1.0, 0.0])
 def test_fast_step_equals_the_textbook_loop(tmp_path, clip):
-    """foreach Adam, one _foreach_lerp_ EMA, clipping skipped when off (issue 17): bit-identical to the per-tensor
+    """foreach Adam, one _foreach_lerp_ EMA, clipping skipped when off: bit-identical to the per-tensor
     loop (single-tensor Adam, clip_grad_norm_ every step, ema_update) on CPU, weights and EMA alike."""
     import copy
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
