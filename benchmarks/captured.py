@@ -1,6 +1,6 @@
 """The GPU benchmark's whole-loop sampler: fixed-step generation of one batch shape replayed from one CUDA graph (or
 one graph per evaluation). The pipeline itself graphs per velocity evaluation (`accel.GraphedVelocity`); this is the
-upper bound benchmarks/gpu.py compares it with, tested for CPU equality in tests/test_accel.py."""
+upper bound benchmarks/gpu.py compares it with, tested for CPU equality in tests/core/test_accel.py."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -29,7 +29,7 @@ class _ExecutionOnly:
 EXECUTION_ONLY = _ExecutionOnly()
 # `batch_size: Exec[int]` marks a setting a run may be reopened with changed (a resume on other workers, a bigger
 # GPU): `PipelineConfig.identity()` leaves every such field out. Pairs are seeded per row and training batches are a
-# function of the step, so none of these settings changes an artifact's values (tests/test_pairs.py, test_stages.py).
+# function of the step, so none of these settings changes an artifact's values (tests/core/test_pairs.py, test_stages.py).
 Exec = Annotated[T, EXECUTION_ONLY]
 
 

@@ -111,7 +111,7 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
     ema = copy.deepcopy(ema_init if ema_init is not None else net).to(device).eval().requires_grad_(False)
     params = list(net.parameters())
     # foreach: one multi-tensor kernel per Adam op instead of a Python loop over tensors (the default off CUDA);
-    # on CPU it computes the same per-element arithmetic (bit-identical, tests/test_train.py)
+    # on CPU it computes the same per-element arithmetic (bit-identical, tests/core/test_train.py)
     opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
     step, bad = 0, 0
     latest = checkpoint.latest(ckpt_dir)

@@ -5,7 +5,7 @@ import pytest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "s3: needs a local moto S3 server on 127.0.0.1 (tests/test_pairs_s3.py)")
+    config.addinivalue_line("markers", "s3: needs a local moto S3 server on 127.0.0.1 (tests/core/test_pairs_s3.py)")
 
 
 def pytest_sessionstart(session):

@@ -37,7 +37,7 @@ from reflow_core.pairs import PairStore, PairStoreMismatch, PairWriteError, simu
 from reflow_core.checkpoint import CheckpointError
 from reflow_core.train import NonFiniteLossError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 # tiny but real: every stage does work, each in a second or two on one thread

@@ -18,7 +18,7 @@ from reflow_core import export, solvers, stages
 from reflow_core.preset import load_preset
 from reflow_core.stages import evaluate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOY = {
     "data.n_train": 2000, "net.hidden": 32, "net.depth": 2,
     "teacher.train.steps": 60, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 60,

@@ -3,7 +3,7 @@ ratios are measured on purpose-sized runs and recorded in docs/performance.md)."
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_benchmark_runs_on_cpu_and_profiles(tmp_path, capsys, monkeypatch):

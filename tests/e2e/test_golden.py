@@ -1,8 +1,8 @@
 """Golden outputs: tiny toy2d, toy2d-with-student and digits runs on CPU with one thread give bit-identical pair
-stores, trained EMA weights and evaluation rows to the ones recorded in tests/golden.json.
+stores, trained EMA weights and evaluation rows to the ones recorded in tests/e2e/golden.json.
 
 A refactor that keeps the maths must keep these. The fingerprints are taken with plain zarr and torch.load, not with
-our own readers. After an intended change of outputs, re-record with `python tests/test_golden.py --record` and say
+our own readers. After an intended change of outputs, re-record with `python tests/e2e/test_golden.py --record` and say
 why in the commit.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ from reflow_core.config import ConfigError
 from reflow_core.preset import load_preset, preset_names
 from reflow_core.pairs import PairStoreCorrupt
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _schema() -> dict:

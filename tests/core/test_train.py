@@ -226,7 +226,7 @@ def test_steady_malloc_serves_tensor_sized_blocks_from_the_heap_and_keeps_them(m
 
     def probe(mode: str) -> list[str]:
         e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-        e.update(PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        e.update(PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         return subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], env=e, capture_output=True, text=True,
                               check=True).stdout.split()
 

@@ -8,7 +8,7 @@ import torch
 
 from reflow_core import paths, solvers
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _imports(path: pathlib.Path) -> set[str]:

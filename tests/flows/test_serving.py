@@ -32,7 +32,7 @@ from flows.tracking import MlflowTracker
 from reflow_core import stages
 from reflow_core.preset import load_preset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = tiny({
     "data.n_train": 2000, "eval.n_samples": 500, "net.hidden": 64, "pairs.batch_size": 500,
     "pairs.chunk_size": 500, "pairs.n_pairs": 2000, "pairs.nfe": 15, "pairs.shard_size": 1000,

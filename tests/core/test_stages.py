@@ -20,7 +20,7 @@ from reflow_core import checkpoint, stages, storage
 from reflow_core.config import ConfigError
 from reflow_core.preset import load_preset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # tiny but real: two reflow rounds, every stage does work in a second or two on one thread
 TINY = tiny({"reflow.rounds": 2})

@@ -70,7 +70,7 @@ def test_unet_shapes(shape, kw):
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
 def test_class_conditional_backbone_needs_labels(kind):
     """Backbones know nothing of CFG: num_classes + 1 label rows, but no null_label and no None -> null mapping
-    (that is VelocityModel's job: tests/test_velocity.py)."""
+    (that is VelocityModel's job: tests/core/test_velocity.py)."""
     torch.manual_seed(0)
     if kind == "mlp":
         net, x = MLP(hidden=32, depth=2, num_classes=3), torch.randn(4, 2)

@@ -18,7 +18,7 @@ from reflow_core.config import ConfigError, PipelineConfig, validate
 from reflow_core.preset import load_preset
 
 BASE = PipelineConfig().model_dump(mode="json")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _leaves(d: dict, prefix: tuple = ()) -> list[tuple]:

@@ -27,7 +27,7 @@ from helpers import tiny
 
 from flows import tracking
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TINY = tiny({
     "data.n_train": 2000, "eval.n_samples": 256, "eval.straightness_steps": 8, "net.hidden": 64,
