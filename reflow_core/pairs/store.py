@@ -66,7 +66,11 @@ class PairStore:
         self._group = group
         self._fs = fs
         self._root = root.rstrip("/")
-        self._attrs = self._valid_attrs(self.url, group)
+        self._attrs = a = self._valid_attrs(self.url, group)
+        # the layout, fixed when the store was made (validated above)
+        self.n_backward, self.n_forward = int(a["n_backward"]), int(a["n_forward"])
+        self.chunk_size, self.shard_size = int(a["chunk_size"]), int(a["shard_size"])
+        self.shape, self.dtype = tuple(int(s) for s in a["shape"]), str(a["dtype"])
         self._arrays = {k: group[k] for k in ARRAYS}
         self._check_arrays()
         self._plan = shard_plan(self.n_backward, self.n_forward, self.shard_size)
@@ -210,35 +214,11 @@ class PairStore:
         return dict(self._attrs)
 
     @property
-    def n_backward(self) -> int:
-        return int(self._attrs["n_backward"])
-
-    @property
-    def n_forward(self) -> int:
-        return int(self._attrs["n_forward"])
-
-    @property
     def n(self) -> int:
         return self.n_backward + self.n_forward
 
     def __len__(self) -> int:
         return self.n
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self._attrs["shape"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self._attrs["dtype"])
-
-    @property
-    def chunk_size(self) -> int:
-        return int(self._attrs["chunk_size"])
-
-    @property
-    def shard_size(self) -> int:
-        return int(self._attrs["shard_size"])
 
     @property
     def plan(self) -> list[Shard]:

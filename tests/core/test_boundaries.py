@@ -132,3 +132,26 @@ def test_reflow_core_imports_without_the_orchestration_stack():
     assert not any(p in base for p in ("prefect", "mlflow", "s3fs")), base
     flows_extra = " ".join(project["optional-dependencies"]["flows"])
     assert all(p in flows_extra for p in ("prefect", "mlflow", "s3fs")), flows_extra
+
+
+def test_no_private_name_is_used_across_modules():
+    """`_name` is a module's own: no module of reflow_core/ or flows/ imports one from another module of ours or reads
+    one as `module._name` (what two modules share is public)."""
+    ours = ("reflow_core", "flows", ".")
+    bad = []
+    for f in [*(ROOT / "reflow_core").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
+        tree = ast.parse(f.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(ours)):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{f.relative_to(ROOT)}:{node.lineno} imports {a.name}")
+                    modules.add(a.asname or a.name)  # a name or a submodule: attribute reads below are checked
+            elif isinstance(node, ast.Import):
+                modules.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith(ours[:2]))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                bad.append(f"{f.relative_to(ROOT)}:{node.lineno} reads {node.value.id}.{node.attr}")
+    assert not bad, bad
