@@ -1,4 +1,4 @@
-"""Data (the t = 0 end of the flow): toy 2-D distributions and image datasets, all as float32 tensors.
+"""Data sets (the t = 0 end of the flow) as float32 tensors: toy 2-D (drawn from `toy.py`) and images.
 
 Every loader is offline except CIFAR-10's optional download:
 
