@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --quick    # a few minutes on 2 cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py            # longer runs, more repeats
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --smoke    # seconds: the code rundir only (a test)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --smoke    # seconds: the code paths only (a test)
 
 (i)   training, steps/s, on the toy2d MLP (2-D, hidden 256, depth 4, batch 512) and the digits U-Net (1x8x8,
       class-conditional, batch 64), both with their presets' TrainConfig (Adam, warm-up, grad clip, EMA):

@@ -8,7 +8,7 @@ import torch
 from reflow_core.solvers import Velocity
 
 
-REPO = Path(__file__).resolve().parents[2]  # the repository root
+REPO = Path(__file__).resolve().parent.parent  # the repository root
 
 
 class NFECounter:

@@ -20,7 +20,7 @@ from ..velocity import VelocityModel, generate
 from .base import Context, RunDir, Stage, StageOutput, dataset, default_device, load_model
 
 GUIDE = "guide"
-TRAJ_LINES = 256  # rundir drawn per model in the toy trajectory plot
+TRAJ_LINES = 256  # paths drawn per model in the toy trajectory plot
 GRID_IMAGES = 64  # images per sample grid
 
 
@@ -86,7 +86,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
     combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
     rows, samples, total = [], {}, len(models) * len(combos)
-    # toy: the trajectory plot's rundir are the first TRAJ_LINES of the straightness integration (no second ODE)
+    # toy: the trajectory plot's paths are the first TRAJ_LINES of the straightness integration (no second ODE)
     keep = min(TRAJ_LINES, ec.n_samples) if ds.kind == "toy" else 0
     trajs = {}
     for name, model in models.items():

@@ -1,6 +1,6 @@
 """The speed knobs on a real GPU: CUDA graphs, bf16 and torch.compile give the eager fp32 answers (within bf16's
 tolerance), the batch probe finds the memory limit, and a pair shard simulated with every knob on matches one
-simulated without. Every test here needs CUDA and is reported as skipped without it (the CPU rundir of the same code
+simulated without. Every test here needs CUDA and is reported as skipped without it (the CPU paths of the same code
 are tested in test_accel.py). On the lent GPU machine: `bash benchmarks/gpu_device.sh` runs them."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from reflow_core.nets import UNet
 from reflow_core.velocity import VelocityModel, velocity_for
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU rundir: test_accel.py)")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU paths: test_accel.py)")]
 
 DEV = torch.device("cuda")
 

@@ -241,7 +241,7 @@ def test_time_grid_is_one_tagged_union():
     assert UniformGrid().solver_args(8) == {"grid": "uniform", "rho": 1.0, "times": None}
 
 
-# --- hostile run names (one check, where run rundir are built) -------------------------------------------------------
+# --- hostile run names (one check, where run paths are built) -------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["../../escape", "a/b", "..", ".", "", "x" * 101, "a b", "ok\n", "s3://b/x"])
 def test_run_names_that_would_leave_the_root_are_refused_before_any_io(tmp_path, capsys, bad):

@@ -23,7 +23,7 @@ def test_digits_pipeline_end_to_end(tmp_path):
     assert set(by) == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
     for r in rows:
         assert r["fd_digits"] > 0 and torch.isfinite(torch.tensor(r["fd_digits"]))
-    # reflow straightens the teacher's rundir even after 200 steps
+    # reflow straightens the teacher's paths even after 200 steps
     assert by[("reflow", 1)]["straightness"] < by[("teacher", 1)]["straightness"]
     store = PairStore.open(rundir.url("pairs.zarr"))
     batch = store.read(slice(0, 1000))

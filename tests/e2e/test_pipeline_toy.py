@@ -1,4 +1,4 @@
-"""The ReFlow effect end to end on toy2d (CPU, ~1 minute): straighter rundir and far better 1-NFE samples."""
+"""The ReFlow effect end to end on toy2d (CPU, ~1 minute): straighter paths and far better 1-NFE samples."""
 import json
 
 import pytest

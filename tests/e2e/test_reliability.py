@@ -478,7 +478,7 @@ def test_nonfinite_data_stops_the_teacher_stage(tmp_path, monkeypatch):
 
 class FlakyFS(MemoryFileSystem):
     """An in-memory fsspec filesystem whose next `fail` writes of chunk objects or done markers raise ENOSPC
-    (`only` narrows them to rundir containing a substring)."""
+    (`only` narrows them to paths containing a substring)."""
 
     protocol = ("flaky",)
     fail = 0
