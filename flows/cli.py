@@ -239,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="toy2d", help="preset name or YAML path (see `reflow presets`)")
     r.add_argument("--root", default=None, help="root of all runs: a directory or fsspec URL (s3://...); default "
                    "$REFLOW_ROOT, else ./runs")
-    r.add_argument("--run", default=None, help="run name; reuse it to resume (default: a new name)")
-    r.add_argument("--new", action="store_true", help="refuse to reuse an existing run directory")
+    r.add_argument("--run", default=None, help="run name; reuse it to resume (default: the config's name, i.e. "
+                   "the preset's, so rerunning a preset resumes it)")
+    r.add_argument("--new", action="store_true", help="when the run directory exists with a different configuration, "
+                   "start a fresh one with a suffixed name (<run>-2, ...) instead of refusing; with the same "
+                   "configuration the run is resumed as without --new")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")
     r.add_argument("--stages", default=None, help="comma-separated stage names of the run's plan (teacher, pairs, "
                    "reflow, [pairs-2, reflow-2, ...,] evaluate; see `reflow plan`)")

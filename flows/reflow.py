@@ -37,7 +37,7 @@ from flows.publish import publish_task
 from flows.root import resolve_root
 from flows.tasks import stage_tasks
 from flows.tracking import MlflowTracker, source_tags
-from flows.tracking_store import resolve_tracking_uri, ui_command
+from flows.tracking_store import resolve_tracking_uri, ui_hint
 from reflow_core import host, lease
 from flows.params import ConfigOverrides, Orchestration, deployment_preset, orchestration, override_dict
 from reflow_core.config import PipelineConfig
@@ -97,7 +97,8 @@ def reflow(
         root: fsspec root of all runs (`/data/runs`, `s3://bucket/reflow`). Empty: the Prefect variable
             `reflow_root`, else $REFLOW_ROOT (docs/cloud.md).
         run: run name under the root; re-use it to resume. Empty: the config's name (the preset's).
-        new: refuse to reuse an existing run directory (a fresh run).
+        new: when the run directory exists with a different configuration, a fresh suffixed run (<run>-2, ...)
+            instead of a refusal; with the same configuration the run resumes either way.
         stages: run only these stage instances (e.g. ["reflow-2", "evaluate"]); the stages they read from must
             already be finished under this run. A selected evaluate is recomputed even if metrics.json is current.
         teacher_checkpoint: start from this teacher checkpoint instead of training one.
@@ -167,7 +168,7 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
     metrics_json = outputs["evaluate"].urls["metrics"] if "evaluate" in outputs else None
     rows = outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
     models = {name: o.urls["model"] for name, o in outputs.items() if "model" in o.urls}
-    ui = ui_command(uri)
+    ui = ui_hint(uri, root)
     if rows:
         print(report.summary_table(rows, published["metric"]))
     print(f"run directory:  {rundir.dir}")

@@ -78,7 +78,20 @@ def open_store(uri: str) -> None:
 
 
 def ui_command(uri: str) -> str:
-    """The command that shows a tracking store in the MLflow UI."""
+    """The mlflow command that shows a tracking store in the MLflow UI (what `reflow ui` runs)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri}  (an MLflow server is already serving this store)"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def ui_hint(uri: str, root: str) -> str:
+    """What a finished run tells its user to type to see it in MLflow: `reflow ui` (with the path of the `reflow`
+    next to this interpreter, e.g. `.venv/bin/reflow`: neither `reflow` nor `mlflow` is on PATH after `make demo`)
+    with `--root` when the store is the root's own, else `--uri`; a server's address as it is."""
+    if uri.startswith(("http://", "https://")):
+        return ui_command(uri)
+    exe = Path(sys.executable).parent / "reflow"
+    reflow = os.path.relpath(exe) if exe.exists() and not os.path.relpath(exe).startswith("..") else \
+        (str(exe) if exe.exists() else "reflow")
+    own = storage.is_local(root) and uri == f"sqlite:///{local_path(root) / 'mlflow.db'}"
+    return f"{reflow} ui --root {root}" if own else f"{reflow} ui --uri {uri}"

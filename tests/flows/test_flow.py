@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
+import subprocess
 import time
 
 import pytest
@@ -63,7 +65,10 @@ def test_flow_logs_parent_and_stage_runs(tmp_path, monkeypatch, prefect_api, cle
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"  # default store for a local root
     assert result["mlflow_tracking_uri"] == uri
-    assert result["ui"] == f"mlflow ui --backend-store-uri {uri}"
+    # the printed command works as printed (neither mlflow nor reflow is on PATH after `make demo`)
+    assert result["ui"].split()[1:] == ["ui", "--root", root]
+    shown = subprocess.run([*shlex.split(result["ui"]), "--print-only"], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == f"mlflow ui --backend-store-uri {uri}"
     assert result["run_dir"] == str(tmp_path / "runs" / "tiny")
     assert storage.exists(result["metrics_json"])
     assert {(r["model"], r["nfe"]) for r in result["metrics"]} == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
