@@ -10,9 +10,11 @@ from typing import Any, Callable
 
 from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
 from flows.retry import retry_transient
 from flows.params import Orchestration
+from flows.progress import PrefectProgress
 from flows.runners import pair_task_runner
 from flows.tracking import MlflowTracker
 from reflow_core import host, stages
@@ -30,8 +32,10 @@ def run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[An
     """
     callback = tracker.stage_callback(stage)
     try:
-        # MLflow gets every event; a terminal also gets a progress bar (tqdm stays silent when not a TTY)
-        out = call(NullCallback() if done else MultiCallback(callback, ConsoleCallback(disable=None)))
+        # MLflow gets every event; the flow run a progress artifact and log lines; a terminal also gets a progress bar
+        # (tqdm stays silent when not a TTY)
+        out = call(NullCallback() if done else MultiCallback(callback, PrefectProgress(stage),
+                                                             ConsoleCallback(disable=None)))
         if after is not None and not done:
             after(out, callback.run_id)
     except BaseException:
@@ -109,16 +113,23 @@ def stage_tasks(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir,
     pending = pair_shards_task(cfg, rundir, stage, inputs, tracker)
     logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
     results: list[dict] = []
+    progress = PrefectProgress(stage.name, unit="shards")  # the stage's shards done, on the flow run's page
+    if pending:
+        progress.on_progress(stage.name, 0, len(pending))
     if pending and orch.engine == "threads" and cfg.pairs.workers == 1:
         # one at a time, in this thread, a task run each: a pool thread would run torch with an OpenMP team of its
         # own next to this thread's, and libgomp cuts spin-waits short once a process's OpenMP threads outnumber
         # its cores (about a third slower shards on the 2-core box; docs/performance.md, "Threads")
-        results = [simulate_shard_task(cfg, orch, rundir, stage, inputs, k, tracker) for k in pending]
+        for i, k in enumerate(pending):
+            results.append(simulate_shard_task(cfg, orch, rundir, stage, inputs, k, tracker))
+            progress.on_progress(stage.name, i + 1, len(pending))
     elif pending:
         runner, annotations = pair_task_runner(orch, cfg.pairs.workers)
         with runner, annotations:
             futures = runner.map(simulate_shard_task, {
                 "cfg": unmapped(cfg), "orch": unmapped(orch), "rundir": unmapped(rundir), "stage": unmapped(stage),
                 "inputs": unmapped(inputs), "shard": pending, "tracker": unmapped(tracker)})
+            for i, _ in enumerate(as_completed(futures)):
+                progress.on_progress(stage.name, i + 1, len(pending))
             results = futures.result()  # raises the first failed shard (after its retries)
     return finish_pairs_task(cfg, rundir, stage, tracker, results)

@@ -382,3 +382,49 @@ def test_tracker_reuses_parent_and_stage_runs(tmp_path):
     new_parent = other.parent_run_id()
     assert new_parent != parent
     assert json.loads((tmp_path / "run" / tracking_store.RUN_FILE).read_text())["run_id"] == new_parent
+
+
+def test_a_running_stage_shows_its_progress_in_prefect(tmp_path):
+    """While the teacher trains, its progress artifact on the flow run (read back through the Prefect API) grows,
+    with throughput and ETA in its description; the pairs stage counts its shards; the run logger gets the lines."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName,
+                                                LogFilter, LogFilterFlowRunId)
+
+    over = tiny({"teacher.train.steps": 4000, "teacher.train.ckpt_every": 1000})
+    run = f"prog{os.getpid()}x{int(time.time())}"  # artifact keys are global on the API: a key of this run only
+    key = f"toy2d-{run}-teacher-progress"
+    seen: list[tuple[float, str]] = []
+    done = threading.Event()
+
+    def poll():
+        with get_client(sync_client=True) as client:
+            while not done.is_set():
+                arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+                if arts:
+                    seen.append((float(arts[0].data), arts[0].description or ""))
+                time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        result = reflow_module.reflow(preset="toy2d", overrides=over, root=str(tmp_path), run=run)
+    finally:
+        done.set()
+        poller.join(timeout=30)
+    fractions = [f for f, _ in seen]
+    running = [f for f in fractions if 0 < f < 100]
+    assert len(set(running)) >= 2 and fractions == sorted(fractions), fractions  # it grew while the stage ran
+    assert fractions[-1] == 100.0 and "4000/4000 steps" in seen[-1][1]
+    assert any("steps/s, ETA" in d for f, d in seen if 0 < f < 100)
+    with get_client(sync_client=True) as client:
+        shards = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"toy2d-{run}-pairs-progress"])))
+        assert shards and float(shards[0].data) == 100.0 and "2/2 shards" in shards[0].description
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"toy2d-{run}"])))
+        logs = [r.message for r in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[run.id])))]
+    assert any(m.startswith("teacher: 4000/4000 steps") and "loss" in m for m in logs), logs
+    assert result["metrics"]
