@@ -18,14 +18,16 @@ from reflow_core import export, solvers, stages
 from reflow_core.preset import load_preset
 from reflow_core.stages import evaluate
 
+from helpers import tiny
+
 ROOT = Path(__file__).resolve().parents[2]
-TOY = {
-    "data.n_train": 2000, "net.hidden": 32, "net.depth": 2,
-    "teacher.train.steps": 60, "teacher.train.batch_size": 128, "teacher.train.ckpt_every": 60,
-    "pairs.n_pairs": 500, "pairs.shard_size": 500, "pairs.chunk_size": 500, "pairs.batch_size": 500, "pairs.nfe": 3,
-    "reflow.train.steps": 40, "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 40,
-    "eval.n_samples": 200, "eval.nfes": [1], "eval.straightness_steps": 2,
-}
+TOY = tiny({
+    "data.n_train": 2000, "teacher.train.steps": 60, "teacher.train.batch_size": 128, "teacher.train.warmup": 100,
+    "teacher.train.ckpt_every": 60, "teacher.train.log_every": 100, "pairs.shard_size": 500, "pairs.chunk_size": 500,
+    "pairs.batch_size": 500, "pairs.nfe": 3, "reflow.train.steps": 40, "reflow.train.batch_size": 128,
+    "reflow.train.warmup": 100, "reflow.train.ckpt_every": 40, "reflow.train.log_every": 100, "eval.nfes": [1],
+    "eval.straightness_steps": 2,
+})
 # a class-conditional image teacher: the only stage sample needs for `--model teacher`
 DIGITS = {"teacher.train.steps": 10, "teacher.train.batch_size": 32, "teacher.train.ckpt_every": 10}
 
