@@ -31,10 +31,12 @@ class Orchestration(BaseModel):
         "`pairs.workers` processes with one thread each. Credentials never go here: workers read their environment")
     mlflow_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite under the run root")
     experiment: str = "reflow"
+    system_metrics: bool = Field(False, description="MLflow system metrics (CPU, memory, disk, network; GPU when "
+                                 "pynvml is installed) sampled every 5 s into the pipeline's parent run while it runs")
 
 
 # the dotted key each setting is given by (the key it had in the config schema, so old configs keep working)
-KEYS = dict(zip(ORCHESTRATION_KEYS, ("engine", "dask_address", "mlflow_uri", "experiment")))
+KEYS = dict(zip(ORCHESTRATION_KEYS, ("engine", "dask_address", "mlflow_uri", "experiment", "system_metrics")))
 
 
 def orchestration(preset: str, overrides: dict | None = None) -> Orchestration:

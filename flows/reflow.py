@@ -23,6 +23,7 @@ the flow run's page (Prefect artifacts: metric table, summary with the sample gr
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -156,8 +157,10 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
             wall[step.stage.name] = time.perf_counter() - t0
         return out
 
+    monitor = tracker.system_metrics(parent) if orch.system_metrics else contextlib.nullcontext()
     try:
-        outputs = walk(Context(cfg, rundir), sched, execute)
+        with monitor:
+            outputs = walk(Context(cfg, rundir), sched, execute)
         published = (publish_task(cfg, rundir, preset, sched.stages, outputs, wall, tracker, "evaluate" in wall)
                      if "evaluate" in outputs else {"registered": {}, "metric": None})
     except BaseException:

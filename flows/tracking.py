@@ -290,6 +290,19 @@ class MlflowTracker:
         return runs
 
     @contextlib.contextmanager
+    def system_metrics(self, run_id: str, every_s: float = 5.0):
+        """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network, GPU when present)
+        sampled every `every_s` seconds into run_id while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    @contextlib.contextmanager
     def active_run(self, run_id: str):
         """run_id as MLflow's active run in this thread (for `mlflow.<flavor>.log_model`, which logs into the
         active run), on this tracker's store; left FINISHED afterwards, as it was (start_run re-opens it)."""

@@ -413,7 +413,8 @@ def _legacy_grids(raw: dict) -> dict:
 
 # settings only the orchestration reads (flows/params.py): a config or preset may carry them under these keys (older
 # configs all do); the torch core's schema leaves them out, so they are dropped here and read by the flow
-ORCHESTRATION_KEYS = ("pairs.engine", "pairs.dask_address", "tracking.mlflow_uri", "tracking.experiment")
+ORCHESTRATION_KEYS = ("pairs.engine", "pairs.dask_address", "tracking.mlflow_uri", "tracking.experiment",
+                      "tracking.system_metrics")
 
 
 def _without_orchestration(raw: dict) -> dict:

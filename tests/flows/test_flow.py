@@ -428,3 +428,16 @@ def test_a_running_stage_shows_its_progress_in_prefect(tmp_path):
             any_=[run.id])))]
     assert any(m.startswith("teacher: 4000/4000 steps") and "loss" in m for m in logs), logs
     assert result["metrics"]
+
+
+def test_system_metrics_are_an_option_of_the_tracking_settings(tmp_path):
+    """`tracking.system_metrics: true` samples MLflow's system metrics into the pipeline's parent run while it runs;
+    off (the default) there are none."""
+    on = reflow_module.reflow(preset="toy2d", overrides=tiny({"teacher.train.steps": 2500,
+                                                              "tracking.system_metrics": True}),
+                              root=str(tmp_path), run="sysm")
+    off = reflow_module.reflow(preset="toy2d", overrides=tiny(), root=str(tmp_path), run="plain")
+    client = MlflowClient(on["mlflow_tracking_uri"])
+    keys = {r: set(client.get_run(res["mlflow_run_id"]).data.metrics) for r, res in (("on", on), ("off", off))}
+    assert "system/cpu_utilization_percentage" in keys["on"] and "system/system_memory_usage_megabytes" in keys["on"]
+    assert not {k for k in keys["off"] if k.startswith("system/")}
