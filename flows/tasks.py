@@ -12,9 +12,9 @@ from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.retry import retry_transient
 from flows.params import Orchestration
 from flows.progress import PrefectProgress
+from flows.retry import retry_transient
 from flows.runners import pair_task_runner
 from flows.tracking import MlflowTracker
 from reflow_core import host, stages
@@ -23,19 +23,20 @@ from reflow_core.config import PipelineConfig
 
 
 def run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[Any], Any],
-              after: Callable[[Any, str], None] | None = None) -> Any:
+              after: Callable[[Any, str], None] | None = None, progress: bool = True) -> Any:
     """Run one stage against its child run: FINISHED on success, FAILED (and re-raised) on error.
 
     `after(output, run_id)` logs the stage's results into the child run before it is closed. A stage already
     finished on disk is still called (reflow_core skips it and returns its output) but with a silent callback, so
-    the child run's history is not touched beyond a `reflow.skipped` tag.
+    the child run's history is not touched beyond a `reflow.skipped` tag. `progress`: keep the stage's progress
+    artifact (off for a pairs stage's finish, whose artifact counts the shards).
     """
     callback = tracker.stage_callback(stage)
     try:
         # MLflow gets every event; the flow run a progress artifact and log lines; a terminal also gets a progress bar
         # (tqdm stays silent when not a TTY)
-        out = call(NullCallback() if done else MultiCallback(callback, PrefectProgress(stage),
-                                                             ConsoleCallback(disable=None)))
+        shown = [PrefectProgress(stage)] if progress else []
+        out = call(NullCallback() if done else MultiCallback(callback, *shown, ConsoleCallback(disable=None)))
         if after is not None and not done:
             after(out, callback.run_id)
     except BaseException:
@@ -99,7 +100,8 @@ def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.
 
     # the shard hashes are checked once, before training reads the pairs (the reflow stage)
     kind = stages.sharded(stage)
-    return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, rundir, cb)), after)
+    return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, rundir, cb)), after,
+                     progress=False)
 
 
 def stage_tasks(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, step: stages.Step,

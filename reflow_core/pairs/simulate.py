@@ -16,8 +16,8 @@ import torch
 
 from .. import solvers
 from ..config import PairsConfig
-from ..solvers import Velocity
 from ..rng import forward_indices, row_labels, row_noise
+from ..solvers import Velocity
 from .errors import PairStoreMismatch, redo_hint
 from .layout import ARRAYS, BACKWARD, FORWARD, NOISE_RNG, Hasher, Shard
 from .store import PairStore
