@@ -243,7 +243,7 @@ def test_champion_moves_only_to_a_better_version(demo, tracking):
     assert tags[v1]["reflow.champion_reason"].startswith("@champion: first version")
     assert re.match(rf"@champion: sliced_w2.reflow.euler.nfe1 = \S+ beats champion v{v1}", tags[v2][
         "reflow.champion_reason"])
-    assert tags[v3]["reflow.champion_reason"].startswith(f"not @champion: sliced_w2.reflow.euler.nfe1 = ")
+    assert tags[v3]["reflow.champion_reason"].startswith("not @champion: sliced_w2.reflow.euler.nfe1 = ")
     assert f"champion v{v2}" in tags[v3]["reflow.champion_reason"]
     assert float(tags[v2]["reflow.metric_value"]) == pytest.approx(m2)
     mv = client.get_model_version(name, v2)
