@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from reflow_core.config import ORCHESTRATION_KEYS, ConfigError, PipelineConfig
-
 from reflow_core.preset import apply_overrides, preset_names, raw_preset
 
 
