@@ -345,6 +345,25 @@ def test_straightness_callback_sees_every_step_before_it_is_taken():
     assert torch.allclose(seen[2][2], x1 - 0.5)
 
 
+def test_straightness_is_the_euler_loop_it_replaced_bit_for_bit():
+    """solvers.euler on a float32 grid takes the float32 steps straightness always took, for step counts that are
+    not powers of two too (where a float64 grid differs in the last bits)."""
+    g = torch.Generator().manual_seed(3)
+    x1, w = torch.randn(32, 4, generator=g), torch.randn(4, 4, generator=g)
+    fn = lambda x, t: torch.tanh(x @ w) * (1 + t[:, None])  # noqa: E731
+    for steps in (3, 7, 10, 64):
+        ts, x, vs = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32), x1.clone(), []
+        for i in range(steps):
+            vs.append(fn(x, ts[i].expand(32).clone()))
+            x = x + (ts[i + 1] - ts[i]) * vs[-1]
+        disp = (x1 - x).double()
+        want = torch.zeros(32, dtype=torch.float64)
+        for v in vs:
+            want += (1.0 / steps) * ((disp - v.double()) ** 2).sum(dim=1)
+        s, per = M.straightness(fn, x1, steps=steps, return_per_sample=True)
+        assert s == float(want.mean()) and torch.equal(per, want.float())
+
+
 def test_fid_reference_matches_calculate_metrics_and_caches(random_inception_weights, single_thread, tmp_path):
     import torch_fidelity
 
