@@ -433,7 +433,7 @@ def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeyp
     # one list per spy (a sum of the lists would be a new, forever empty list)
     toy_plain = [_count(monkeypatch, owner, name) for owner in (M, M.distances)
                  for name in ("sliced_w2", "energy_distance")]
-    toy_refs = _count(monkeypatch, M, "ToyReference")
+    toy_refs = _count(monkeypatch, M.kinds, "ToyReference")
     stats = _count(monkeypatch, M.FrechetReference, "statistics")  # the digit classifier's and Inception's
     extractors = _count(monkeypatch, torch_fidelity.utils, "create_feature_extractor")
 
