@@ -20,7 +20,7 @@ def reference_for(ds: DataSet, real: torch.Tensor, cache_url: str, *,
     """The `Reference` of ``ds``'s kind built from the real samples ``real``, its side computed once; ``cache_url``
     (a run root's ``_cache``) keeps the reference statistics and the digit classifier (trained on ``ds``)."""
     if ds.kind == "toy":
-        return ToyReference(real, seed=0)
+        return ToyReference(real, seed=0, cache_url=cache_url)
     if ds.name == "digits":
         net = load_or_train_digit_classifier(storage.join(cache_url, "digit_classifier.pt"), ds.x, ds.y)
         return FrechetReference("fd_digits", DigitFeatures(net), real, cache_url=cache_url)

@@ -336,6 +336,28 @@ def test_toy_reference_equals_the_plain_distances():
         assert got["energy"] == M.energy_distance(fake, real, chunk=256)
 
 
+def test_toy_reference_samples_cached_once_in_the_one_format(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    real, x = torch.randn(300, 2, generator=g), torch.randn(200, 2, generator=g) + 0.3
+    cache = f"file://{tmp_path}/cache"
+    first, again = M.ToyReference(real, cache_url=cache), M.ToyReference(real, cache_url=cache)
+    assert (first.statistics_computed, again.statistics_computed) == (1, 0)
+    assert first.score(x) == again.score(x) == M.ToyReference(real).score(x)
+    (entry,) = (tmp_path / "cache").glob("sliced_w2_ref-*.npz")
+    stats = M.FeatureStats.from_bytes(entry.read_bytes())
+    assert stats.mu is None and torch.equal(stats.samples, real.double())
+
+
+def test_extractors_satisfy_the_protocol_and_feature_stats_round_trip(digit_net):
+    for e in (M.Identity(), M.DigitFeatures(digit_net)):
+        assert isinstance(e, M.FeatureExtractor)
+    for ref in (M.ToyReference(torch.zeros(4, 2)),):
+        assert isinstance(ref, M.Reference)
+    moments = M.moments(np.random.default_rng(0).normal(size=(20, 3)))
+    back = M.FeatureStats.from_bytes(moments.to_bytes())
+    assert back.samples is None and np.array_equal(back.mu, moments.mu) and np.array_equal(back.sigma, moments.sigma)
+
+
 def test_straightness_callback_sees_every_step_before_it_is_taken():
     seen = []
     x1 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
