@@ -66,6 +66,8 @@ def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def euler(v: Velocity, x: torch.Tensor, grid: torch.Tensor, callback: StepCallback | None = None) -> torch.Tensor:
+    """Euler along ``grid``; ``callback(i, t_i, x_i, v_i)`` sees each step before it is taken. A step is the
+    difference of two grid times in the grid's dtype (a float32 grid takes float32 steps)."""
     for i in range(len(grid) - 1):
         t_cur, t_next = grid[i], grid[i + 1]
         d = v(x, _t(t_cur, x))

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from reflow_core import rng, stages
+from reflow_core import metrics, rng, stages, storage
 from reflow_core.data import real_reference
 from reflow_core.velocity import generate
 
@@ -42,7 +42,7 @@ def main() -> None:
         noise = stages.evaluate.eval_noise(ds.shape, n, seed)
         label = stages.evaluate.eval_labels(ds, cfg.net.class_cond, n, seed)
         real = real_reference(ds, n, torch.Generator().manual_seed(rng.reference_seed(seed)))
-        ref = stages.evaluate.reference(cfg, ds, rundir, real)
+        ref = metrics.reference_for(ds, real, storage.join(rundir.root, "_cache"))
         for m, model in models.items():
             for nfe in a.nfes:
                 x = generate(model, noise, nfe, "euler", label=label)

@@ -1,10 +1,10 @@
 """One interface for a sample set's quality against real data, whatever the data: `Reference.score(x)`.
 
 The reference side is done once per evaluation: features are extracted by a `FeatureExtractor` (identity for the toy
-clouds, the digit classifier, Inception), their statistics computed once and cached in one format (`FeatureStats`
-as `<metric>_ref-<key>.npz`, key = the real samples' bytes and the extractor's name), and each evaluated sample set
-is scored by a distance from statistics. A paired metric (a reconstruction against its ground truth, such as PSNR)
-is a second kind of reference with a `score(x, target)` of its own; it plugs in beside these.
+clouds, the digit classifier, Inception), their statistics computed once and cached in one format (`FeatureStats`:
+moments, or the samples where a distance needs them, as `<metric>_ref-<key>.npz`, key = the real samples' bytes and
+the extractor's name), and each evaluated sample set is scored by a distance from statistics. A paired metric (a
+reconstruction against its own ground truth, such as PSNR) is a `PairedMetric`, scored beside these.
 """
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ class Reference(Protocol):
 
 
 @runtime_checkable
+class PairedMetric(Protocol):
+    """Quality of reconstructions against their own ground truth, row by row (super-resolution: PSNR, the
+    consistency of the downsampled reconstruction with its input): no reference set, no statistics."""
+
+    metric: str  # the headline key of `score`
+
+    def score(self, x_hat: torch.Tensor, x_true: torch.Tensor) -> dict[str, float]: ...
+
+
+@runtime_checkable
 class FeatureExtractor(Protocol):
     """Features (N, D) of samples; `name` identifies the extractor and its weights (part of the cache key)."""
 
@@ -38,22 +48,59 @@ class FeatureExtractor(Protocol):
     def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+class Identity:
+    """Toy 2-D clouds: the points themselves are the features (flattened, float64)."""
+
+    name = "identity"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return flat(x).double()
+
+
 @dataclass(frozen=True)
 class FeatureStats:
-    """Mean (D,) and covariance (D, D) of a feature set, float64: what a Frechet distance compares."""
+    """The statistics of a feature set a distance compares: mean (D,) and covariance (D, D) for a Frechet
+    distance, or the samples (N, D) themselves for the sample distances (sliced W2, energy)."""
 
-    mu: np.ndarray
-    sigma: np.ndarray
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    samples: torch.Tensor | None = None
 
     def to_bytes(self) -> bytes:
+        arrays = {"mu": self.mu, "sigma": self.sigma,
+                  "samples": None if self.samples is None else self.samples.detach().cpu().numpy()}
         buf = io.BytesIO()
-        np.savez(buf, mu=self.mu, sigma=self.sigma)
+        np.savez(buf, **{k: v for k, v in arrays.items() if v is not None})
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "FeatureStats":
         with np.load(io.BytesIO(data)) as z:
-            return cls(z["mu"], z["sigma"])
+            got = {k: z[k] for k in ("mu", "sigma", "samples") if k in z.files}
+        if "samples" in got:
+            got["samples"] = torch.from_numpy(got["samples"])
+        return cls(**got)
+
+
+def cached_statistics(metric: str, extractor: FeatureExtractor, real: torch.Tensor, cache_url: str | None,
+                      compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, bool]:
+    """The reference's statistics from ``<cache_url>/<metric>_ref-<key>.npz`` (key: the real samples' bytes and
+    shape and the extractor's name), else ``compute()`` written there; and whether they were computed. An
+    unreadable entry is recomputed and rewritten; ``cache_url`` None keeps nothing."""
+    url = None
+    if cache_url is not None:
+        real_bytes = torch.as_tensor(real).detach().float().cpu().contiguous().numpy().tobytes()
+        key = hashlib.sha256(real_bytes + str(tuple(real.shape)).encode() + extractor.name.encode()).hexdigest()
+        url = storage.join(cache_url, f"{metric}_ref-{key[:24]}.npz")
+        if storage.exists(url):
+            try:
+                return FeatureStats.from_bytes(storage.read_bytes(url)), False
+            except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed and rewritten
+                pass
+    stats = compute()
+    if url is not None:
+        storage.atomic_write_bytes(url, stats.to_bytes())
+    return stats, True
 
 
 def moments(features) -> FeatureStats:
@@ -72,21 +119,27 @@ class ToyReference:
 
     metric = "sliced_w2"
 
-    def __init__(self, real: torch.Tensor, n_proj: int = 256, seed: int = 0, chunk: int = 2048):
-        self.y = flat(real).double()
+    def __init__(self, real: torch.Tensor, n_proj: int = 256, seed: int = 0, chunk: int = 2048,
+                 cache_url: str | None = None):
+        self.extractor = Identity()
+        self.stats, computed = cached_statistics(
+            self.metric, self.extractor, real, cache_url,
+            lambda: FeatureStats(samples=self.extractor.features(real)))
+        self.statistics_computed = int(computed)
+        self.y = self.stats.samples
         self.chunk = int(chunk)
         self.u = unit_directions(self.y.shape[1], n_proj, torch.Generator().manual_seed(seed), self.y.device)
         self.py = torch.sort(self.y @ self.u, dim=0).values
         self.eyy = mean_cdist(self.y, self.y, self.chunk, exclude_diag=True)
 
     def sliced_w2(self, x: torch.Tensor) -> float:
-        x = flat(x).to(self.y.device).double()
+        x = self.extractor.features(x).to(self.y.device)
         if x.shape[1] != self.y.shape[1]:
             raise ValueError(f"dimension mismatch: {x.shape[1]} vs {self.y.shape[1]}")
         return sliced_w2_sorted(torch.sort(x @ self.u, dim=0).values, self.py)
 
     def energy(self, x: torch.Tensor) -> float:
-        return energy_from(flat(x).to(self.y.device).double(), self.y, self.eyy, self.chunk)
+        return energy_from(self.extractor.features(x).to(self.y.device), self.y, self.eyy, self.chunk)
 
     def score(self, x: torch.Tensor) -> dict[str, float]:
         return {"sliced_w2": self.sliced_w2(x), "energy": self.energy(x)}
@@ -104,26 +157,8 @@ class FrechetReference:
                  distance: Callable[[FeatureStats, FeatureStats], float] = frechet):
         self.metric, self.extractor = metric, extractor
         self._statistics, self._distance = statistics, distance
-        self.statistics_computed = 0
-        self.cache = None
-        if cache_url is not None:
-            real_bytes = torch.as_tensor(real).detach().float().cpu().contiguous().numpy().tobytes()
-            key = hashlib.sha256(real_bytes + str(tuple(real.shape)).encode() + extractor.name.encode()).hexdigest()
-            self.cache = storage.join(cache_url, f"{metric}_ref-{key[:24]}.npz")
-        self.stats = self._load()
-        if self.stats is None:
-            self.stats = self.statistics(real)
-            self.statistics_computed += 1
-            if self.cache is not None:
-                storage.atomic_write_bytes(self.cache, self.stats.to_bytes())
-
-    def _load(self) -> FeatureStats | None:
-        if self.cache is None or not storage.exists(self.cache):
-            return None
-        try:
-            return FeatureStats.from_bytes(storage.read_bytes(self.cache))
-        except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed and rewritten
-            return None
+        self.stats, computed = cached_statistics(metric, extractor, real, cache_url, lambda: self.statistics(real))
+        self.statistics_computed = int(computed)
 
     def statistics(self, x: torch.Tensor) -> FeatureStats:
         """The `FeatureStats` of samples x."""

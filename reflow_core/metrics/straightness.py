@@ -19,7 +19,8 @@ def straightness(
 ):
     """S = int_0^1 E || (x_noise - x_data) - v(x_t, t) ||^2 dt along the model's own path.
 
-    The ODE is integrated by `solvers.euler` on a uniform grid from t = 1 (``x_noise``) to t = 0 with ``steps``
+    The ODE is integrated by `solvers.euler` on a uniform float32 grid (``torch.linspace``, the steps this
+    metric has always taken, also for a step count that is not a power of two) from t = 1 (``x_noise``) to t = 0 with ``steps``
     steps; ``velocity_fn(x, t)`` is the solvers' velocity (labels bound by the caller, e.g.
     ``VelocityModel.solver_velocity(label)``). ``x_data`` is the final point. The squared norm is summed over all
     non-batch dims; the time integral is the left Riemann sum over the velocities of the Euler steps. A field whose
@@ -38,7 +39,8 @@ def straightness(
         if callback is not None:
             callback(i, t, x, v)
 
-    x_data = solvers.euler(velocity_fn, x_noise, solvers.time_grid(steps), keep)
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=x_noise.device, dtype=torch.float32)
+    x_data = solvers.euler(velocity_fn, x_noise, grid, keep)
     b = x_noise.shape[0]
     disp = (x_noise - x_data).reshape(b, -1).double()
     dt = 1.0 / steps

@@ -17,7 +17,7 @@ from ..data import DataSet, real_reference
 from ..nets import count_params
 from ..rng import label_seed, reference_seed
 from ..velocity import VelocityModel, generate
-from .base import Context, RunDir, Stage, StageOutput, dataset, default_device, load_model
+from .base import Context, Stage, StageOutput, dataset, default_device, load_model
 
 GUIDE = "guide"
 TRAJ_LINES = 256  # paths drawn per model in the toy trajectory plot
@@ -81,7 +81,9 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
     label = eval_labels(ds, cfg.net.class_cond, ec.n_samples, ec.seed)
     real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(reference_seed(ec.seed)))
-    ref = reference(cfg, ds, ctx.rundir, real)
+    # the reference side once per evaluation, not per row (statistics kept under <root>/_cache by content)
+    ref = metrics.reference_for(ds, real, storage.join(ctx.rundir.root, "_cache"),
+                                inception_weights=ec.inception_weights)
     # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
     combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
@@ -125,19 +127,6 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     for p in _plots(cfg, stage, ds, models, trajs, real, rows, samples, metric):
         cb.on_artifact(stage.name, p)
     return StageOutput({"metrics": url}, {"rows": rows})
-
-
-def reference(cfg: PipelineConfig, ds: DataSet, rundir: RunDir, real: torch.Tensor) -> metrics.Reference:
-    """The data kind's quality reference, its side computed once per evaluation (not per row): the toy distances'
-    sorted projections and within-reference term, the digit classifier's or Inception's reference statistics (kept
-    under <root>/_cache, keyed by content)."""
-    if ds.kind == "toy":
-        return metrics.ToyReference(real, seed=0)
-    cache = storage.join(rundir.root, "_cache")
-    if ds.name == "digits":
-        net = metrics.load_or_train_digit_classifier(storage.join(cache, "digit_classifier.pt"), ds.x, ds.y)
-        return metrics.FrechetReference("fd_digits", metrics.DigitFeatures(net), real, cache_url=cache)
-    return metrics.FIDReference(real, inception_weights=cfg.eval.inception_weights, cache_url=cache)
 
 
 class _TrajectoryRecorder:

@@ -336,6 +336,28 @@ def test_toy_reference_equals_the_plain_distances():
         assert got["energy"] == M.energy_distance(fake, real, chunk=256)
 
 
+def test_toy_reference_samples_cached_once_in_the_one_format(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    real, x = torch.randn(300, 2, generator=g), torch.randn(200, 2, generator=g) + 0.3
+    cache = f"file://{tmp_path}/cache"
+    first, again = M.ToyReference(real, cache_url=cache), M.ToyReference(real, cache_url=cache)
+    assert (first.statistics_computed, again.statistics_computed) == (1, 0)
+    assert first.score(x) == again.score(x) == M.ToyReference(real).score(x)
+    (entry,) = (tmp_path / "cache").glob("sliced_w2_ref-*.npz")
+    stats = M.FeatureStats.from_bytes(entry.read_bytes())
+    assert stats.mu is None and torch.equal(stats.samples, real.double())
+
+
+def test_extractors_satisfy_the_protocol_and_feature_stats_round_trip(digit_net):
+    for e in (M.Identity(), M.DigitFeatures(digit_net)):
+        assert isinstance(e, M.FeatureExtractor)
+    for ref in (M.ToyReference(torch.zeros(4, 2)),):
+        assert isinstance(ref, M.Reference)
+    moments = M.moments(np.random.default_rng(0).normal(size=(20, 3)))
+    back = M.FeatureStats.from_bytes(moments.to_bytes())
+    assert back.samples is None and np.array_equal(back.mu, moments.mu) and np.array_equal(back.sigma, moments.sigma)
+
+
 def test_straightness_callback_sees_every_step_before_it_is_taken():
     seen = []
     x1 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
@@ -343,6 +365,25 @@ def test_straightness_callback_sees_every_step_before_it_is_taken():
                    callback=lambda i, t, x, v: seen.append((i, float(t), x)))
     assert [s[:2] for s in seen] == [(0, 1.0), (1, 0.75), (2, 0.5), (3, 0.25)]
     assert torch.allclose(seen[2][2], x1 - 0.5)
+
+
+def test_straightness_is_the_euler_loop_it_replaced_bit_for_bit():
+    """solvers.euler on a float32 grid takes the float32 steps straightness always took, for step counts that are
+    not powers of two too (where a float64 grid differs in the last bits)."""
+    g = torch.Generator().manual_seed(3)
+    x1, w = torch.randn(32, 4, generator=g), torch.randn(4, 4, generator=g)
+    fn = lambda x, t: torch.tanh(x @ w) * (1 + t[:, None])  # noqa: E731
+    for steps in (3, 7, 10, 64):
+        ts, x, vs = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32), x1.clone(), []
+        for i in range(steps):
+            vs.append(fn(x, ts[i].expand(32).clone()))
+            x = x + (ts[i + 1] - ts[i]) * vs[-1]
+        disp = (x1 - x).double()
+        want = torch.zeros(32, dtype=torch.float64)
+        for v in vs:
+            want += (1.0 / steps) * ((disp - v.double()) ** 2).sum(dim=1)
+        s, per = M.straightness(fn, x1, steps=steps, return_per_sample=True)
+        assert s == float(want.mean()) and torch.equal(per, want.float())
 
 
 def test_fid_reference_matches_calculate_metrics_and_caches(random_inception_weights, single_thread, tmp_path):
@@ -411,8 +452,10 @@ def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeyp
         M.load_or_train_digit_classifier(f"file://{tmp_path}/_cache/digit_classifier.pt",
                                          torch.tensor(d.images[:64], dtype=torch.float32)[:, None] / 8 - 1,
                                          torch.tensor(d.target[:64]), steps=2)
-    toy_plain = _count(monkeypatch, M, "sliced_w2") + _count(monkeypatch, M, "energy_distance")
-    toy_refs = _count(monkeypatch, M, "ToyReference")
+    # one list per spy (a sum of the lists would be a new, forever empty list)
+    toy_plain = [_count(monkeypatch, owner, name) for owner in (M, M.distances)
+                 for name in ("sliced_w2", "energy_distance")]
+    toy_refs = _count(monkeypatch, M.kinds, "ToyReference")
     stats = _count(monkeypatch, M.FrechetReference, "statistics")  # the digit classifier's and Inception's
     extractors = _count(monkeypatch, torch_fidelity.utils, "create_feature_extractor")
 
@@ -421,7 +464,7 @@ def test_evaluate_does_the_reference_work_once_per_stage(kind, tmp_path, monkeyp
     # teacher and reflow x (euler 1, euler 2, heun 1; fid: euler 1, 2): many rows, one reference
     assert n == (4 if kind == "fid" else 6)
     if kind == "toy":
-        assert len(toy_refs) == 1 and toy_plain == []
+        assert len(toy_refs) == 1 and toy_plain == [[]] * 4
     elif kind == "digits":
         assert len(stats) == n + 1  # each row's samples, and the reference once
     else:
