@@ -227,7 +227,9 @@ class PairSampler:
         else:
             window_rows = window_chunks * c
             self._capacity = max(4, sum(2 * (math.ceil(n / window_rows) + 2) for _, n in self._streams))
-            self._read_pool = ThreadPoolExecutor(max_workers=io_threads(store), thread_name_prefix="pairs-read")
+            threads = io_threads(store)  # with one, the caller reads the chunks itself
+            if threads > 1:
+                self._read_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pairs-read")
             if self.prefetch:
                 self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairs-prefetch")
 
@@ -278,7 +280,7 @@ class PairSampler:
     def _read_window(self, win: _Window) -> PairBatch:
         pool = self._read_pool
         parts = list(pool.map(self.store.read_chunk, win.chunks)) if pool is not None and len(win.chunks) > 1 \
-            and pool._max_workers > 1 else [self.store.read_chunk(ch) for ch in win.chunks]
+            else [self.store.read_chunk(ch) for ch in win.chunks]
         return _cat_1thread(parts)
 
     def _evict(self) -> None:  # under self._lock

@@ -75,7 +75,7 @@ class _ShardWriter:
         cat = {k: np.concatenate([p[k] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][k]
                for k in ARRAYS}
         n_write = upto - self._pending_start
-        self.store._write_rows(self._pending_start, {k: v[:n_write] for k, v in cat.items()})
+        self.store.write_arrays(self._pending_start, {k: v[:n_write] for k, v in cat.items()})
         self.written += n_write
         rest = {k: v[n_write:] for k, v in cat.items()}
         self._pending_start, self._pending_rows = upto, self._pending_rows - n_write
@@ -98,7 +98,7 @@ class _ShardWriter:
                 if start != self._pending_start + self._pending_rows:
                     raise RuntimeError(f"out-of-order rows: expected {self._pending_start + self._pending_rows}, "
                                        f"got {start}")
-                arrays = self.store._convert(start, noise, sample, label, direction)
+                arrays = self.store.to_arrays(noise, sample, label, direction)
                 self.hasher.update(arrays)
                 self._pending.append(arrays)
                 self._pending_rows += int(noise.shape[0])

@@ -305,7 +305,8 @@ class PairStore:
             pass
 
     # ---- writing
-    def _convert(self, start: int, noise, sample, label, direction) -> dict[str, np.ndarray]:
+    def to_arrays(self, noise, sample, label, direction) -> dict[str, np.ndarray]:
+        """Rows as the store keeps them (storage dtypes, label -1 when unlabelled), checked against its shape."""
         n = int(noise.shape[0])
         if tuple(noise.shape[1:]) != self.shape or tuple(sample.shape) != tuple(noise.shape):
             raise ValueError(f"noise/sample must have shape (n, *{self.shape}), got {tuple(noise.shape)} and "
@@ -322,7 +323,7 @@ class PairStore:
                 "label": label.detach().cpu().to(torch.int64).numpy(),
                 "direction": direction.detach().cpu().to(torch.int8).numpy()}
 
-    def _write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+    def write_arrays(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Raw region write (no marker). Callers keep regions chunk-aligned so no two writers share a chunk."""
         stop = start + int(arrays["noise"].shape[0])
         shard = next((s.index for s in self._plan if s.start <= start < s.stop), None)
@@ -333,7 +334,7 @@ class PairStore:
 
     def write_rows(self, start: int, noise, sample, label=None, direction: int | torch.Tensor = BACKWARD) -> None:
         """Write rows [start, start + len(noise)) without marking anything done (partial writes, tests)."""
-        self._write_rows(start, self._convert(start, noise, sample, label, direction))
+        self.write_arrays(start, self.to_arrays(noise, sample, label, direction))
 
     def write_shard(self, shard: Shard | int, noise, sample, label=None,
                     direction: int | torch.Tensor | None = None) -> dict[str, str]:
@@ -343,8 +344,8 @@ class PairStore:
             raise ValueError(f"{shard} is not shard {shard.index} of this store's plan {self._plan[shard.index]}")
         if int(noise.shape[0]) != shard.rows:
             raise ValueError(f"shard {shard.index} has {shard.rows} rows, got {int(noise.shape[0])}")
-        arrays = self._convert(shard.start, noise, sample, label, shard.direction if direction is None else direction)
-        self._write_rows(shard.start, arrays)
+        arrays = self.to_arrays(noise, sample, label, shard.direction if direction is None else direction)
+        self.write_arrays(shard.start, arrays)
         h = Hasher()
         h.update(arrays)
         digests = h.digests()

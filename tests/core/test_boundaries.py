@@ -155,3 +155,30 @@ def test_no_private_name_is_used_across_modules():
                     and node.attr.startswith("_") and not node.attr.startswith("__"):
                 bad.append(f"{f.relative_to(ROOT)}:{node.lineno} reads {node.value.id}.{node.attr}")
     assert not bad, bad
+
+
+def _private_names_defined(tree: ast.AST) -> set[str]:
+    """`_name`s a module defines itself: functions, classes and methods, and attributes it assigns (`self._x = ...`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_private_member_of_another_modules_class_is_used():
+    """An object of another module of ours is used through its public members only: `obj._name` where `_name` is
+    defined by another module of reflow_core/ or flows/ and not by this one (self and cls are this module's own)."""
+    files = [*(ROOT / "reflow_core").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]
+    trees = {f: ast.parse(f.read_text()) for f in files}
+    defined = {f: _private_names_defined(t) for f, t in trees.items()}
+    bad = []
+    for f, tree in trees.items():
+        elsewhere = set().union(*(d for g, d in defined.items() if g != f)) - defined[f]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in elsewhere \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                bad.append(f"{f.relative_to(ROOT)}:{node.lineno} uses {ast.unparse(node)}")
+    assert not bad, bad

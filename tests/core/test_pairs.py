@@ -372,7 +372,7 @@ def test_writer_error_is_raised_and_no_marker(tmp_path, monkeypatch):
     def boom(start, arrays):
         raise OSError("disk full")
 
-    monkeypatch.setattr(s, "_write_rows", boom)
+    monkeypatch.setattr(s, "write_arrays", boom)
     with pytest.raises(OSError, match="disk full"):
         simulate_shard(s, 0, affine_for, cfg=cfg, num_classes=NUM_CLASSES)
     assert s.done_shards() == set()
