@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import accel, checkpoint, distributed, storage
+from . import accel, checkpoint, cores, distributed, storage
 from .callbacks import Callback, NullCallback
 from .config import TrainConfig
 from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
@@ -158,6 +158,7 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
 
     net.train()
     ema_step = _EMA(ema, net)
+    share, work = cores.Share(stage, cb), None  # this process's share of the host's cores, re-checked per step
     t0, seen, url = time.perf_counter(), 0, latest
     while step < cfg.steps:
         key = distributed.batch_key(step, dinfo)  # = step in one process; distinct per (step, rank) under DDP
@@ -166,6 +167,9 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
         mf = torch.channels_last if (cfg.channels_last and b.x_data.dim() == 4) else torch.contiguous_format
         b = Batch(b.x_data.to(device, memory_format=mf), b.x_noise.to(device, memory_format=mf),
                   None if b.label is None else b.label.to(device))
+        if work is None:
+            work = cores.step_work(sum(p.numel() for p in params), b.x_data.shape)
+        share.tick(step, work)
         if fwd is None:
             fwd = forward_module(b)
         for g in opt.param_groups:

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import solvers
+from .. import cores, solvers
 from ..config import PairsConfig
 from ..solvers import Velocity
 from .store import (ARRAYS, BACKWARD, FORWARD, NOISE_RNG, PairStore, PairStoreMismatch, Shard, _Hasher,
@@ -141,9 +141,11 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
     seed, grid = cfg.seed, cfg.grid.solver_args(cfg.nfe)
     t0 = time.perf_counter()
     writer = _ShardWriter(store, shard)
+    share = cores.Share(f"pairs-shard-{shard.index}")  # this process's share of the host's cores, per batch
     done = 0
     try:
         for b0 in range(shard.start, shard.stop, cfg.batch_size):
+            share.tick(done)
             b1 = min(b0 + cfg.batch_size, shard.stop)
             rows = range(b0, b1)
             if shard.direction == BACKWARD:
