@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 THREADS_ENV = "REFLOW_THREADS"  # n >= 1: every process of the project uses n intra-op threads, whatever else runs
 MIN_WORK_ENV = "REFLOW_THREADS_MIN_WORK"  # the crossover below, when set in the environment
 DIR_ENV = "REFLOW_CORES_DIR"  # the registry's directory (default: a per-user runtime directory)
-RECHECK_SECONDS = 1.0
+RECHECK_SECONDS = 0.5
 # A step whose work (`step_work`) is below this runs single-threaded: its ops are too small for a second thread to
 # pay for its wake-ups. 0 = off, until benchmarks/sharing.py has measured the crossover on the target machines.
 MIN_WORK = 0.0

@@ -36,3 +36,20 @@ def test_overhead_benchmark_smoke(tmp_path, capsys, monkeypatch):
     for key in ("mlp", "unet"):
         assert res[f"train_vs_plain_mem_{key}"] > 0 and res[f"sim_vs_plain_{key}"] > 0
     assert "flow_vs_local" in res and res["flow_vs_local"] is None  # the flow part is skipped in --smoke
+
+
+def test_sharing_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    """benchmarks/sharing.py (issue 27) at its --smoke size: a tiny toy2d run alone, then two started together,
+    each a real subprocess; the RESULT line parses and carries per-run rates, their ratio to the ideal and the
+    threads the core share chose (alone: one count, torch's default; never more than the cores)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sharing
+    res = sharing.main(["--smoke", "--json", str(tmp_path / "r.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text()) == res
+    solo, two = res["share_toy2d_solo"], res["share_toy2d_k2"]
+    assert solo["teacher_steps_per_s"] > 0 and solo["pairs_per_s"] > 0 and len(solo["threads"]) == 1
+    assert len(two["teacher_steps_per_s"]) == len(two["pairs_per_s"]) == len(two["wall_s"]) == 2
+    for key in ("teacher_vs_ideal", "pairs_vs_ideal", "wall_vs_solo"):
+        assert two[key] > 0, key
+    assert two["threads"] and max(two["threads"] + solo["threads"]) <= res["cores"]
