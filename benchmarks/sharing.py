@@ -62,6 +62,10 @@ SIZES = {
                   "reflow.train": {**_T, "steps": 10, "batch_size": 64, "ckpt_every": 10},
                   "pairs": {"n_pairs": 200, "shard_size": 100, "chunk_size": 100, "batch_size": 100, "nfe": 3},
                   "eval": {"n_samples": 100, "nfes": [1], "straightness_steps": 4}},
+        "digits": {"teacher.train": {**_T, "steps": 10, "batch_size": 32, "ckpt_every": 10},
+                   "reflow.train": {**_T, "steps": 5, "batch_size": 32, "ckpt_every": 5},
+                   "pairs": {"n_pairs": 150, "shard_size": 150, "chunk_size": 75, "batch_size": 150, "nfe": 3},
+                   "eval": {"n_samples": 100, "nfes": [1], "straightness_steps": 4}},
         "ks": [1, 2]},
 }
 
