@@ -123,14 +123,16 @@ class Registry:
 
 
 _registries: dict[Path, Registry] = {}
+_registries_lock = threading.Lock()  # pair shards may start their loops in several threads at once
 
 
 def registry() -> Registry:
     """This process's registry at `registry_dir()` (one object per directory, unregistered at exit)."""
     path = registry_dir()
-    if path not in _registries:
-        _registries[path] = Registry(path)
-    return _registries[path]
+    with _registries_lock:
+        if path not in _registries:
+            _registries[path] = Registry(path)
+        return _registries[path]
 
 
 @atexit.register
@@ -140,6 +142,8 @@ def _leave() -> None:
 
 
 def _forget_all() -> None:
+    global _registries_lock
+    _registries_lock = threading.Lock()
     for r in _registries.values():
         r.forget()
 

@@ -35,11 +35,10 @@ def _end(p: subprocess.Popen) -> None:
 
 @pytest.fixture
 def threads():
-    """Restore this process's intra-op threads (and cores' record of them) after the test."""
+    """Restore this process's intra-op threads after the test."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-    cores._thread.applied = None
 
 
 @pytest.fixture
