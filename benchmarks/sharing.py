@@ -70,7 +70,7 @@ SIZES = {
 }
 
 
-# --- a child: one run, timed by its callback ---------------------------------------------------------------------------
+# --- a child: one run, timed by its callback ------------------------------------------------------------------------
 
 class _Timer:
     """Callback: teacher progress times, pairs shard seconds and rows, the threads the core share chose."""
@@ -112,7 +112,7 @@ def child(preset: str, size: str, root: str) -> None:
         "pairs_per_s": timer.rows / max(timer.shard_s, 1e-9), "threads": sorted(set(timer.threads))}), flush=True)
 
 
-# --- the parent: rounds of k runs started together ---------------------------------------------------------------------
+# --- the parent: rounds of k runs started together ------------------------------------------------------------------
 
 def one_round(preset: str, size: str, k: int, policy: str, tmp: str) -> list[dict]:
     env = {key: v for key, v in os.environ.items()
@@ -150,7 +150,8 @@ def _r(x, nd=3):
 
 def compare(solo: dict, runs: list[dict], k: int) -> dict:
     """Per-run rates against the ideal 1/k of the solo rate, and the slowest wall time against the solo one."""
-    vs = {key: statistics.mean(r[key] / (solo[key] / k) for r in runs) for key in ("teacher_steps_per_s", "pairs_per_s")}
+    vs = {key: statistics.mean(r[key] / (solo[key] / k) for r in runs)
+          for key in ("teacher_steps_per_s", "pairs_per_s")}
     return {"teacher_vs_ideal": _r(vs["teacher_steps_per_s"]), "pairs_vs_ideal": _r(vs["pairs_per_s"]),
             "wall_vs_solo": _r(max(r["wall_s"] for r in runs) / solo["wall_s"]),
             "teacher_steps_per_s": [_r(r["teacher_steps_per_s"], 2) for r in runs],

@@ -199,20 +199,13 @@ def step_work(n_params: int, x_shape) -> float:
 
 # --- applying it -----------------------------------------------------------------------------------------------------
 
-class _Thread(threading.local):
-    """Per thread (torch's intra-op count is an OpenMP setting of the calling thread): the count this module last
-    set, and the caller's own count it lowered from (a count set by anyone else becomes the new base)."""
-    applied: int | None = None
-    base: int = 1
-
-
-_thread = _Thread()
-
-
 class Share:
-    """The calling thread's share of the cores during one loop (a training run, a pair shard): `tick(step)` at each
-    step boundary applies `choose` again when RECHECK_SECONDS have passed (or the work changed), and reports a
-    change through the callback (metrics `threads`, `threads_live`) and the `reflow_core.cores` logger."""
+    """The calling thread's share of the cores during one loop (a training run, a pair shard). Made, it joins the
+    process to the registry (for the process's lifetime); `tick(step)` at each step boundary applies `choose` again
+    when RECHECK_SECONDS have passed (or the work changed) and reports a change through the callback (metrics
+    `threads`, `threads_live`) and the `reflow_core.cores` logger; `close()` (or leaving it as a context) gives the
+    thread back the count it had (torch's count is an OpenMP setting of the calling thread). A count the caller
+    sets during the loop becomes the base the share lowers from."""
 
     def __init__(self, stage: str, callback: Callback | None = None, *, reg: Registry | None = None,
                  cores: int | None = None, every: float = RECHECK_SECONDS):
@@ -222,24 +215,38 @@ class Share:
         self.reg = reg if reg is not None else registry()
         self.cores = cores if cores is not None else available_cores()
         self.every = every
-        self.reg.register()
         self._next, self._work, self._last = 0.0, None, None
+        self.base, self.applied = 1, None
         self.choice: Choice | None = None
+        self.reg.register()
+
+    def close(self) -> None:
+        import torch
+
+        if self.applied is not None and torch.get_num_threads() == self.applied != self.base:
+            torch.set_num_threads(self.base)
+        self.applied = None
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def tick(self, step: int, work: float | None = None) -> int:
         """Set this thread's torch threads to its share (every `every` seconds; free in between); returns them."""
         import torch
 
         now = torch.get_num_threads()
-        if now == _thread.applied and work == self._work and time.monotonic() < self._next:
+        if now == self.applied and work == self._work and time.monotonic() < self._next:
             return now
-        if now != _thread.applied:  # first time in this thread, or the caller set its own count since
-            _thread.base = now
+        if now != self.applied:  # the first tick, or the caller set its own count since
+            self.base = now
         self._work, self._next = work, time.monotonic() + self.every
-        c = self.choice = choose(_thread.base, cores=self.cores, live=self.reg.live(), work=work)
+        c = self.choice = choose(self.base, cores=self.cores, live=self.reg.live(), work=work)
         if c.threads != now:
             torch.set_num_threads(c.threads)
-        _thread.applied = c.threads
+        self.applied = c.threads
         if (c.threads, c.reason) != self._last:
             self._last = (c.threads, c.reason)
             log.info("%s: %d intra-op threads at step %d (%s)", self.stage, c.threads, step, c.reason)

@@ -104,7 +104,8 @@ class _Rec(NullCallback):
 def test_recheck_follows_a_second_process_and_reports_it(tmp_path, threads, auto, caplog):
     torch.set_num_threads(4)
     rec = _Rec()
-    share = cores.Share("teacher", rec, reg=cores.Registry(tmp_path), cores=4, every=0.0)
+    reg = cores.Registry(tmp_path)
+    share = cores.Share("teacher", rec, reg=reg, cores=4, every=0.0)
     with caplog.at_level(logging.INFO, logger="reflow_core.cores"):
         assert share.tick(0) == 4 == torch.get_num_threads()  # alone: keeps its threads
         assert share.tick(1) == 4 and len(rec.metrics) == 1  # reported once, when it changes
@@ -115,6 +116,13 @@ def test_recheck_follows_a_second_process_and_reports_it(tmp_path, threads, auto
         finally:
             _end(other)
         assert share.tick(3) == 4 == torch.get_num_threads()  # the survivor goes back up
+        other = _member(tmp_path)
+        try:
+            with cores.Share("reflow", reg=reg, cores=4, every=0.0) as nxt:
+                assert nxt.tick(0) == 2
+            assert torch.get_num_threads() == 4  # a finished loop gives the thread back its count
+        finally:
+            _end(other)
     assert [(s, m["threads"], m["threads_live"]) for s, _, m in rec.metrics] == \
         [("teacher", 4, 1), ("teacher", 2, 2), ("teacher", 4, 1)]
     assert "teacher: 2 intra-op threads at step 2 (2 reflow processes share 4 cores)" in caplog.text
@@ -132,6 +140,26 @@ def test_a_count_set_by_the_caller_is_the_new_base(tmp_path, threads, auto):
     finally:
         _end(other)
     assert share.tick(3) == 1  # not raised back above what the caller chose
+    share.close()
+    assert torch.get_num_threads() == 1  # (the caller's, left as it is)
+
+
+def test_a_later_loop_takes_the_callers_count_as_it_finds_it(tmp_path, threads, auto):
+    """Even a count equal to what an earlier loop had applied: each loop's base is its own caller's."""
+    reg = cores.Registry(tmp_path)
+    other = _member(tmp_path)
+    try:
+        torch.set_num_threads(4)
+        with cores.Share("a", reg=reg, cores=4, every=0.0) as first:
+            assert first.tick(0) == 2
+        assert torch.get_num_threads() == 4
+        torch.set_num_threads(2)  # the caller's own choice, equal to the share just applied
+        _end(other)
+        with cores.Share("b", reg=reg, cores=4, every=0.0) as alone:
+            assert alone.tick(0) == 2  # alone: its caller's count, not the earlier loop's base
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_the_interval_spares_the_registry_between_rechecks(tmp_path, threads, auto):
@@ -186,5 +214,6 @@ def test_training_takes_its_share_and_reports_it(tmp_path, threads, auto, monkey
     train(net=net, batches=lambda s: Batch(torch.randn(8, 2), torch.randn(8, 2)), cfg=cfg,
           ckpt_dir=str(tmp_path / "ck"), callback=rec)
     reported = [(step, m) for _, step, m in rec.metrics if "threads" in m]
-    assert reported == [(0, {"threads": 1.0, "threads_live": 1.0})] and torch.get_num_threads() == 1
+    assert reported == [(0, {"threads": 1.0, "threads_live": 1.0})]
+    assert torch.get_num_threads() == 2  # given back when the loop ends
     assert cores.registry().registered  # a member while it lives; unregistered at exit

@@ -173,6 +173,8 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
     except BaseException:
         writer.abort()
         raise
+    finally:
+        share.close()
     seconds = time.perf_counter() - t0
     store.mark_done(shard, digests, {"seconds": seconds, "solver": cfg.solver, "nfe": cfg.nfe})
     return {"shard": shard.index, "rows": shard.rows, "seconds": seconds,
