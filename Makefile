@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -c constraints.txt -e '.[dev,s3]'
+	$(PIP) install -c constraints.txt -e '.[flows,dev,s3]'
 	touch $@
 
 demo: setup

@@ -1,4 +1,4 @@
-"""Simple ReFlow ablation (issue 6): what each of the seven improvements buys, added one at a time.
+"""Simple ReFlow ablation: what each of the seven improvements buys, added one at a time.
 
 One teacher and one pair store (backward pairs plus forward pairs from inverting real data) per dataset, shared by
 every configuration; each configuration only re-runs the reflow stage (when its reflow settings differ from the
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from reflow_core import solvers  # noqa: E402
-from reflow_core.config import EvalConfig, PipelineConfig, load_preset  # noqa: E402
+from reflow_core.config import EvalConfig, PipelineConfig  # noqa: E402
+from reflow_core.preset import load_preset
 from reflow_core import checkpoint, stages  # noqa: E402
 from reflow_core.callbacks import NullCallback  # noqa: E402
 from reflow_core.stages import RunDir, StageOutput, dataset, prepare_run  # noqa: E402

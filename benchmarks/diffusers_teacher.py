@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reflow_core import stages, storage  # noqa: E402
-from reflow_core.config import load_preset  # noqa: E402
+from reflow_core.preset import load_preset  # noqa: E402
 from reflow_core.data import load_data  # noqa: E402
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from reflow_core.config import load_preset  # noqa: E402
+from reflow_core.preset import load_preset  # noqa: E402
 from reflow_core.nets import count_params  # noqa: E402
 from reflow_core.velocity import build_velocity_model  # noqa: E402
 

@@ -31,10 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from reflow_core import accel, solvers  # noqa: E402
-from reflow_core.config import TrainConfig, load_preset  # noqa: E402
+from reflow_core.config import TrainConfig  # noqa: E402
+from reflow_core.preset import load_preset  # noqa: E402
 from reflow_core.nets import build_net, count_params  # noqa: E402
 from reflow_core.train import Batch, flow_matching_loss  # noqa: E402
 from reflow_core.velocity import VelocityModel  # noqa: E402
+
+from captured import CapturedSampler  # noqa: E402  (benchmarks/, the script's own folder)
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by substring of torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -188,7 +191,7 @@ def main(argv=None) -> dict:
             fast_net = accel.prepare_model(net, channels_last=cuda, compile=use_compile, mode=a.compile_mode,
                                            example=example)
     use_compile = isinstance(fast_net, torch._dynamo.eval_frame.OptimizedModule)  # False after a fallback
-    sampler = accel.CapturedSampler(VelocityModel(fast_net, amp=True).solver_velocity(), noise.shape, nfe, "heun",
+    sampler = CapturedSampler(VelocityModel(fast_net, amp=True).solver_velocity(), noise.shape, nfe, "heun",
                                     "rho", 7.0, device=device, graph=cuda)
     noise_in = noise.contiguous(memory_format=torch.channels_last) if cuda else noise
     t_fast = timed(lambda: sampler(noise_in), device, 2, reps)

@@ -20,8 +20,8 @@ what=${1:-tests}
 shift || true
 case "$what" in
     tests)
-        python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_accel.py tests/test_core_math.py \
-            tests/test_nets.py 2>&1 | tee "$OUT/gpu_tests.log"
+        python3 -m pytest -q -p no:cacheprovider tests/core/test_gpu.py tests/core/test_accel.py tests/core/test_core_math.py \
+            tests/core/test_nets.py 2>&1 | tee "$OUT/gpu_tests.log"
         exit "${PIPESTATUS[0]}" ;;
     bench)
         python3 benchmarks/gpu.py --json "$OUT/gpu.json" --profile "$OUT/prof" "$@" 2>&1 | grep -v '^USDT:' \

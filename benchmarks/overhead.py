@@ -1,8 +1,8 @@
-"""Our overhead against plain torch loops doing the same maths, measured side by side in one process (issue 17).
+"""Our overhead against plain torch loops doing the same maths, measured side by side in one process.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --quick    # a few minutes on 2 cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py            # longer runs, more repeats
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --smoke    # seconds: the code rundir only (a test)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --smoke    # seconds: the code paths only (a test)
 
 (i)   training, steps/s, on the toy2d MLP (2-D, hidden 256, depth 4, batch 512) and the digits U-Net (1x8x8,
       class-conditional, batch 64), both with their presets' TrainConfig (Adam, warm-up, grad clip, EMA):
@@ -49,8 +49,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from reflow_core import host, solvers  # noqa: E402
-from reflow_core.config import load_preset  # noqa: E402
-from reflow_core.pairs import PairStore, simulate_shard  # noqa: E402
+from reflow_core.preset import load_preset  # noqa: E402
+from reflow_core.pairs import PairStore, simulate_shard, store_for_config  # noqa: E402
 from reflow_core.stages.base import dataset, new_model  # noqa: E402
 from reflow_core.stages.batches import pair_batches, teacher_batches  # noqa: E402
 from reflow_core.train import train  # noqa: E402
@@ -214,7 +214,7 @@ def bench_sim(preset: str, rows: int, batch: int, nfe: int, reps: int, tmp: str)
 
     def ours() -> float:
         runs[0] += 1
-        store = PairStore.create_from_config(os.path.join(tmp, f"sim-{preset}-{runs[0]}.zarr"), pc, shape=ds.shape,
+        store = store_for_config(os.path.join(tmp, f"sim-{preset}-{runs[0]}.zarr"), pc, shape=ds.shape,
                                              teacher_hash="bench")
         t0 = time.perf_counter()
         simulate_shard(store, 0, velocity_for(model), cfg=pc, num_classes=ncls)

@@ -30,7 +30,7 @@ import torch
 from reflow_core import solvers
 from reflow_core.config import NetConfig, PairsConfig
 from reflow_core.nets import build_net
-from reflow_core.pairs import PairSampler, PairStore, simulate_shard
+from reflow_core.pairs import PairSampler, PairStore, simulate_shard, store_for_config
 
 SHAPE = (3, 16, 16)
 
@@ -59,7 +59,7 @@ def bench_sim(net, n, batch, nfe, device, tmp) -> dict:
     with torch.no_grad():  # warm-up (allocator, kernels)
         solvers.sample(lambda x, t: v(x, t, None), torch.randn(batch, *SHAPE, device=device), 1)
 
-    store = PairStore.create_from_config(os.path.join(tmp, "sim.zarr"), cfg, shape=SHAPE, teacher_hash="bench")
+    store = store_for_config(os.path.join(tmp, "sim.zarr"), cfg, shape=SHAPE, teacher_hash="bench")
     _sync(device)
     t0 = time.perf_counter()
     simulate_shard(store, 0, lambda label: (lambda x, t: v(x, t, label)), cfg=cfg, device=device)

@@ -80,7 +80,9 @@ class TemporaryServer:
                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "error", "--lifespan", "on"]
         # its output (errors only) goes where ours goes, as with Prefect's own ephemeral server
-        self.process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+        # its own session: a signal to the run's process group (infrastructure's SIGTERM, Ctrl-C's SIGINT) reaches
+        # the flow, which records its final state through this server, and not the server; it dies with us instead
+        self.process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     def warm_up(self, flow_name: str) -> threading.Thread:

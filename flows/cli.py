@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from flows import FLOW_NAME, with_teacher_checkpoint
-from reflow_core.config import ConfigError, load_preset, preset_names
+from reflow_core.config import ConfigError
+from reflow_core.preset import load_preset, preset_names
 from reflow_core.lease import RunInUse
 
 
@@ -86,10 +87,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.reflow import reflow
-    from flows.tracking import open_store, resolve_tracking_uri
-    from reflow_core.config import allow_any_preset_path, leaf_overrides
+    from flows.tracking_store import open_store, resolve_tracking_uri
+    from flows.params import allow_any_preset_path, leaf_overrides, orchestration
 
-    open_store(resolve_tracking_uri(cfg.tracking.mlflow_uri, root))  # (for a new store: creates its tables)
+    orch = orchestration(args.preset, overrides)
+    open_store(resolve_tracking_uri(orch.mlflow_uri, root))  # (for a new store: creates its tables)
     settings = {}
     if server is not None:
         # (a server that lost its port to another process meanwhile was restarted on another one)
@@ -207,7 +209,7 @@ def _run_config(root: str, run: str):
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from flows.tracking import resolve_tracking_uri, ui_command
+    from flows.tracking_store import resolve_tracking_uri, ui_command
 
     uri = resolve_tracking_uri(args.uri, args.root)
     cmd = ui_command(uri)
@@ -237,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="toy2d", help="preset name or YAML path (see `reflow presets`)")
     r.add_argument("--root", default=None, help="root of all runs: a directory or fsspec URL (s3://...); default "
                    "$REFLOW_ROOT, else ./runs")
-    r.add_argument("--run", default=None, help="run name; reuse it to resume (default: a new name)")
-    r.add_argument("--new", action="store_true", help="refuse to reuse an existing run directory")
+    r.add_argument("--run", default=None, help="run name; reuse it to resume (default: the config's name, i.e. "
+                   "the preset's, so rerunning a preset resumes it)")
+    r.add_argument("--new", action="store_true", help="when the run directory exists with a different configuration, "
+                   "start a fresh one with a suffixed name (<run>-2, ...) instead of refusing; with the same "
+                   "configuration the run is resumed as without --new")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (YAML value)")
     r.add_argument("--stages", default=None, help="comma-separated stage names of the run's plan (teacher, pairs, "
                    "reflow, [pairs-2, reflow-2, ...,] evaluate; see `reflow plan`)")

@@ -9,7 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import report, serving
-from flows.tracking import MlflowTracker, ui_command
+from flows.tracking import MlflowTracker
+from flows.tracking_store import ui_hint
 from reflow_core import stages, storage
 from reflow_core.config import PipelineConfig
 
@@ -43,7 +44,7 @@ def publish_task(cfg: PipelineConfig, rundir: stages.RunDir, preset: str, walk: 
     results = report.RunResults(preset, rundir.run, rundir.dir, rows, metric, images, tracker.tracking_uri,
                                 tracker.experiment, tracker.experiment_id, parent, registered)
     try:
-        artifacts = report.publish(results, ui_command(tracker.tracking_uri))
+        artifacts = report.publish(results, ui_hint(tracker.tracking_uri, rundir.root))
     except Exception as e:  # an artifact is a view of results already stored: never fail a finished pipeline on it
         get_run_logger().warning("could not create the Prefect artifacts: %s", e)
         artifacts = {}

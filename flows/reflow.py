@@ -23,6 +23,7 @@ the flow run's page (Prefect artifacts: metric table, summary with the sample gr
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,10 +37,12 @@ from flows import FLOW_NAME, report, with_teacher_checkpoint
 from flows.publish import publish_task
 from flows.root import resolve_root
 from flows.tasks import stage_tasks
-from flows.tracking import MlflowTracker, resolve_tracking_uri, source_tags, ui_command
+from flows.tracking import MlflowTracker, source_tags
+from flows.tracking_store import resolve_tracking_uri, ui_hint
 from reflow_core import host, lease
-from reflow_core.config import (ConfigOverrides, PipelineConfig, deployment_preset, load_preset, override_dict,
-                                preset_names)
+from flows.params import ConfigOverrides, Orchestration, deployment_preset, orchestration, override_dict
+from reflow_core.config import PipelineConfig
+from reflow_core.preset import load_preset, preset_names
 from reflow_core.stages import (RUN_NAME, Context, RunDir, StageOutput, Step, begin, check_stage_names, describe,
                                 prepare_run, suffix, walk)
 
@@ -95,7 +98,8 @@ def reflow(
         root: fsspec root of all runs (`/data/runs`, `s3://bucket/reflow`). Empty: the Prefect variable
             `reflow_root`, else $REFLOW_ROOT (docs/cloud.md).
         run: run name under the root; re-use it to resume. Empty: the config's name (the preset's).
-        new: refuse to reuse an existing run directory (a fresh run).
+        new: when the run directory exists with a different configuration, a fresh suffixed run (<run>-2, ...)
+            instead of a refusal; with the same configuration the run resumes either way.
         stages: run only these stage instances (e.g. ["reflow-2", "evaluate"]); the stages they read from must
             already be finished under this run. A selected evaluate is recomputed even if metrics.json is current.
         teacher_checkpoint: start from this teacher checkpoint instead of training one.
@@ -108,7 +112,8 @@ def reflow(
     # (the CLI, whose caller may read any file, allows any path); a ConfigError fails the flow before any I/O
     preset_source = deployment_preset(preset)
     # cross-field checks: a ConfigError fails the flow here, before any work
-    cfg = load_preset(preset_source, with_teacher_checkpoint(override_dict(overrides), teacher_checkpoint))
+    given = with_teacher_checkpoint(override_dict(overrides), teacher_checkpoint)
+    cfg, orch = load_preset(preset_source, given), orchestration(preset_source, given)
     check_stage_names(cfg, (stages or []) + (redo_stages or []))
     root, root_source = resolve_root(root)
     flow_run_id = str(runtime.flow_run.id or "")
@@ -116,19 +121,19 @@ def reflow(
     requested = RunDir.of(root, run or cfg.name)
     with lease.hold(requested.dir, owner, is_stale=_holder_ended,
                     info={"flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name or ""}):
-        return _run(cfg, preset, root, root_source, run, new, stages, redo_stages, logger)
+        return _run(cfg, orch, preset, root, root_source, run, new, stages, redo_stages, logger)
 
 
-def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str | None, new: bool,
-         stages: list[str] | None, redo_stages: list[str] | None, logger) -> dict[str, Any]:
+def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_source: str, run: str | None,
+         new: bool, stages: list[str] | None, redo_stages: list[str] | None, logger) -> dict[str, Any]:
     rundir = prepare_run(cfg, root, run, new=new)
     sched, removed = begin(cfg, rundir, redo_stages or (), stages)
     if removed:
         logger.info("redo: removed %s", removed)
 
-    uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, root)
-    params = cfg.model_dump(mode="json")
-    tracker = MlflowTracker(uri, cfg.tracking.experiment, rundir.dir, run_name=rundir.run, params=params)
+    uri = resolve_tracking_uri(orch.mlflow_uri, root)
+    params = {**cfg.model_dump(mode="json"), "orchestration": orch.model_dump(mode="json")}
+    tracker = MlflowTracker(uri, orch.experiment, rundir.dir, run_name=rundir.run, params=params)
     parent = tracker.parent_run_id()
     tracker.log_params(parent, params)
     tags = {"reflow.preset": preset, "reflow.run_dir": rundir.dir,
@@ -147,13 +152,15 @@ def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str
 
     def execute(step: Step) -> StageOutput:  # one stage instance as tasks; the wall time of those with work to do
         t0 = time.perf_counter()
-        out = stage_tasks(cfg, rundir, step, tracker, logger)
+        out = stage_tasks(cfg, orch, rundir, step, tracker, logger)
         if not step.done:
             wall[step.stage.name] = time.perf_counter() - t0
         return out
 
+    monitor = tracker.system_metrics(parent) if orch.system_metrics else contextlib.nullcontext()
     try:
-        outputs = walk(Context(cfg, rundir), sched, execute)
+        with monitor:
+            outputs = walk(Context(cfg, rundir), sched, execute)
         published = (publish_task(cfg, rundir, preset, sched.stages, outputs, wall, tracker, "evaluate" in wall)
                      if "evaluate" in outputs else {"registered": {}, "metric": None})
     except BaseException:
@@ -164,12 +171,12 @@ def _run(cfg: PipelineConfig, preset: str, root: str, root_source: str, run: str
     metrics_json = outputs["evaluate"].urls["metrics"] if "evaluate" in outputs else None
     rows = outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
     models = {name: o.urls["model"] for name, o in outputs.items() if "model" in o.urls}
-    ui = ui_command(uri)
+    ui = ui_hint(uri, root)
     if rows:
         print(report.summary_table(rows, published["metric"]))
     print(f"run directory:  {rundir.dir}")
     print(f"metrics:        {metrics_json}")
-    print(f"MLflow run:     {parent} (experiment {cfg.tracking.experiment!r}, store {uri})")
+    print(f"MLflow run:     {parent} (experiment {orch.experiment!r}, store {uri})")
     for name, version in published["registered"].items():
         print(f"model:          models:/{name}/{version}")
     print(f"MLflow UI:      {ui}")

@@ -6,7 +6,7 @@ pre-empted GPU, an OOM kill of a subprocess) is retried; the retry resumes from 
 """
 from __future__ import annotations
 
-from flows.tracking import TrackingFileError
+from flows.tracking_store import TrackingFileError
 from reflow_core import lease
 from reflow_core.checkpoint import CheckpointError
 from reflow_core.config import ConfigError

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from flows.tracking import local_path
+from flows.tracking_store import local_path
 from reflow_core import storage
 from reflow_core.config import ConfigError
 

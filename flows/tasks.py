@@ -10,7 +10,10 @@ from typing import Any, Callable
 
 from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
+from flows.params import Orchestration
+from flows.progress import PrefectProgress
 from flows.retry import retry_transient
 from flows.runners import pair_task_runner
 from flows.tracking import MlflowTracker
@@ -20,17 +23,20 @@ from reflow_core.config import PipelineConfig
 
 
 def run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[Any], Any],
-              after: Callable[[Any, str], None] | None = None) -> Any:
+              after: Callable[[Any, str], None] | None = None, progress: bool = True) -> Any:
     """Run one stage against its child run: FINISHED on success, FAILED (and re-raised) on error.
 
     `after(output, run_id)` logs the stage's results into the child run before it is closed. A stage already
     finished on disk is still called (reflow_core skips it and returns its output) but with a silent callback, so
-    the child run's history is not touched beyond a `reflow.skipped` tag.
+    the child run's history is not touched beyond a `reflow.skipped` tag. `progress`: keep the stage's progress
+    artifact (off for a pairs stage's finish, whose artifact counts the shards).
     """
     callback = tracker.stage_callback(stage)
     try:
-        # MLflow gets every event; a terminal also gets a progress bar (tqdm stays silent when not a TTY)
-        out = call(NullCallback() if done else MultiCallback(callback, ConsoleCallback(disable=None)))
+        # MLflow gets every event; the flow run a progress artifact and log lines; a terminal also gets a progress bar
+        # (tqdm stays silent when not a TTY)
+        shown = [PrefectProgress(stage)] if progress else []
+        out = call(NullCallback() if done else MultiCallback(callback, *shown, ConsoleCallback(disable=None)))
         if after is not None and not done:
             after(out, callback.run_id)
     except BaseException:
@@ -69,10 +75,10 @@ def pair_shards_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.S
 
 @task(name="simulate-shard", task_run_name="{stage.name}-shard-{shard}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def simulate_shard_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage,
+def simulate_shard_task(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, stage: stages.Stage,
                         inputs: dict[str, stages.StageOutput], shard: int, tracker: MlflowTracker) -> dict:
-    if cfg.pairs.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
-        host.worker_threads(workers=1 if cfg.pairs.dask_address else cfg.pairs.workers)
+    if orch.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
+        host.worker_threads(workers=1 if orch.dask_address else cfg.pairs.workers)
         host.steady_malloc()
     callback = tracker.stage_callback(stage.name)  # shared by all shards: one child run for the stage
     result = stages.sharded(stage).simulate(stage, _ctx(cfg, rundir, callback), inputs, shard)
@@ -94,11 +100,12 @@ def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.
 
     # the shard hashes are checked once, before training reads the pairs (the reflow stage)
     kind = stages.sharded(stage)
-    return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, rundir, cb)), after)
+    return run_stage(tracker, stage.name, False, lambda cb: kind.finish(stage, _ctx(cfg, rundir, cb)), after,
+                     progress=False)
 
 
-def stage_tasks(cfg: PipelineConfig, rundir: stages.RunDir, step: stages.Step, tracker: MlflowTracker,
-                logger) -> stages.StageOutput:
+def stage_tasks(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, step: stages.Step,
+                tracker: MlflowTracker, logger) -> stages.StageOutput:
     """One stage instance of the walk as tasks: a sharded stage (pairs) with work to do as plan, one task per
     pending shard (at most pairs.workers in flight) and finish; any other stage (or a finished sharded one) as one
     stage task."""
@@ -108,16 +115,23 @@ def stage_tasks(cfg: PipelineConfig, rundir: stages.RunDir, step: stages.Step, t
     pending = pair_shards_task(cfg, rundir, stage, inputs, tracker)
     logger.info("%s: %d pending shard(s), %d at a time", stage.name, len(pending), cfg.pairs.workers)
     results: list[dict] = []
-    if pending and cfg.pairs.engine == "threads" and cfg.pairs.workers == 1:
+    progress = PrefectProgress(stage.name, unit="shards")  # the stage's shards done, on the flow run's page
+    if pending:
+        progress.on_progress(stage.name, 0, len(pending))
+    if pending and orch.engine == "threads" and cfg.pairs.workers == 1:
         # one at a time, in this thread, a task run each: a pool thread would run torch with an OpenMP team of its
         # own next to this thread's, and libgomp cuts spin-waits short once a process's OpenMP threads outnumber
         # its cores (about a third slower shards on the 2-core box; docs/performance.md, "Threads")
-        results = [simulate_shard_task(cfg, rundir, stage, inputs, k, tracker) for k in pending]
+        for i, k in enumerate(pending):
+            results.append(simulate_shard_task(cfg, orch, rundir, stage, inputs, k, tracker))
+            progress.on_progress(stage.name, i + 1, len(pending))
     elif pending:
-        runner, annotations = pair_task_runner(cfg)
+        runner, annotations = pair_task_runner(orch, cfg.pairs.workers)
         with runner, annotations:
             futures = runner.map(simulate_shard_task, {
-                "cfg": unmapped(cfg), "rundir": unmapped(rundir), "stage": unmapped(stage),
+                "cfg": unmapped(cfg), "orch": unmapped(orch), "rundir": unmapped(rundir), "stage": unmapped(stage),
                 "inputs": unmapped(inputs), "shard": pending, "tracker": unmapped(tracker)})
+            for i, _ in enumerate(as_completed(futures)):
+                progress.on_progress(stage.name, i + 1, len(pending))
             results = futures.result()  # raises the first failed shard (after its retries)
     return finish_pairs_task(cfg, rundir, stage, tracker, results)

@@ -1,8 +1,8 @@
 """MLflow tracking for a pipeline run: one parent run per pipeline run, one child run per stage.
 
-With `serving.py` (the logged model) and `sampler_model.py` (its pyfunc), the only module that imports mlflow. It
-talks to the tracking store through an explicit `mlflow.MlflowClient` (no fluent `mlflow.start_run` global state),
-so Prefect tasks running in threads can log to their own stage's run concurrently.
+With `tracking_store.py` (where the store is), `serving.py` (the logged model) and `sampler_model.py` (its pyfunc), the
+only modules that import mlflow. It talks to the store through an explicit `mlflow.MlflowClient` (no fluent
+`mlflow.start_run` global state), so Prefect tasks running in threads can log to their own stage's run concurrently.
 
 Resume: the parent run id is kept at `<run dir>/mlflow_run.json`, so a re-run of the same pipeline run logs into
 the same parent run; a stage's child run is found again by its tags (`mlflow.parentRunId`, `reflow.stage`).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +22,6 @@ import fsspec
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
@@ -32,86 +30,13 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from flows.tracking_store import RUN_FILE, read_run_file
 from reflow_core import storage
 
-RUN_FILE = "mlflow_run.json"
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "reflow.stage"
 _SECRET = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-
-
-class TrackingFileError(RuntimeError):
-    """`<run dir>/mlflow_run.json` is unreadable or invalid; the message names it and the way out."""
-
-
-class MlflowRunFile(BaseModel):
-    """`<run dir>/mlflow_run.json`: the pipeline run's MLflow parent run. Validated when read: the root is shared, so
-    a torn or hand-edited file must not be passed on to MLflow as a run id."""
-
-    model_config = ConfigDict(extra="ignore")  # a later writer may add fields
-
-    run_id: str = Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")
-    tracking_uri: str | None = None
-    experiment_id: str | None = None
-    experiment: str | None = None
-
-
-def read_run_file(url: str) -> MlflowRunFile | None:
-    """The validated mlflow_run.json at url, None when there is none yet; TrackingFileError when it is torn or
-    invalid (naming the file and the fix: delete it; the run's artifacts do not depend on it)."""
-    if not storage.exists(url):
-        return None
-    try:
-        return MlflowRunFile.model_validate_json(storage.read_bytes(url))
-    except (ValidationError, ValueError, OSError) as e:
-        detail = str(e).replace("\n", " ")[:300]
-        raise TrackingFileError(
-            f"{url} is unreadable or invalid ({type(e).__name__}: {detail}); delete it to start a new MLflow "
-            f"parent run for this pipeline run (the run's artifacts, checkpoints and pairs are unaffected and are "
-            f"resumed as usual)") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tracking URI resolution
-
-
-def local_path(root: str) -> Path:
-    """The absolute local path of a local root (`./runs`, `/abs`, `file:///abs`)."""
-    _, path = fsspec.core.url_to_fs(root)
-    return Path(path).resolve()
-
-
-def resolve_tracking_uri(config_uri: str | None, root: str) -> str:
-    """`tracking.mlflow_uri` if set, else `MLFLOW_TRACKING_URI`, else a sqlite store under a local root."""
-    if config_uri:
-        return config_uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if storage.is_local(root):
-        path = local_path(root)
-        path.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path / 'mlflow.db'}"
-    print(
-        f"warning: run root {root} is remote and neither tracking.mlflow_uri nor MLFLOW_TRACKING_URI is set; "
-        "logging MLflow runs to sqlite:///./mlruns.db on this machine (use a shared `mlflow server` instead)",
-        file=sys.stderr,
-    )
-    return "sqlite:///./mlruns.db"
-
-
-def open_store(uri: str) -> None:
-    """Open (for a new sqlite file: create) the tracking store now. MLflow keeps the store per URI for the rest of
-    the process, so the run's own client finds it ready; `reflow run` does this while its Prefect server starts."""
-    mlflow.MlflowClient(tracking_uri=uri)
-
-
-def ui_command(uri: str) -> str:
-    """The command that shows a tracking store in the MLflow UI."""
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri}  (an MLflow server is already serving this store)"
-    return f"mlflow ui --backend-store-uri {uri}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,6 +288,19 @@ class MlflowTracker:
             self.finish(f"eval/{model}", "FINISHED")
             runs[model] = run_id
         return runs
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, every_s: float = 5.0):
+        """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network, GPU when present)
+        sampled every `every_s` seconds into run_id while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     @contextlib.contextmanager
     def active_run(self, run_id: str):

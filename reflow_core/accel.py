@@ -56,7 +56,7 @@ def prepare_model(net: nn.Module, *, channels_last: bool = False, compile: bool 
     channels_last: converts conv weights to NHWC (in place on `net`) when the net has 2-D convolutions (4-D image
         nets); ignored for MLPs. Inputs are converted by the caller or by the conv itself (PyTorch propagates it).
     compile: torch.compile(net, mode=mode). The default mode autotunes Triton kernels but leaves CUDA graphs to us
-        (`CapturedSampler`): inductor's own graphs ("reduce-overhead") cannot live inside an outer capture.
+        (`GraphedVelocity`): inductor's own graphs ("reduce-overhead") cannot live inside an outer capture.
         With `example` (a tuple of call arguments) the compiled module is probed once (forward, or forward +
         backward when probe_backward); any failure there, or torch.compile missing, logs a
         CompileFallbackWarning and returns the eager module. Without `example` compilation is lazy (first call).
@@ -106,7 +106,7 @@ def cuda_graphs_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available() and hasattr(torch.cuda, "CUDAGraph")
 
 
-def _warmup(fn: Callable[[], object], iters: int = 3) -> None:
+def warmup(fn: Callable[[], object], iters: int = 3) -> None:
     """Warm-up on a side stream, as torch.cuda.graphs requires (compilation, cuDNN autotuning, allocator)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -116,65 +116,11 @@ def _warmup(fn: Callable[[], object], iters: int = 3) -> None:
     torch.cuda.current_stream().wait_stream(s)
 
 
-class CapturedSampler:
-    """Fixed-step Euler/Heun generation (t = 1 -> 0) of a velocity `(x, t) -> v` for one batch shape, replayed from
-    a CUDA graph.
-
-    On CUDA (and graph=True) the whole NFE loop is captured once into a single graph (`per_step=False`) or one
-    graph per velocity evaluation (`per_step=True`, less memory for the captured activations); a call copies the
-    noise into a static buffer and replays. Anywhere else it is exactly `solvers.integrate` with the same velocity,
-    so CPU results are bit-identical to the plain sampler.
-
-    Labels, bf16 and guidance belong to the velocity: build it with `VelocityModel(..., amp=True).solver_velocity(lab)`
-    where `lab` is a tensor the caller keeps and refills in place (`lab.copy_(labels)`) before each call; the
-    captured graph reads that memory.
-    """
-
-    def __init__(self, velocity: solvers.Velocity, shape: Sequence[int], nfe: int, solver: str = "euler",
-                 grid: str = "uniform", rho: float = 1.0, *, device: torch.device | str = "cpu", graph: bool = True,
-                 per_step: bool = False, warmup_iters: int = 2):
-        self.velocity, self.shape, self.nfe, self.solver = velocity, tuple(int(s) for s in shape), nfe, solver
-        self.grid = solvers.time_grid(solvers.steps_for_nfe(solver, nfe), grid, rho)
-        self.device, self.per_step = torch.device(device), per_step
-        self.use_graph = graph and cuda_graphs_available(self.device)
-        self.warmup_iters = warmup_iters
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self.captured = False
-
-    def _capture(self) -> None:
-        self._x = torch.randn(self.shape, device=self.device)
-        v = self.velocity
-        if self.per_step:
-            # one graph for one evaluation; the solver loop stays in Python and calls the graphed velocity
-            self._gv = GraphedVelocity(v, warmup_iters=self.warmup_iters)
-            self.captured = True
-            return
-        _warmup(lambda: solvers.integrate(v, self._x, self.grid, self.solver), self.warmup_iters)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = solvers.integrate(v, self._x, self.grid, self.solver)
-        self.captured = True
-
-    @torch.no_grad()
-    def __call__(self, noise: torch.Tensor) -> torch.Tensor:
-        if tuple(noise.shape) != self.shape:
-            raise ValueError(f"CapturedSampler was built for shape {self.shape}, got {tuple(noise.shape)}")
-        if not self.use_graph:
-            return solvers.integrate(self.velocity, noise.to(self.device, torch.float32), self.grid, self.solver)
-        if not self.captured:
-            self._capture()
-        self._x.copy_(noise)
-        if self.per_step:
-            return solvers.integrate(self._gv, self._x, self.grid, self.solver)
-        self._graph.replay()
-        return self._out.clone()
-
-
 class GraphedVelocity:
     """A velocity `fn(x, t) -> v` replayed from a CUDA graph per input shape (one graph per (shape, dtype) key).
 
-    Each evaluation copies x and t into static buffers and replays. Labels are bound inside `fn` (see
-    `CapturedSampler`; `reflow_core.velocity.velocity_for(model, cuda_graph=True)` does the bookkeeping for loops
+    Each evaluation copies x and t into static buffers and replays. Labels are bound inside `fn`
+    (`reflow_core.velocity.velocity_for(model, cuda_graph=True)` does the bookkeeping for loops
     whose labels change per batch, such as the pair simulation). Off CUDA it is `fn` itself. The returned tensor
     is cloned from the graph's static output (which the next replay overwrites)."""
 
@@ -191,7 +137,7 @@ class GraphedVelocity:
             if len(self._graphs) >= self.max_graphs:
                 return self.fn(x, t)
             sx, st = x.clone(), t.clone()
-            _warmup(lambda: self.fn(sx, st), self.warmup_iters)
+            warmup(lambda: self.fn(sx, st), self.warmup_iters)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self.fn(sx, st)

@@ -62,3 +62,20 @@ class MultiCallback(NullCallback):
     def on_progress(self, stage, done, total):
         for c in self.callbacks:
             c.on_progress(stage, done, total)
+
+
+class OfTotal(NullCallback):
+    """Another callback's events, with progress counted toward `total`: a stage that trains in parts (the teacher,
+    to its guide snapshot and then on) reports one progress from 0 to its steps, not one per part."""
+
+    def __init__(self, inner: Callback, total: int):
+        self.inner, self.total = inner, total
+
+    def on_metrics(self, stage, step, metrics):
+        self.inner.on_metrics(stage, step, metrics)
+
+    def on_artifact(self, stage, path):
+        self.inner.on_artifact(stage, path)
+
+    def on_progress(self, stage, done, total):
+        self.inner.on_progress(stage, done, self.total)

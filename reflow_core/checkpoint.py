@@ -162,23 +162,14 @@ def save(ckpt_dir: str, state: dict, keep: int = 2) -> str:
     return url
 
 
-def _is_write_error(err: BaseException) -> bool:
-    """A storage failure (permission, disk full, read-only file system, object store access denied / unreachable):
-    OSError, or botocore-style errors found by class name (no botocore import here)."""
-    if isinstance(err, OSError):
-        return True
-    names = {c.__name__ for c in type(err).__mro__}
-    return bool(names & {"ClientError", "BotoCoreError", "NoCredentialsError", "EndpointConnectionError"})
-
-
 @contextlib.contextmanager
 def _write_errors(where: str, state: str):
     """Turn a storage failure inside the block into a CheckpointError naming `where`, the cause and what is (not)
     trusted afterwards, so a stage ends with one clear message instead of an fsspec / botocore traceback."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - filtered by _is_write_error
-        if not _is_write_error(e):
+    except Exception as e:  # noqa: BLE001 - filtered by storage.is_storage_error
+        if not storage.is_storage_error(e):
             raise
         cause = e.__cause__ if isinstance(e, storage.StorageWriteError) and e.__cause__ is not None else e
         detail = str(cause).replace("\n", " ")[:300]

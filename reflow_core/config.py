@@ -5,20 +5,11 @@ message naming the field and the allowed values.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import importlib.resources
-import os
-import re
-from pathlib import Path
-from typing import Annotated, Literal, TypeVar, get_args
+from typing import Annotated, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 # presets ship inside the package (package data), so a non-editable install (a Docker image) has them
-PRESET_DIR = Path(str(importlib.resources.files("reflow_core") / "presets"))
 
 ToyName = Literal["8gaussians", "moons", "checkerboard", "circles", "spirals"]
 TimeDist = Literal["uniform", "logit_normal", "u_shape", "exponential"]
@@ -38,7 +29,7 @@ class _ExecutionOnly:
 EXECUTION_ONLY = _ExecutionOnly()
 # `batch_size: Exec[int]` marks a setting a run may be reopened with changed (a resume on other workers, a bigger
 # GPU): `PipelineConfig.identity()` leaves every such field out. Pairs are seeded per row and training batches are a
-# function of the step, so none of these settings changes an artifact's values (tests/test_pairs.py, test_stages.py).
+# function of the step, so none of these settings changes an artifact's values (tests/core/test_pairs.py, test_stages.py).
 Exec = Annotated[T, EXECUTION_ONLY]
 
 
@@ -223,12 +214,6 @@ class PairsConfig(_Strict):
     amp: bool = Field(False, description="bf16 autocast for the teacher's velocity (state x stays float32)")
     compile: Exec[bool] = Field(False, description="torch.compile the teacher for sampling (eager fallback with a warning)")
     cuda_graph: Exec[bool] = Field(False, description="replay each velocity evaluation from a CUDA graph (CUDA only)")
-    engine: Exec[Literal["threads", "dask"]] = Field(
-        "threads", description="shard fan-out in the Prefect flow: threads on this machine (one GPU per worker, "
-        "round-robin) or a Dask cluster through prefect-dask (pip install -e '.[dask]')")
-    dask_address: Exec[str | None] = Field(
-        None, description="engine='dask': scheduler address (tcp://host:8786); None = a LocalCluster of `workers` "
-        "processes with one thread each. Credentials never go here: workers read them from their environment")
     zarr_shards: bool = Field(False, description="zarr 3 sharding codec: one object per pair shard holding its chunks")
     compress: bool = Field(False, description="zstd-compress noise/sample chunks (random floats barely compress)")
 
@@ -328,11 +313,6 @@ class EvalConfig(_Strict):
         return self
 
 
-class TrackingConfig(_Strict):
-    mlflow_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite under the run root")
-    experiment: str = "reflow"
-
-
 class PipelineConfig(_Strict):
     name: str = Field("toy2d", pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="the default run name")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -342,7 +322,6 @@ class PipelineConfig(_Strict):
     reflow: ReflowConfig = Field(default_factory=ReflowConfig)
     distill: DistillConfig | None = Field(None, description="a one-step student after the last reflow round")
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
@@ -363,7 +342,7 @@ class PipelineConfig(_Strict):
         """The parts that define what a run's artifacts *are*; a changed identity under a run name is refused.
 
         data, net, teacher, pairs, reflow and distill, less every field typed `Exec[...]` (speed and placement only, e.g. a
-        resume on other workers). eval and tracking are not part of it: evaluation is redone when its settings
+        resume on other workers). eval is not part of it: evaluation is redone when its settings
         differ."""
         return _identity(self, ("data", "net", "teacher", "pairs", "reflow", "distill"))
 
@@ -432,194 +411,29 @@ def _legacy_grids(raw: dict) -> dict:
     return raw
 
 
-def validate(raw: dict, source: str = "config") -> PipelineConfig:
-    try:
-        return PipelineConfig.model_validate(_legacy_grids(raw))
-    except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+# settings only the orchestration reads (flows/params.py): a config or preset may carry them under these keys (older
+# configs all do); the torch core's schema leaves them out, so they are dropped here and read by the flow
+ORCHESTRATION_KEYS = ("pairs.engine", "pairs.dask_address", "tracking.mlflow_uri", "tracking.experiment",
+                      "tracking.system_metrics")
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _raw_preset(name_or_path: str) -> tuple[Path, dict]:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {preset_names()} or give a YAML path")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+def _without_orchestration(raw: dict) -> dict:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return path, raw
-
-
-def _apply(raw: dict, overrides: dict | None) -> dict:
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is {node!r}, not a section")
-        node[leaf] = value
+        return raw
+    raw = dict(raw)
+    for key in ORCHESTRATION_KEYS:
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raw[section] = {k: v for k, v in raw[section].items() if k != name}
+    if raw.get("tracking") == {}:
+        del raw["tracking"]
     return raw
 
 
-def load_preset(name_or_path: str, overrides: dict | None = None) -> PipelineConfig:
-    """Load a preset by name (reflow_core/presets/NAME.yaml, shipped in the package) or by path, apply dotted
-    overrides (any depth: `pairs.grid.rho`), validate."""
-    path, raw = _raw_preset(name_or_path)
-    return validate(_apply(raw, overrides), str(path))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# typed overrides: one optional field per leaf of the config (`teacher.train.steps`), for a flow's parameters. Its
-# JSON schema carries every type and bound, so a Prefect server refuses a bad value when the run is created.
-
-
-def _leaves(model: type[BaseModel], prefix: str = ""):
-    for name, f in model.model_fields.items():
-        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
-            yield from _leaves(f.annotation, f"{prefix}{name}.")
-        else:  # a value, a tagged union (a grid) or an optional section (set as a whole)
-            yield f"{prefix}{name}", f
-
-
-def _overrides_model() -> type[BaseModel]:
-    fields = {}
-    for path, f in _leaves(PipelineConfig):
-        info = FieldInfo.merge_field_infos(f, default=None, alias=path, validation_alias=path,
-                                           serialization_alias=path, alias_priority=2, title=path)
-        info.default_factory = None  # unset fields stay unset: only the given keys are overrides
-        fields[path.replace(".", "__")] = (f.annotation, info)
-    return create_model("ConfigOverrides", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-                        __doc__="Dotted-key overrides of the preset, each typed and bounded like the config field "
-                                "it sets (`teacher.train.steps`, `pairs.n_pairs`, `eval.nfes`, ...).", **fields)
-
-
-ConfigOverrides = _overrides_model()
-OVERRIDE_KEYS = frozenset(f.alias for f in ConfigOverrides.model_fields.values())
-
-
-def override_dict(overrides: BaseModel | dict | None) -> dict:
-    """A ConfigOverrides (or a plain dict) as the dotted-key dict `load_preset` takes: only the keys given."""
-    if overrides is None:
-        return {}
-    if isinstance(overrides, BaseModel):
-        return overrides.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    return dict(overrides)
-
-
-def leaf_overrides(preset: str, overrides: dict | None) -> dict:
-    """Overrides at any depth (`pairs.grid.rho: 2`, from `--set`) folded into the config leaves they change
-    (`pairs.grid: {kind: rho, rho: 2}`), the keys `ConfigOverrides` takes. A key that is no config path is kept,
-    so validation names it."""
-    if not overrides:
-        return {}
-    _, raw = _raw_preset(preset)
-    merged = _apply(raw, overrides)
-    out: dict = {}
-    for key in overrides:
-        parts = key.split(".")
-        leaf = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in OVERRIDE_KEYS),
-                    None)
-        if leaf is None:
-            out[key] = overrides[key]
-            continue
-        node = merged
-        for p in leaf.split("."):
-            node = node[p]
-        out[leaf] = node
-    return out
-
-
-PRESET_DIR_ENV = "REFLOW_PRESET_DIR"
-# set by the CLI around its in-process flow call: the caller of `reflow run` may load any YAML it can read. A
-# deployment's flow run never has it (a flow parameter would be chosen by whoever starts the run).
-_ANY_PRESET_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar("reflow_any_preset_path", default=False)
-
-
-@contextlib.contextmanager
-def allow_any_preset_path():
-    """Within this block `deployment_preset` accepts any path (the CLI's caller chose it on their own machine)."""
-    token = _ANY_PRESET_PATH.set(True)
+def validate(raw: dict, source: str = "config") -> PipelineConfig:
+    """A config dict as the schema, after the migrations that keep old configs loading (flat grid fields, the
+    orchestration settings). ConfigError names every problem and the source."""
     try:
-        yield
-    finally:
-        _ANY_PRESET_PATH.reset(token)
-
-
-def deployment_preset(preset: str, env: dict | None = None) -> str:
-    """The preset a flow run (over a deployment: its parameters are chosen by whoever starts it) may load: a shipped
-    name (`preset_names()`), or a .yaml/.yml file under the directory named by $REFLOW_PRESET_DIR (a relative path is
-    taken relative to it; both are resolved, so `..` and symlinks cannot leave it). Returns the name or the resolved
-    path to pass to `load_preset`; anything else is a ConfigError naming the rule, raised before the file is read."""
-    if _ANY_PRESET_PATH.get():
-        return preset
-    env = os.environ if env is None else env
-    names = preset_names()
-    if preset in names:
-        return preset
-    base = env.get(PRESET_DIR_ENV) or ""
-    rule = (f"a flow run loads a preset by name ({', '.join(names)}) or a .yaml file under ${PRESET_DIR_ENV} "
-            f"({base or 'not set'}); `reflow run --preset PATH` on the command line may load any file")
-    if not isinstance(preset, str) or not preset or "\x00" in preset:
-        raise ConfigError(f"preset {preset!r} refused: {rule}")
-    if not base:
-        raise ConfigError(f"preset {preset!r} refused: not a shipped preset name and ${PRESET_DIR_ENV} is not set; "
-                          f"{rule}")
-    root = Path(base).resolve()
-    path = (root / preset).resolve()  # an absolute preset replaces root; `..` and symlinks are resolved
-    if not path.is_relative_to(root) or path.suffix not in (".yaml", ".yml"):
-        raise ConfigError(f"preset {preset!r} refused: it resolves to {path}, not a .yaml file under {root}; {rule}")
-    return str(path)
-
-
-def reference_markdown() -> str:
-    """docs/configuration.md, generated from the models so the reference cannot drift from the code."""
-    out = ["# Configuration reference", "",
-           "Generated by `python -m reflow_core.config > docs/configuration.md` (a test checks it is current).",
-           "Presets ship in the package, `reflow_core/presets/*.yaml` (`reflow presets` lists them); override any field with `--set section.field=value`.",
-           "Fields marked *execution-only* decide speed or placement, not what an artifact is: a run may be reopened "
-           "with them changed (`PipelineConfig.identity()` leaves them out).", ""]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        rows, subs = [], []
-        for name, f in model.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                subs.append((ann, f"{prefix}{name}."))
-                continue
-            optional = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if len(optional) == 1 and type(None) in get_args(ann):  # an optional section: listed, then walked
-                subs.append((optional[0], f"{prefix}{name}."))
-            bounds = [f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
-                      if getattr(m, k, None) is not None]
-            default = f.default_factory() if f.default_factory is not None else f.default
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*(Grid|Config)\b)", "", typ)  # __main__.RhoGrid -> RhoGrid
-            typ = typ.replace("|", "\\|")  # a pipe inside a table cell must be escaped, even in code
-            meaning = (f.description or "").replace("|", "/") + (" *(execution-only)*" if is_execution_only(f) else "")
-            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {', '.join(bounds)} | {meaning.strip()} |")
-        if rows:
-            out.extend([f"## `{prefix.rstrip('.') or 'pipeline'}` ({model.__name__})", "",
-                        "| field | type | default | range | meaning |", "|---|---|---|---|---|", *rows, ""])
-        for sub, p in subs:
-            walk(sub, p)
-
-    walk(PipelineConfig, "")
-    out.extend(["## Time grids (`pairs.grid`, `eval.grid`)", "",
-                "One tagged union chosen by `kind`; a bare `uniform` or `rho` stands for that kind with its defaults. "
-                "`pairs.grid` takes uniform or rho (inversion runs the same grid reversed).", ""])
-    for grid in (UniformGrid, RhoGrid, ListGrid):
-        walk(grid, f"grid[kind={grid.model_fields['kind'].default}].")
-    return "\n".join(out)
-
-
-if __name__ == "__main__":
-    print(reference_markdown())
+        return PipelineConfig.model_validate(_legacy_grids(_without_orchestration(raw)))
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None

@@ -33,7 +33,7 @@ t x1, so v_T(x_t, t) = x1 - T(x1) and one Euler step from any t lands on T(x1) e
 the point x_t = (1 - t) T(e) + t e lies on the teacher's line from e, v_T(x_t, t) = e - T(e), and
 x0_T = (1-t) T(e) + t e - t (e - T(e)) = T(e): the target is the student's own output and the loss is 0 for every t.
 Conversely a student that is off the teacher's map gets a target between its own output and the teacher's
-(`tests/test_distill.py` derives it in closed form for a linear-Gaussian teacher and shows gradient descent on FGD
+(`tests/core/test_distill.py` derives it in closed form for a linear-Gaussian teacher and shows gradient descent on FGD
 alone converges to the teacher's map). For a curved teacher one Euler step from t is an approximation whose error
 shrinks as t -> 0; t_range keeps away from t = 1 (the target would be the teacher's one-step map, not the student's)
 and from t = 0 (the target would be the student's own output: no signal).

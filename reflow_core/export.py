@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .paths import CONVENTION
+from .rng import label_seed
 from .velocity import VelocityModel, generate, velocity_model_from_state
 
 __all__ = ["WEIGHTS", "META", "CONFIG", "FORMAT", "save_weights", "load_weights", "read_meta", "is_image",
@@ -25,7 +27,6 @@ __all__ = ["WEIGHTS", "META", "CONFIG", "FORMAT", "save_weights", "load_weights"
 
 WEIGHTS, META, CONFIG = "model.safetensors", "model.json", "config.json"
 FORMAT = "reflow-velocity/1"
-CONVENTION = "t0=data,t1=noise"
 
 
 def _checkpoint_model(ckpt_url: str) -> tuple[VelocityModel, dict]:
@@ -83,7 +84,7 @@ def default_labels(model: VelocityModel, n: int, seed: int) -> torch.Tensor | No
     evaluation draws them), never the untrained "no label" row. None for an unconditional model."""
     if not model.class_cond:
         return None
-    return torch.randint(model.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return torch.randint(model.num_classes, (n,), generator=torch.Generator().manual_seed(label_seed(seed)))
 
 
 def draw(model: VelocityModel, noise: torch.Tensor, nfe: int, solver: str = "euler", *,

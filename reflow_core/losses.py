@@ -1,6 +1,7 @@
 """Per-sample losses (the trainer reduces): MSE, pseudo-Huber, loss normalisation, high-pass residual.
 
-All return a (B,) tensor so weighting and normalisation compose; see DESIGN.md section 4 (improvements 1 and 3).
+All return a (B,) tensor so weighting and normalisation compose; see docs/improvements.md
+(improvements 1 and 3).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def pseudo_huber(residual: torch.Tensor, c: float) -> torch.Tensor:
 def huber_c(scale: float, d: int) -> float:
     """rfpp's constant for the full norm: c = 0.00054 * sqrt(d) (EDM-style per-dimension scale times sqrt(d)).
 
-    DESIGN.md quotes rfpp as c = 0.00054 * d; for the *norm* of a d-dimensional residual the dimension-consistent
+    rfpp is often quoted as c = 0.00054 * d; for the *norm* of a d-dimensional residual the dimension-consistent
     form is scale * sqrt(d) (iCT's choice), which we use; the scale is configurable (TrainConfig.huber_scale).
     """
     return scale * math.sqrt(d)

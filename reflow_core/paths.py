@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+CONVENTION = "t0=data,t1=noise"  # how artifacts (checkpoints, pair stores, exports) record this convention
 TIME_DISTS = ("uniform", "logit_normal", "u_shape", "exponential")
 _DEFAULT_PARAM = {"logit_normal": 1.0, "u_shape": 4.0, "exponential": 10.0}
 

@@ -60,17 +60,6 @@ def nfe_for_steps(solver: str, steps: int) -> int:
     return steps if solver == "euler" else 2 * steps - 1
 
 
-class NFECounter:
-    """Wraps a velocity function and counts evaluations (one per call, whatever the batch size)."""
-
-    def __init__(self, fn: Velocity):
-        self.fn, self.nfe = fn, 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        return self.fn(x, t)
-
-
 def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
 
@@ -133,8 +122,7 @@ def guided(v_cond: Velocity, v_guide: Velocity, w: float) -> Velocity:
 
     Computed with torch.lerp, which is exact at both ends: w = 1 gives v_cond and w = 0 gives v_guide bit for bit.
     CFG: v_guide is the same net with the null label; AutoGuidance: a weaker checkpoint (both built by
-    `velocity.VelocityModel.solver_velocity`). One guided call costs two network evaluations; wrap each network in
-    its own NFECounter to count them honestly."""
+    `velocity.VelocityModel.solver_velocity`). One guided call costs two network evaluations."""
     w = float(w)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

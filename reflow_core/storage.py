@@ -30,6 +30,44 @@ def is_local(url: str) -> bool:
     return fs_is_local(fs_and_path(url)[0])
 
 
+def local_path(url: str) -> str:
+    """The file system path of a local path or file:// URL."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def resolve_storage_options(url: str, storage_options: dict | None = None) -> dict:
+    """Copy of storage_options; for s3:// without an explicit endpoint, take one from FSSPEC_S3_ENDPOINT_URL,
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (MinIO, moto, ...)."""
+    opts = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        ck = dict(opts.get("client_kwargs") or {})
+        if "endpoint_url" not in opts and "endpoint_url" not in ck:
+            env = (os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                   or os.environ.get("AWS_ENDPOINT_URL"))
+            if env:
+                ck["endpoint_url"] = env
+                opts["client_kwargs"] = ck
+    return opts
+
+
+# --- which failures are storage failures, and which of those are worth retrying ---------------------------------------
+BOTO_ERRORS = frozenset({"ClientError", "BotoCoreError", "NoCredentialsError", "EndpointConnectionError"})
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """A storage failure (permission, disk full, read-only file system, object store access denied / unreachable):
+    OSError, or botocore-style errors found by class name (no botocore import here)."""
+    return isinstance(err, OSError) or bool({c.__name__ for c in type(err).__mro__} & BOTO_ERRORS)
+
+
+def is_transient(err: BaseException) -> bool:
+    """A storage failure a retry may cure (disk full, I/O error, connection reset, the object store's errors); not a
+    missing file or directory and not missing credentials, which the same call would meet again."""
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return is_storage_error(err) and "NoCredentialsError" not in {c.__name__ for c in type(err).__mro__}
+
+
 def exists(url: str) -> bool:
     fs, path = fs_and_path(url)
     return fs.exists(path)

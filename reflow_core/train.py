@@ -22,6 +22,7 @@ from .callbacks import Callback, NullCallback
 from .config import TrainConfig
 from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
 from .paths import path_sample, sample_time
+from .rng import time_seed
 
 
 @dataclass
@@ -110,7 +111,7 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
     ema = copy.deepcopy(ema_init if ema_init is not None else net).to(device).eval().requires_grad_(False)
     params = list(net.parameters())
     # foreach: one multi-tensor kernel per Adam op instead of a Python loop over tensors (the default off CUDA);
-    # on CPU it computes the same per-element arithmetic (bit-identical, tests/test_train.py)
+    # on CPU it computes the same per-element arithmetic (bit-identical, tests/core/test_train.py)
     opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
     step, bad = 0, 0
     latest = checkpoint.latest(ckpt_dir)
@@ -163,7 +164,7 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
     with cores.Share(stage, cb) as share:
         while step < cfg.steps:
             key = distributed.batch_key(step, dinfo)  # = step in one process; distinct per (step, rank) under DDP
-            gen.manual_seed(cfg.seed * 1_000_003 + key)  # the step's time draws depend on (step, rank) alone
+            gen.manual_seed(time_seed(cfg.seed, key))  # the step's time draws depend on (step, rank) alone
             b = batches(key)
             mf = torch.channels_last if (cfg.channels_last and b.x_data.dim() == 4) else torch.contiguous_format
             b = Batch(b.x_data.to(device, memory_format=mf), b.x_noise.to(device, memory_format=mf),

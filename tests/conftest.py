@@ -5,7 +5,7 @@ import pytest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "s3: needs a local moto S3 server on 127.0.0.1 (tests/test_pairs_s3.py)")
+    config.addinivalue_line("markers", "s3: needs a local moto S3 server on 127.0.0.1 (tests/core/test_pairs_s3.py)")
 
 
 def pytest_sessionstart(session):
@@ -33,7 +33,7 @@ def prefect_api():
             os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = old
 
 
-# --- issue 5: a moto S3 API server on 127.0.0.1, endpoint and throw-away credentials in the environment -------------
+# --- a moto S3 API server on 127.0.0.1, endpoint and throw-away credentials in the environment -------------
 S3_TEST_SECRET = "reflow-test-secret-3b9e71c2"  # distinctive, so a test can grep written objects for it
 S3_TEST_KEY_ID = "reflowtestkeyid5a1f"
 

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from reflow_core import metrics, stages, storage
+from reflow_core import rng, stages
 from reflow_core.data import real_reference
 from reflow_core.velocity import generate
 
@@ -34,26 +34,20 @@ def main() -> None:
     ds = stages.dataset(cfg)
     n = a.n or cfg.eval.n_samples
     models = {m: stages.load_model(stages.model_checkpoint(rundir, m)) for m in a.models}
-    if ds.name == "digits":
-        net = metrics.load_or_train_digit_classifier(storage.join(rundir.root, "_cache", "digit_classifier.pt"),
-                                                     ds.x, ds.y)
-        name, ref_of, score = "fd_digits", lambda r: metrics.digit_stats(r, net), \
-            lambda x, ref: metrics.digit_fd(x, ref, net)
-    elif ds.kind == "toy":
-        name, ref_of = "sliced_w2", lambda r: r
-        score = lambda x, ref: metrics.sliced_w2(x, ref, generator=torch.Generator().manual_seed(0))  # noqa: E731
-    else:
+    if ds.kind != "toy" and ds.name != "digits":
         raise SystemExit(f"{ds.name}: use the run's FID rows instead")
 
     out: dict[tuple[str, int], list[float]] = {}
     for seed in a.seeds:
         noise = stages.evaluate.eval_noise(ds.shape, n, seed)
         label = stages.evaluate.eval_labels(ds, cfg.net.class_cond, n, seed)
-        ref = ref_of(real_reference(ds, n, torch.Generator().manual_seed(seed + 2)))
+        real = real_reference(ds, n, torch.Generator().manual_seed(rng.reference_seed(seed)))
+        ref = stages.evaluate.reference(cfg, ds, rundir, real)
         for m, model in models.items():
             for nfe in a.nfes:
-                out.setdefault((m, nfe), []).append(score(generate(model, noise, nfe, "euler", label=label), ref))
-    print(f"{name}, Euler, {n} samples, seeds {a.seeds}")
+                x = generate(model, noise, nfe, "euler", label=label)
+                out.setdefault((m, nfe), []).append(ref.score(x)[ref.metric])
+    print(f"{ref.metric}, Euler, {n} samples, seeds {a.seeds}")
     for (m, nfe), v in out.items():
         print(f"  {m:<10} NFE {nfe}: mean {statistics.mean(v):.3f}  sd {statistics.stdev(v):.3f}  "
               f"{[round(x, 2) for x in v]}")

@@ -1,23 +1,26 @@
-"""Coupled (noise, sample) pairs for ReFlow: the store, its simulation by the teacher, and the training sampler.
+"""Coupled (noise, sample) pairs for ReFlow: the store, its layout, its simulation by the teacher, and the sampler.
 
-    store.py     PairStore (zarr 3 at any fsspec URL, per-shard done markers), the shard plan, per-row seeding,
-                 PairBatch, dtype conversion, hashing and verification, write retries
-    simulate.py  simulate_shard: one shard integrated by the teacher (velocity_for(labels) -> v(x, t)) and written
+    layout.py    constants, metadata schemas, the shard plan, layout checks, PairBatch, dtype conversion, hashing
+    errors.py    the store's errors and the `--redo-stage` hint they carry
+    store.py     PairStore (zarr 3 at any fsspec URL, per-shard done markers, write retries) and verification
+    simulate.py  simulate_shard: one shard integrated by the teacher and written; store_for_config
     sampler.py   PairSampler: reflow batches as a pure function of the step, from RAM or streamed from the store
 
-This package depends on torch, zarr, fsspec and reflow_core's solvers/storage/config only (never on training,
-distributed or pipeline code).
+Per-row noise and labels come from `reflow_core.rng`. This package depends on torch, zarr, fsspec and reflow_core's
+rng/solvers/storage (and the pairs settings' schema in simulate.py) only, never on training or pipeline code.
 """
+from ..rng import forward_indices, row_labels, row_noise, row_seed
+from .errors import (PairStoreCorrupt, PairStoreIncomplete, PairStoreInvalid, PairStoreMismatch, PairWriteError,
+                     redo_hint)
+from .layout import (ARRAYS, BACKWARD, DTYPES, FORWARD, IDENTITY_ATTRS, NOISE_RNG, Hasher, PairBatch, Shard,
+                     check_layout, shard_plan)
 from .sampler import PairSampler, ram_bytes
-from .simulate import VelocityFor, simulate_shard
-from .store import (ARRAYS, BACKWARD, CONVENTION, DTYPES, FORWARD, IDENTITY_ATTRS, PairBatch, PairStore,
-                    PairStoreCorrupt, PairStoreIncomplete, PairStoreMismatch, PairWriteError, Shard, _retryable,
-                    _with_retries, forward_indices, resolve_storage_options, row_labels, row_noise, row_seed,
-                    shard_plan, verify_pairs)
+from .simulate import VelocityFor, simulate_shard, solver_attrs, store_for_config
+from .store import PairStore, verify_pairs, with_retries
 
 __all__ = [
-    "ARRAYS", "BACKWARD", "CONVENTION", "DTYPES", "FORWARD", "IDENTITY_ATTRS", "PairBatch", "PairSampler",
-    "PairStore", "PairStoreCorrupt", "PairStoreIncomplete", "PairStoreMismatch", "PairWriteError", "Shard",
-    "VelocityFor", "_retryable", "_with_retries", "forward_indices", "ram_bytes", "resolve_storage_options",
-    "row_labels", "row_noise", "row_seed", "shard_plan", "simulate_shard", "verify_pairs",
+    "ARRAYS", "BACKWARD", "DTYPES", "FORWARD", "Hasher", "IDENTITY_ATTRS", "NOISE_RNG", "PairBatch", "PairSampler",
+    "PairStore", "PairStoreCorrupt", "PairStoreIncomplete", "PairStoreInvalid", "PairStoreMismatch", "PairWriteError",
+    "Shard", "VelocityFor", "check_layout", "forward_indices", "ram_bytes", "redo_hint", "row_labels", "row_noise",
+    "row_seed", "shard_plan", "simulate_shard", "solver_attrs", "store_for_config", "verify_pairs", "with_retries",
 ]

@@ -34,7 +34,10 @@ import numpy as np
 import torch
 
 from .. import host, storage
-from .store import BACKWARD, FORWARD, PairBatch, PairStore, PairStoreIncomplete, row_seed
+from ..rng import row_seed
+from .errors import PairStoreIncomplete
+from .layout import BACKWARD, FORWARD, PairBatch
+from .store import PairStore
 
 _TAG_SECTION, _TAG_EPOCH, _TAG_WINDOW = 0x73616D706C65, 0x65706F6368, 0x77696E646F77
 _EPOCH_CACHE = 4  # epochs per section whose chunk order is kept

@@ -9,19 +9,36 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .. import cores, solvers
 from ..config import PairsConfig
+from ..rng import forward_indices, row_labels, row_noise
 from ..solvers import Velocity
-from .store import (ARRAYS, BACKWARD, FORWARD, NOISE_RNG, PairStore, PairStoreMismatch, Shard, _Hasher,
-                    forward_indices, redo_hint, row_labels, row_noise, solver_attrs)
+from .errors import PairStoreMismatch, redo_hint
+from .layout import ARRAYS, BACKWARD, FORWARD, NOISE_RNG, Hasher, Shard
+from .store import PairStore
 
 # velocity_for(labels on the device, or None for unconditional teachers) -> the batch's (x, t) -> v
 VelocityFor = Callable[["torch.Tensor | None"], Velocity]
+
+
+def solver_attrs(cfg: PairsConfig) -> dict:
+    """The simulation settings a store records (and a reopening config must match): solver, NFE, grid, rho, seed."""
+    g = cfg.grid.solver_args(cfg.nfe)
+    return {"solver": cfg.solver, "nfe": cfg.nfe, "grid": g["grid"], "rho": g["rho"], "seed": cfg.seed}
+
+
+def store_for_config(url: str, cfg: PairsConfig, *, shape: Sequence[int], teacher_hash: str,
+                     extra_attrs: dict | None = None, storage_options: dict | None = None) -> PairStore:
+    """`PairStore.create` with the counts, sizes, dtype and solver attrs of a run's pairs settings."""
+    attrs = {"teacher_hash": teacher_hash, **solver_attrs(cfg), **(extra_attrs or {})}
+    return PairStore.create(url, shape=shape, n_backward=cfg.n_pairs, n_forward=cfg.n_forward,
+                            chunk_size=cfg.chunk_size, shard_size=cfg.shard_size, dtype=cfg.dtype, attrs=attrs,
+                            storage_options=storage_options, zarr_shards=cfg.zarr_shards, compress=cfg.compress)
 
 
 class _ShardWriter:
@@ -31,7 +48,7 @@ class _ShardWriter:
         self.store, self.shard = store, shard
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
-        self.hasher = _Hasher()
+        self.hasher = Hasher()
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_start = shard.start
         self._pending_rows = 0

@@ -12,6 +12,8 @@ out as tasks. `run_local`, `flows/reflow.py` and `stage_main` all walk `plan(...
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .. import checkpoint

@@ -17,9 +17,9 @@ from .. import checkpoint, storage
 from ..callbacks import Callback, NullCallback
 from ..config import ConfigError, DataConfig, NetConfig, PipelineConfig, validate
 from ..data import DataSet, load_data
+from ..paths import CONVENTION
 from ..velocity import VelocityModel, build_velocity_model, velocity_model_from_state
 
-CONVENTION = "t0=data,t1=noise"
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,3 @@ def new_model(cfg: PipelineConfig, ds: DataSet, seed: int) -> VelocityModel:
 def load_model(url: str, *, ema: bool = True, device: str | torch.device = "cpu") -> VelocityModel:
     """The velocity model of a checkpoint or single-file snapshot (its meta holds the net config), in eval mode."""
     return velocity_model_from_state(checkpoint.load(url), ema=ema, device=device).eval()
-
-
-def round_seed(seed: int, r: int) -> int:
-    """The seed of reflow round r: the configured one for round 1, a distinct one for each later round."""
-    return seed if r <= 1 else seed + 7_919 * (r - 1)

@@ -13,6 +13,7 @@ import torch
 from ..config import TrainConfig
 from ..data import DataSet
 from ..pairs import PairSampler, PairStore
+from ..rng import batch_seed
 from ..train import Batch
 from ..velocity import VelocityModel
 from .base import Context, Stage, StageOutput
@@ -25,7 +26,7 @@ def teacher_batches(ds: DataSet, model: VelocityModel, tc: TrainConfig, class_co
     y = ds.y if class_cond else None
 
     def batches(step: int) -> Batch:
-        g = torch.Generator().manual_seed(tc.seed * 7_919 + step)
+        g = torch.Generator().manual_seed(batch_seed(tc.seed, step))
         idx = torch.randint(len(ds), (tc.batch_size,), generator=g)
         label = None if y is None else model.drop_labels(y[idx], tc.label_dropout, g)
         return Batch(ds.x[idx], torch.randn((tc.batch_size, *ds.shape), generator=g), label)
@@ -57,7 +58,7 @@ def pair_batches(store: PairStore, model, tc: TrainConfig, forward_ratio: float,
         b = sampler.batch(key)
         label = b.label if model.class_cond else None
         if label is not None and tc.label_dropout > 0:
-            label = model.drop_labels(label, tc.label_dropout, torch.Generator().manual_seed(tc.seed * 7_919 + key))
+            label = model.drop_labels(label, tc.label_dropout, torch.Generator().manual_seed(batch_seed(tc.seed, key)))
         return Batch(b.sample, b.noise, label)
 
     try:

@@ -15,11 +15,12 @@ from .. import metrics, plots, solvers, storage
 from ..config import ConfigError, PipelineConfig
 from ..data import DataSet, real_reference
 from ..nets import count_params
+from ..rng import label_seed, reference_seed
 from ..velocity import VelocityModel, generate
 from .base import Context, RunDir, Stage, StageOutput, dataset, default_device, load_model
 
 GUIDE = "guide"
-TRAJ_LINES = 256  # rundir drawn per model in the toy trajectory plot
+TRAJ_LINES = 256  # paths drawn per model in the toy trajectory plot
 GRID_IMAGES = 64  # images per sample grid
 
 
@@ -39,10 +40,6 @@ def evaluated_models(stage: Stage) -> list[str]:
     return [role for role, _ in stage.reads if role != GUIDE]
 
 
-def quality_metric(ds: DataSet) -> str:
-    return "sliced_w2" if ds.kind == "toy" else ("fd_digits" if ds.name == "digits" else "fid")
-
-
 def eval_noise(shape: tuple, n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
@@ -50,7 +47,7 @@ def eval_noise(shape: tuple, n: int, seed: int) -> torch.Tensor:
 def eval_labels(ds: DataSet, class_cond: bool, n: int, seed: int) -> torch.Tensor | None:
     if not class_cond or ds.num_classes == 0:
         return None
-    return torch.randint(ds.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return torch.randint(ds.num_classes, (n,), generator=torch.Generator().manual_seed(label_seed(seed)))
 
 
 def guide_checkpoint(cfg: PipelineConfig, teacher_out: StageOutput | None) -> str:
@@ -83,13 +80,13 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     guide = load_guide(guide_checkpoint(cfg, inputs.get(GUIDE)), dev) if ec.guidance == "autoguidance" else None
     noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
     label = eval_labels(ds, cfg.net.class_cond, ec.n_samples, ec.seed)
-    real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(ec.seed + 2))
-    quality = _quality_fn(cfg, ds, ctx.rundir, real)
+    real = real_reference(ds, ec.n_samples, torch.Generator().manual_seed(reference_seed(ec.seed)))
+    ref = reference(cfg, ds, ctx.rundir, real)
     # nfe = network evaluations; a (solver, nfe) whose budget cannot be met exactly is skipped (heun: odd NFE;
     # guided: 2 NFE per velocity, so euler needs even NFE and heun 2 (2N - 1))
     combos = [(s, n) for s in ec.solvers for n in ec.nfes if solvers.solver_nfe_for_budget(s, n, guided)]
     rows, samples, total = [], {}, len(models) * len(combos)
-    # toy: the trajectory plot's rundir are the first TRAJ_LINES of the straightness integration (no second ODE)
+    # toy: the trajectory plot's paths are the first TRAJ_LINES of the straightness integration (no second ODE)
     keep = min(TRAJ_LINES, ec.n_samples) if ds.kind == "toy" else 0
     trajs = {}
     for name, model in models.items():
@@ -108,7 +105,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
                                   return_nfe=True)
             assert counted == nfe, (solver, nfe, counted)  # the accounting is measured, not assumed
             row = {"model": name, "params": count_params(model), "nfe": nfe, "solver": solver,
-                   "straightness": float(s), **quality(x),
+                   "straightness": float(s), **ref.score(x),
                    "seconds": time.perf_counter() - t0, "steps": solvers.steps_for_nfe(
                        solver, solvers.solver_nfe_for_budget(solver, nfe, guided)),
                    "grid": g["grid"], "rho": g["rho"], "guidance": ec.guidance,
@@ -120,7 +117,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
             cb.on_metrics(stage.name, nfe, {f"{name}_{solver}_{k}": v for k, v in row.items()
                                             if isinstance(v, float) and k not in ("seconds", "rho", "guidance_weight")})
             cb.on_progress(stage.name, len(rows), total)
-    metric = quality_metric(ds)
+    metric = ref.metric
     url = metrics_url(stage)
     storage.write_json(url, {"rows": rows, "metric": metric, "eval_config": ec.model_dump(mode="json"),
                              "models": list(models), "checkpoints": ckpts})
@@ -130,19 +127,17 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
     return StageOutput({"metrics": url}, {"rows": rows})
 
 
-def _quality_fn(cfg: PipelineConfig, ds: DataSet, rundir: RunDir, real: torch.Tensor):
-    """The quality metric of the data kind, with the reference side computed once per evaluation (not per row):
-    the toy distances' sorted projections and within-reference term, the digit features' (mu, sigma), FID's
-    Inception extractor and reference statistics (kept under <root>/_cache, keyed by content)."""
+def reference(cfg: PipelineConfig, ds: DataSet, rundir: RunDir, real: torch.Tensor) -> metrics.Reference:
+    """The data kind's quality reference, its side computed once per evaluation (not per row): the toy distances'
+    sorted projections and within-reference term, the digit classifier's or Inception's reference statistics (kept
+    under <root>/_cache, keyed by content)."""
     if ds.kind == "toy":
         return metrics.ToyReference(real, seed=0)
     cache = storage.join(rundir.root, "_cache")
     if ds.name == "digits":
         net = metrics.load_or_train_digit_classifier(storage.join(cache, "digit_classifier.pt"), ds.x, ds.y)
-        ref = metrics.digit_stats(real, net)
-        return lambda x: {"fd_digits": metrics.digit_fd(x, ref, net)}
-    ref = metrics.FIDReference(real, inception_weights=cfg.eval.inception_weights, cache_url=cache)
-    return lambda x: {"fid": ref.fid(x)}
+        return metrics.FrechetReference("fd_digits", metrics.DigitFeatures(net), real, cache_url=cache)
+    return metrics.FIDReference(real, inception_weights=cfg.eval.inception_weights, cache_url=cache)
 
 
 class _TrajectoryRecorder:

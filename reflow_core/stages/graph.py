@@ -11,6 +11,7 @@ from .. import storage
 from ..config import ConfigError, PipelineConfig
 from .base import Context, RunDir, Stage, StageOutput
 from .kinds import module
+from .pairs import check_settings
 
 
 def suffix(r: int) -> str:
@@ -20,8 +21,11 @@ def suffix(r: int) -> str:
 def plan(cfg: PipelineConfig, rundir: RunDir) -> list[Stage]:
     """The stage instances of `cfg`, in the order they run; each names the stages it reads and the artifact it writes.
 
-    eval.models must name models the run trains (ConfigError otherwise)."""
+    eval.models must name models the run trains, and a run that simulates pairs must have pairs settings the store
+    accepts (ConfigError otherwise): both refused before any stage runs."""
     out = _training(cfg, rundir)
+    if any(s.kind == "pairs" for s in out):
+        check_settings(cfg.pairs)
     by_model = {s.model: s.name for s in out if s.model}
     unknown = [m for m in cfg.eval.models or [] if m not in by_model]
     if unknown:

@@ -13,16 +13,27 @@ from __future__ import annotations
 import torch
 
 from .. import accel, solvers, storage
-from ..config import PairsConfig
-from ..pairs import PairStore, PairStoreCorrupt, PairStoreMismatch, simulate_shard, verify_pairs
+from ..config import ConfigError, PairsConfig
+from ..pairs import (PairStore, PairStoreCorrupt, PairStoreMismatch, check_layout, simulate_shard, store_for_config,
+                     verify_pairs)
+from ..rng import round_seed
 from ..velocity import velocity_for
-from .base import Context, Stage, StageOutput, dataset, load_model, round_seed
+from .base import Context, Stage, StageOutput, dataset, load_model
 
 
 def pairs_config(stage: Stage, ctx: Context) -> PairsConfig:
     """The pairs settings of this round (round r > 1 draws its own noise)."""
     pc = ctx.cfg.pairs
     return pc if stage.round <= 1 else pc.model_copy(update={"seed": round_seed(pc.seed, stage.round)})
+
+
+def check_settings(pc: PairsConfig) -> None:
+    """The pair store's layout rules on a run's pairs settings (ConfigError), checked when the plan is made."""
+    try:
+        check_layout(n_backward=pc.n_pairs, n_forward=pc.n_forward, chunk_size=pc.chunk_size,
+                     shard_size=pc.shard_size, dtype=pc.dtype, zarr_shards=pc.zarr_shards)
+    except ValueError as e:
+        raise ConfigError(f"pairs: {e}") from None
 
 
 def model_hash(url: str) -> str:
@@ -36,9 +47,9 @@ def done(stage: Stage, ctx: Context) -> bool:
 def open_store(stage: Stage, ctx: Context, model_ckpt: str) -> PairStore:
     """Create the store (or reopen it, refusing one written by another model or with other settings)."""
     try:
-        return PairStore.create_from_config(stage.writes, pairs_config(stage, ctx), shape=tuple(dataset(ctx.cfg).shape),
-                                            teacher_hash=model_hash(model_ckpt),
-                                            extra_attrs={"teacher_checkpoint": model_ckpt, "stage": stage.name})
+        return store_for_config(stage.writes, pairs_config(stage, ctx), shape=tuple(dataset(ctx.cfg).shape),
+                                teacher_hash=model_hash(model_ckpt),
+                                extra_attrs={"teacher_checkpoint": model_ckpt, "stage": stage.name})
     except PairStoreMismatch as e:  # e.g. teacher.checkpoint now holds another teacher: never mix its pairs in
         raise PairStoreMismatch(f"{e}\nrerun with --redo-stage {stage.name} to simulate them again") from None
 

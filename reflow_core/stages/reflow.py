@@ -14,7 +14,8 @@ from .. import checkpoint, distributed
 from ..nets import set_dropout
 from ..train import train
 from ..velocity import velocity_model_from_state
-from .base import Context, Stage, StageOutput, default_device, round_seed
+from ..rng import round_seed
+from .base import Context, Stage, StageOutput, default_device
 from .batches import checked_pairs, pair_batches
 
 

@@ -8,9 +8,11 @@ output: {"model": checkpoint URL, "guide": guide.pt URL when there is one}
 from __future__ import annotations
 
 from .. import checkpoint, distributed, storage
+from ..callbacks import OfTotal
+from ..paths import CONVENTION
 from ..train import train
 from ..velocity import VelocityModel
-from .base import CONVENTION, Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
+from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
 from .batches import teacher_batches
 
 GUIDE_FILE = "guide.pt"
@@ -38,7 +40,7 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
 
     def train_to(steps: int) -> str:
         return train(net=model, batches=batches, cfg=tc.model_copy(update={"steps": steps}), ckpt_dir=stage.writes,
-                     stage=stage.name, meta=model_meta(cfg, ds), callback=ctx.callback,
+                     stage=stage.name, meta=model_meta(cfg, ds), callback=OfTotal(ctx.callback, tc.steps),
                      device=default_device(ctx.device))
 
     _guide_snapshot(stage, tc.steps, train_to)

@@ -1,0 +1,24 @@
+"""Evaluation metrics, one pipeline: samples -> features -> statistics (once for the reference, cached) -> distances.
+
+    reference.py     `Reference.score(x)`, the one interface the evaluate stage asks; `FeatureExtractor`,
+                     `FeatureStats` (the one cached format), `ToyReference`, `FrechetReference`
+    distances.py     sliced W2, energy distance, MMD (point clouds); Frechet distance from statistics
+    digits.py        the digit classifier (trained once, cached) and its features, `DigitFeatures`
+    inception.py     InceptionV3 through torch-fidelity, offline weights, `FIDReference`, `fid_torch_fidelity`
+    straightness.py  trajectory straightness through `solvers.euler` with a step callback
+
+Time convention: t = 0 is data, t = 1 is noise (`reflow_core.paths`). Every metric returns a plain python float.
+"""
+from .digits import (DigitFeatureNet, DigitFeatures, digit_accuracy, digit_features, load_or_train_digit_classifier,
+                     train_digit_classifier)
+from .distances import energy_distance, feature_stats, frechet_distance, mmd_rbf, sliced_w2
+from .inception import INCEPTION_URL, FIDReference, InceptionFeatures, fid_torch_fidelity, inception_cache_path
+from .reference import FeatureExtractor, FeatureStats, FrechetReference, Reference, ToyReference, moments
+from .straightness import straightness
+
+__all__ = [
+    "DigitFeatureNet", "DigitFeatures", "FIDReference", "FeatureExtractor", "FeatureStats", "FrechetReference",
+    "INCEPTION_URL", "InceptionFeatures", "Reference", "ToyReference", "digit_accuracy", "digit_features",
+    "energy_distance", "feature_stats", "fid_torch_fidelity", "frechet_distance", "inception_cache_path",
+    "load_or_train_digit_classifier", "mmd_rbf", "moments", "sliced_w2", "straightness", "train_digit_classifier",
+]

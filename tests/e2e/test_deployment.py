@@ -1,0 +1,347 @@
+"""deployments/prefect.yaml against a real Prefect server and a real process worker, as a team would use it.
+
+Starts `prefect server start` (SQLite under tmp), creates the `reflow-process` work pool, deploys every deployment,
+sets the team's run root once (the Prefect variable `reflow_root`) and starts a worker. Then, through the CLI and the
+REST API only: a bad override is refused when the run is created (no flow run, no worker involved); a typed
+deployment run is started; a second run on the same run directory is refused while the first runs; the first is
+cancelled mid-teacher and re-run from the deployment, continuing from the teacher's checkpoint; the flow run's
+artifacts are read back through the Prefect API; the MLflow store holds the headline metrics and the registered model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import tiny
+
+from flows import tracking
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+TINY = tiny({
+    "data.n_train": 2000, "eval.n_samples": 256, "eval.straightness_steps": 8, "net.hidden": 64,
+    "pairs.chunk_size": 250, "pairs.n_pairs": 1000, "pairs.nfe": 9, "pairs.shard_size": 500, "pairs.workers": 2,
+    "reflow.train.batch_size": 128, "reflow.train.ckpt_every": 50, "reflow.train.log_every": 20,
+    "reflow.train.steps": 100, "reflow.train.warmup": 100, "teacher.train.batch_size": 128,
+    "teacher.train.ckpt_every": 50, "teacher.train.log_every": 20, "teacher.train.steps": 100,
+    "teacher.train.warmup": 100,
+})
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _prefect(args: list[str], env: dict, cwd: Path, timeout: float = 240) -> str:
+    out = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"prefect {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """Terminate a process group we started (server or worker, with their children)."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, f"prefect server exited:\n{_tail(log)}"
+        try:
+            if _get_json(f"{api}/health") is True:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"prefect server not healthy after {timeout} s:\n{_tail(log)}"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A Prefect server with the deployments, the team root variable, and a process worker; MLflow in sqlite."""
+    tmp = tmp_path_factory.mktemp("stack")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "REFLOW_"))}
+    env.update({
+        "PREFECT_HOME": str(tmp / "prefect_home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    })
+    logs = {"server": tmp / "server.log", "worker": tmp / "worker.log"}
+    server = worker = None
+    try:
+        with open(logs["server"], "w") as log:
+            server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                      env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_healthy(api, server, logs["server"])
+        env["PREFECT_API_URL"] = api
+        _prefect(["work-pool", "create", "reflow-process", "--type", "process"], env, REPO)
+        # REFLOW_REPO is deliberately unset here: the pull step's {{ $REFLOW_REPO }} is resolved by the worker
+        out = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, REPO)
+        root = tmp / "team-root"
+        _prefect(["variable", "set", "reflow_root", str(root)], env, REPO)  # set once for the team (docs/cloud.md)
+        mlflow_uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        worker_env = {**env, "REFLOW_REPO": str(REPO), "MLFLOW_TRACKING_URI": mlflow_uri,
+                      "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        with open(logs["worker"], "w") as log:
+            # started in another directory than the root: the root comes from the variable, never the cwd
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "reflow-process"], env=worker_env,
+                                      cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        yield {"api": api, "env": env, "root": root, "mlflow_uri": mlflow_uri, "worker": worker, "logs": logs,
+               "deploy_output": out}
+    finally:
+        _stop(worker)
+        _stop(server)
+
+
+def _run_deployment(stack, params: dict) -> str:
+    out = _prefect(["deployment", "run", "reflow/toy2d", "--params", json.dumps(params)], stack["env"], REPO)
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert match, out
+    return match.group(1)
+
+
+def _flow_run(stack, flow_run_id: str) -> dict:
+    return _get_json(f"{stack['api']}/flow_runs/{flow_run_id}")
+
+
+def _wait_state(stack, flow_run_id: str, states: set[str], timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert stack["worker"].poll() is None, f"worker exited:\n{_tail(stack['logs']['worker'])}"
+        fr = _flow_run(stack, flow_run_id)
+        if fr["state"]["type"] in states:
+            return fr
+        assert time.monotonic() < deadline, (f"flow run {flow_run_id} still {fr['state']['type']} after {timeout} s:\n"
+                                             f"{_tail(stack['logs']['worker'], 8000)}")
+        time.sleep(2)
+
+
+def _wait_for(predicate, what: str, stack, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert stack["worker"].poll() is None, f"worker exited:\n{_tail(stack['logs']['worker'])}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{_tail(stack['logs']['worker'], 8000)}"
+        time.sleep(1)
+
+
+# long enough a teacher to be caught mid-way: checkpoints every 50 steps, 2400 steps in all (the cancel comes after a
+# second flow run's start and refusal; on a quiet 2-core box 800 steps were once all done by then)
+LONG_TEACHER = {**TINY, "teacher.train.steps": 2400, "teacher.train.ckpt_every": 50}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployment_lifecycle_on_a_process_worker(stack):
+    api, env, root = stack["api"], stack["env"], stack["root"]
+    deployments = _get_json_post(f"{api}/deployments/filter", {})
+    assert {"toy2d", "digits", "cifar10"} <= {d["name"] for d in deployments}, stack["deploy_output"]
+    toy = next(d for d in deployments if d["name"] == "toy2d")
+    assert toy["entrypoint"] == "flows/reflow.py:reflow" and toy["parameters"] == {"preset": "toy2d"}
+    assert toy["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == \
+        "{{ $REFLOW_REPO }}"
+    # typed parameters: the UI's form comes from this schema, and the server enforces it
+    schema = toy["parameter_openapi_schema"]
+    assert toy["enforce_parameter_schema"] is True
+    assert "toy2d" in schema["properties"]["preset"]["anyOf"][0]["enum"]
+    overrides_schema = schema["definitions"]["ConfigOverrides"]
+    assert overrides_schema["additionalProperties"] is False
+    assert overrides_schema["properties"]["teacher.train.steps"] == {
+        "default": None, "minimum": 1, "title": "teacher.train.steps", "type": "integer"}
+
+    # 1. bad values are refused when the run is created, naming the field; no flow run exists for a worker to take
+    for bad, field in (({"overrides": {"teacher.train.steps": -1}}, "-1"),
+                       ({"overrides": {"teacher.train.stepz": 5}}, "teacher.train.stepz"),
+                       ({"preset": "no-such-preset"}, "no-such-preset"),
+                       ({"run": "../escape"}, "../escape")):
+        out = subprocess.run([PREFECT, "deployment", "run", "reflow/toy2d", "--params", json.dumps(bad)], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "Validation" in text and field in text, (bad, text)
+        print(f"refused {bad}: {text.strip()}")  # shown with -s: docs/cloud.md quotes it
+    assert _get_json_post(f"{api}/flow_runs/filter", {}) == []
+
+    # 2. a typed run; the root comes from the team's variable, not from any parameter or the worker's cwd
+    params = {"run": "shared", "overrides": LONG_TEACHER}
+    first = _run_deployment(stack, params)
+    latest = root / "shared" / "teacher" / "latest.json"
+    _wait_for(latest.exists, "the first flow run's first teacher checkpoint", stack)
+    assert _flow_run(stack, first)["name"] == "toy2d-shared"
+
+    # 3. a second flow run on the same run directory is refused while the first holds it, naming the holder
+    second = _run_deployment(stack, params)
+    fr = _wait_state(stack, second, {"FAILED", "COMPLETED", "CRASHED", "CANCELLED"})
+    assert fr["state"]["type"] == "FAILED", fr["state"]
+    assert _flow_run(stack, first)["state"]["type"] == "RUNNING"
+    logs = _get_json_post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [second]}}})
+    text = "\n".join(entry["message"] for entry in logs)
+    assert "is in use by toy2d-shared" in text and first in text, text[-3000:]
+
+    # 4. cancel the first mid-teacher, then run the deployment again: the teacher continues from its checkpoint
+    _prefect(["flow-run", "cancel", first], env, REPO)
+    _wait_state(stack, first, {"CANCELLED"}, timeout=180)
+    step_at_cancel = json.loads(latest.read_text())["step"]
+    assert 0 < step_at_cancel < LONG_TEACHER["teacher.train.steps"], step_at_cancel
+    third = _run_deployment(stack, params)
+    fr = _wait_state(stack, third, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
+    run_dir = root / "shared"
+    assert (run_dir / "eval" / "metrics.json").exists() and not (run_dir / "run.lock").exists()
+
+    client = MlflowClient(tracking_uri=stack["mlflow_uri"])
+    exp = client.get_experiment_by_name("reflow")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    teacher = next(r for r in runs if r.data.tags.get(tracking.STAGE_TAG) == "teacher")
+    resumed = [m.value for m in client.get_metric_history(teacher.info.run_id, "resumed_from_step")]
+    # the first flow run started from 0 once; the re-run continued from the checkpoint the cancelled one left
+    assert resumed.count(0.0) == 1 and float(step_at_cancel) in resumed, (resumed, step_at_cancel)
+    parents = [r for r in runs if r.data.tags.get("reflow.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert "sliced_w2.reflow.euler.nfe1" in parent.data.metrics and "wall_seconds.teacher" in parent.data.metrics
+    assert parent.data.tags["reflow.prefect_flow_run_id"] == third
+    assert client.search_model_versions("name = 'toy2d-reflow'")  # the final model is registered
+
+    # 5. the flow run's artifacts, through the Prefect API
+    arts = _get_json_post(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [third]}}})
+    by_type = {a["type"]: a for a in arts}
+    assert {"table", "markdown"} <= set(by_type), arts
+    table = by_type["table"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {(r["model"], r["nfe"]) for r in table} == {(m, n) for m in ("teacher", "reflow") for n in (1, 2)}
+    metrics_json = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert {(r["model"], r["nfe"]): r["sliced_w2"] for r in table} == \
+        {(r["model"], r["nfe"]): r["sliced_w2"] for r in metrics_json["rows"]}
+    summary = by_type["markdown"]["data"]
+    assert parent.info.run_id in summary and "data:image/png;base64," in summary and "models:/toy2d-reflow/" in summary
+
+
+def _get_json_post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+# --- docs/cloud.md's commands, as written -----------------------------------------------------------------------
+
+
+def _doc_commands(text: str) -> list[tuple[list[str], bool]]:
+    """(argv, expected to be refused) of every `prefect ...` and `reflow run ...` command in the page's bash blocks;
+    a block that shows "Error creating flow run" is an example of a refused command."""
+    import shlex
+
+    blocks: list[tuple[str, list[str]]] = []  # (language, lines) of each fenced block
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            if fenced:
+                blocks.append((line.strip()[3:], []))
+        elif fenced:
+            blocks[-1][1].append(line)
+    out = []
+    for block in ("\n".join(lines) + "\n" for lang, lines in blocks if lang in ("", "bash")):
+        refused = "Error creating flow run" in block
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip().removeprefix("$ ")
+            if line.startswith(("prefect deployment run ", "prefect variable set ", "reflow run ")):
+                out.append((shlex.split(line, comments=True), refused))
+    return out
+
+
+def test_cloud_doc_commands_validate_and_resume(tmp_path):
+    """Every `prefect deployment run` in docs/cloud.md passes the deployment's parameter schema (a refused example
+    is refused), every `reflow run` parses and validates, and commands that name the same run (a start and its
+    resume) open it with the same identity, as `prepare_run` would on the team's root."""
+    import jsonschema
+    import yaml
+    from prefect.utilities.callables import parameter_schema
+
+    from flows import cli
+    from flows import reflow as reflow_module
+    from flows.root import ROOT_VARIABLE
+    from reflow_core import stages
+    from flows.params import override_dict
+    from reflow_core.preset import load_preset
+
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+                   ["deployments"]}
+    s = parameter_schema(reflow_module.reflow.fn).model_dump()
+    schema = {"type": "object", "properties": s["properties"], "definitions": s["definitions"],
+              "additionalProperties": False}
+    commands = _doc_commands((REPO / "docs" / "cloud.md").read_text())
+    assert sum(argv[:3] == ["prefect", "deployment", "run"] for argv, _ in commands) >= 3, commands
+    roots: dict[str, Path] = {}  # each root URL of the page -> a local stand-in
+    team_root = None
+    opened = 0
+    for argv, refused in commands:
+        if argv[:3] == ["prefect", "variable", "set"]:
+            assert argv[3] == ROOT_VARIABLE, argv
+            team_root = argv[4]
+            continue
+        if argv[0] == "prefect":
+            params = dict(deployments[argv[3].split("/", 1)[1]]["parameters"])
+            rest = argv[4:]
+            for flag, value in zip(rest[::2], rest[1::2]):
+                if flag == "--param":
+                    k, _, v = value.partition("=")
+                    params[k] = v
+                else:
+                    assert flag == "--params", argv
+                    params.update(json.loads(value))
+            if refused:
+                with pytest.raises(jsonschema.ValidationError):
+                    jsonschema.validate(params, schema)
+                continue
+            jsonschema.validate(params, schema)
+            preset, overrides = params["preset"], override_dict(params.get("overrides"))
+            root, run = params.get("root") or team_root, params.get("run")
+            assert root, f"{argv}: no root parameter and no `prefect variable set reflow_root` before it"
+        else:
+            args = cli.build_parser().parse_args(argv[1:])
+            preset, overrides, root, run = args.preset, cli.parse_sets(args.set), args.root, args.run
+        cfg = load_preset(preset, overrides)
+        local = roots.setdefault(root, tmp_path / f"root{len(roots)}")
+        stages.prepare_run(cfg, str(local), run)  # a resume with other settings would be refused here
+        opened += 1
+    assert opened >= 5
