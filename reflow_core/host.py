@@ -14,6 +14,8 @@ import torch
 # never from all the cores of the machine. N worker processes sharing a machine (torchrun ranks, a Dask LocalCluster's
 # workers) each get cores // N; a process that runs alone keeps all of them. Otherwise every process starts a thread
 # per core, N x cores threads fight for the cores, and each one runs slower than a single process would.
+# Independent runs that meet on one host (not started together by one launcher) share its cores through the
+# registry of `cores.py`, which leaves a count set here (OMP_NUM_THREADS exported) as it is.
 
 
 def available_cores() -> int:

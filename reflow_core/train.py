@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import accel, checkpoint, distributed, storage
+from . import accel, checkpoint, cores, distributed, storage
 from .callbacks import Callback, NullCallback
 from .config import TrainConfig
 from .losses import HighPass, huber_c, mse, normalise, pseudo_huber
@@ -159,52 +159,58 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
 
     net.train()
     ema_step = _EMA(ema, net)
-    t0, seen, url = time.perf_counter(), 0, latest
-    while step < cfg.steps:
-        key = distributed.batch_key(step, dinfo)  # = step in one process; distinct per (step, rank) under DDP
-        gen.manual_seed(time_seed(cfg.seed, key))  # the step's time draws depend on (step, rank) alone
-        b = batches(key)
-        mf = torch.channels_last if (cfg.channels_last and b.x_data.dim() == 4) else torch.contiguous_format
-        b = Batch(b.x_data.to(device, memory_format=mf), b.x_noise.to(device, memory_format=mf),
-                  None if b.label is None else b.label.to(device))
-        if fwd is None:
-            fwd = forward_module(b)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
-        with amp:
-            per = (flow_matching_loss(fwd, b, cfg, gen, hpf) if loss_fn is None else loss_fn(fwd, b, step, gen))
-            loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        if not distributed.all_finite(loss, dinfo):
-            bad += 1
-            cb.on_metrics(stage, step, {"nonfinite_steps": float(bad)})
-            if bad > cfg.max_bad_steps:
-                raise NonFiniteLossError(f"{stage}: {bad} non-finite losses (limit max_bad_steps={cfg.max_bad_steps}) "
-                                         f"at step {step}; lower the learning rate or check the data")
+    t0, seen, url, work = time.perf_counter(), 0, latest, None
+    # this process's share of the host's cores, re-checked at step boundaries (cores.py)
+    with cores.Share(stage, cb) as share:
+        while step < cfg.steps:
+            key = distributed.batch_key(step, dinfo)  # = step in one process; distinct per (step, rank) under DDP
+            gen.manual_seed(time_seed(cfg.seed, key))  # the step's time draws depend on (step, rank) alone
+            b = batches(key)
+            mf = torch.channels_last if (cfg.channels_last and b.x_data.dim() == 4) else torch.contiguous_format
+            b = Batch(b.x_data.to(device, memory_format=mf), b.x_noise.to(device, memory_format=mf),
+                      None if b.label is None else b.label.to(device))
+            if work is None:
+                work = cores.step_work(sum(p.numel() for p in params), b.x_data.shape)
+            share.tick(step, work)
+            if fwd is None:
+                fwd = forward_module(b)
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, cfg)
+            with amp:
+                per = (flow_matching_loss(fwd, b, cfg, gen, hpf) if loss_fn is None else loss_fn(fwd, b, step, gen))
+                loss = per.mean()
+            opt.zero_grad(set_to_none=True)
+            if not distributed.all_finite(loss, dinfo):
+                bad += 1
+                cb.on_metrics(stage, step, {"nonfinite_steps": float(bad)})
+                if bad > cfg.max_bad_steps:
+                    raise NonFiniteLossError(f"{stage}: {bad} non-finite losses (limit max_bad_steps="
+                                             f"{cfg.max_bad_steps}) at step {step}; lower the learning rate or "
+                                             f"check the data")
+                step += 1
+                continue
+            loss.backward()
+            log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            elif log_step:  # clipping off: the norm is only reported (scaling by 1.0 would change nothing)
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+            opt.step()
+            # EMA with a short-run warm-up (decay grows toward cfg.ema_decay), so small runs get a useful average
+            ema_step(min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
-            continue
-        loss.backward()
-        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        if cfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        elif log_step:  # clipping off: the norm is only reported (scaling by 1.0 would change nothing)
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-        opt.step()
-        # EMA with a short-run warm-up (decay grows toward cfg.ema_decay), so small runs get a useful average
-        ema_step(min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        seen += b.x_data.shape[0]
-        if log_step:
-            dt = time.perf_counter() - t0
-            cb.on_metrics(stage, step, {"loss": loss.item(), "lr": _lr(step - 1, cfg), "grad_norm": float(gnorm),
-                                        "samples_per_s": seen / max(dt, 1e-9)})
-            t0, seen = time.perf_counter(), 0
-        cb.on_progress(stage, step, cfg.steps)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            url = save_ckpt()
-        if _fault_requested(stage, step):
-            save_ckpt()
-            if os.environ.get("REFLOW_FAULT_KILL") == "1":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault in stage {stage!r} at step {step}")
+            seen += b.x_data.shape[0]
+            if log_step:
+                dt = time.perf_counter() - t0
+                cb.on_metrics(stage, step, {"loss": loss.item(), "lr": _lr(step - 1, cfg), "grad_norm": float(gnorm),
+                                            "samples_per_s": seen / max(dt, 1e-9)})
+                t0, seen = time.perf_counter(), 0
+            cb.on_progress(stage, step, cfg.steps)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                url = save_ckpt()
+            if _fault_requested(stage, step):
+                save_ckpt()
+                if os.environ.get("REFLOW_FAULT_KILL") == "1":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected fault in stage {stage!r} at step {step}")
     return url if url is not None else save_ckpt()

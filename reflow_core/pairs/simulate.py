@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .. import solvers
+from .. import cores, solvers
 from ..config import PairsConfig
 from ..rng import forward_indices, row_labels, row_noise
 from ..solvers import Velocity
@@ -158,9 +158,11 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
     seed, grid = cfg.seed, cfg.grid.solver_args(cfg.nfe)
     t0 = time.perf_counter()
     writer = _ShardWriter(store, shard)
+    share = cores.Share(f"pairs-shard-{shard.index}")  # this process's share of the host's cores, per batch
     done = 0
     try:
         for b0 in range(shard.start, shard.stop, cfg.batch_size):
+            share.tick(done)
             b1 = min(b0 + cfg.batch_size, shard.stop)
             rows = range(b0, b1)
             if shard.direction == BACKWARD:
@@ -188,6 +190,8 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
     except BaseException:
         writer.abort()
         raise
+    finally:
+        share.close()
     seconds = time.perf_counter() - t0
     store.mark_done(shard, digests, {"seconds": seconds, "solver": cfg.solver, "nfe": cfg.nfe})
     return {"shard": shard.index, "rows": shard.rows, "seconds": seconds,

@@ -40,12 +40,16 @@ def test_overhead_benchmark_smoke(tmp_path, capsys, monkeypatch):
 
 def test_sharing_benchmark_smoke(tmp_path, capsys, monkeypatch):
     """benchmarks/sharing.py at its --smoke size: one run alone and two at once, each a real subprocess; the RESULT
-    line parses and carries per-run speeds and the ratios to fair sharing (their values are for docs, not tests)."""
+    line parses and carries per-run speeds, the ratios to fair sharing and the thread counts the core share chose
+    (their values are for docs, not tests; alone: one count, never more than the cores)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import sharing
     res = sharing.main(["--smoke", "--ks", "1,2", "--json", str(tmp_path / "r.json")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text()) == res
     assert res["toy2d_steps_vs_fair_k1"] == res["toy2d_pairs_vs_fair_k1"] == 1.0
-    for key in ("toy2d_steps_per_s_k2", "toy2d_pairs_per_s_k2", "toy2d_steps_vs_fair_k2", "toy2d_pairs_vs_fair_k2"):
+    for key in ("toy2d_steps_per_s_k2", "toy2d_pairs_per_s_k2", "toy2d_steps_vs_fair_k2", "toy2d_pairs_vs_fair_k2",
+                "toy2d_wall_vs_solo_k2"):
         assert res[key] > 0, key
+    assert res["policy"] == "share" and len(res["toy2d_threads_k1"]) == 1
+    assert res["toy2d_threads_k2"] and max(res["toy2d_threads_k1"] + res["toy2d_threads_k2"]) <= res["cores"]
