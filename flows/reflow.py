@@ -34,13 +34,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows import FLOW_NAME, report, with_teacher_checkpoint
+from flows.params import ConfigOverrides, Orchestration, deployment_preset, orchestration, override_dict
 from flows.publish import publish_task
+from flows.resume import DEFAULT_MAX_ATTEMPTS, attempt_name, check_attempt, label_flow_run
 from flows.root import resolve_root
 from flows.tasks import stage_tasks
 from flows.tracking import MlflowTracker, source_tags
 from flows.tracking_store import resolve_tracking_uri, ui_hint
 from reflow_core import host, lease
-from flows.params import ConfigOverrides, Orchestration, deployment_preset, orchestration, override_dict
 from reflow_core.config import PipelineConfig
 from reflow_core.preset import load_preset, preset_names
 from reflow_core.stages import (RUN_NAME, Context, RunDir, StageOutput, Step, begin, check_stage_names, describe,
@@ -58,7 +59,7 @@ def _flow_run_name() -> str:
     p = runtime.flow_run.parameters
     preset = Path(str(p.get("preset") or "toy2d")).stem
     ov = override_dict(p.get("overrides"))
-    return f"{preset}-{p.get('run') or ov.get('name') or preset}"
+    return attempt_name(f"{preset}-{p.get('run') or ov.get('name') or preset}", int(p.get("attempt") or 1))
 
 
 def _holder_ended(holder: dict) -> bool:
@@ -87,6 +88,8 @@ def reflow(
     stages: list[StageName] | None = None,
     teacher_checkpoint: str | None = None,
     redo_stages: list[StageName] | None = None,
+    attempt: Annotated[int, Field(ge=1)] = 1,
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = DEFAULT_MAX_ATTEMPTS,
 ) -> dict[str, Any]:
     """Run (or resume) a ReFlow pipeline: walk the plan of the config's stage instances (`reflow plan`).
 
@@ -105,6 +108,10 @@ def reflow(
         teacher_checkpoint: start from this teacher checkpoint instead of training one.
         redo_stages: delete these stages' artifacts (and those of every later stage) before running, so they are
             redone (e.g. ["pairs"] after a corrupt pair store); their MLflow child runs are reused.
+        attempt: which attempt at this run this flow run is; set by the deployment's resume trigger, which re-runs
+            a Crashed flow run with attempt + 1 (`flows.resume`). Leave it at 1.
+        max_attempts: the most attempts the resume trigger makes at one run (the first included); an attempt past
+            it fails at once, saying why.
     """
     logger = get_run_logger()
     host.steady_malloc()  # malloc thresholds for tensor work in this process (reflow_core.host)
@@ -115,18 +122,20 @@ def reflow(
     given = with_teacher_checkpoint(override_dict(overrides), teacher_checkpoint)
     cfg, orch = load_preset(preset_source, given), orchestration(preset_source, given)
     check_stage_names(cfg, (stages or []) + (redo_stages or []))
+    check_attempt(attempt, max_attempts, run or cfg.name)
     root, root_source = resolve_root(root)
     flow_run_id = str(runtime.flow_run.id or "")
     owner = flow_run_id or lease.local_owner()
     requested = RunDir.of(root, run or cfg.name)
     with lease.hold(requested.dir, owner, is_stale=_holder_ended,
                     info={"flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name or ""}):
-        return _run(cfg, orch, preset, root, root_source, run, new, stages, redo_stages, logger)
+        return _run(cfg, orch, preset, root, root_source, run, new, stages, redo_stages, attempt, logger)
 
 
 def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_source: str, run: str | None,
-         new: bool, stages: list[str] | None, redo_stages: list[str] | None, logger) -> dict[str, Any]:
+         new: bool, stages: list[str] | None, redo_stages: list[str] | None, attempt: int, logger) -> dict[str, Any]:
     rundir = prepare_run(cfg, root, run, new=new)
+    label_flow_run(rundir.run, attempt, logger)
     sched, removed = begin(cfg, rundir, redo_stages or (), stages)
     if removed:
         logger.info("redo: removed %s", removed)
@@ -142,7 +151,8 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
     if runtime.flow_run.id:
         tags.update({"reflow.prefect_flow_run_id": runtime.flow_run.id,
                      "reflow.prefect_flow_run": runtime.flow_run.name,
-                     "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or ""})
+                     "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or "",
+                     "reflow.attempt": str(attempt), f"reflow.prefect_flow_run_id.attempt{attempt}": runtime.flow_run.id})
     tracker.set_tags(parent, tags)
     logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", rundir.run, rundir.dir, root_source, parent,
                 uri)

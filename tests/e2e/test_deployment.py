@@ -125,8 +125,10 @@ def stack(tmp_path_factory):
             # started in another directory than the root: the root comes from the variable, never the cwd
             worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "reflow-process"], env=worker_env,
                                       cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        yield {"api": api, "env": env, "root": root, "mlflow_uri": mlflow_uri, "worker": worker, "logs": logs,
-               "deploy_output": out}
+        info = {"api": api, "env": env, "root": root, "mlflow_uri": mlflow_uri, "worker": worker, "logs": logs,
+                "deploy_output": out, "worker_env": worker_env, "tmp": tmp}
+        yield info
+        worker = info["worker"]  # a test may have replaced it
     finally:
         _stop(worker)
         _stop(server)
@@ -163,9 +165,10 @@ def _wait_for(predicate, what: str, stack, timeout: float = 300) -> None:
         time.sleep(1)
 
 
-# long enough a teacher to be caught mid-way: checkpoints every 50 steps, 2400 steps in all (the cancel comes after a
-# second flow run's start and refusal; on a quiet 2-core box 800 steps were once all done by then)
-LONG_TEACHER = {**TINY, "teacher.train.steps": 2400, "teacher.train.ckpt_every": 50}
+# long enough a teacher to be caught mid-way: the cancel comes after a second flow run's start and refusal, 10-30 s
+# in. This net trains at ~360 steps/s alone on the 2-core box (2400 steps were all done by then once the runs stopped
+# oversubscribing the cores), so 16000 steps are ~45 s of work, with a checkpoint every ~0.5 s
+LONG_TEACHER = {**TINY, "teacher.train.steps": 16000, "teacher.train.ckpt_every": 200}
 
 
 @pytest.mark.slow
@@ -345,3 +348,142 @@ def test_cloud_doc_commands_validate_and_resume(tmp_path):
         stages.prepare_run(cfg, str(local), run)  # a resume with other settings would be refused here
         opened += 1
     assert opened >= 5
+
+
+# --- automatic resume (the deployments' triggers) and a stopped worker ------------------------------------------
+
+
+def _flow_runs(stack) -> list[dict]:
+    return _get_json_post(f"{stack['api']}/flow_runs/filter", {})
+
+
+def _attempt_of(stack, run: str, attempt: int, timeout: float = 180) -> dict:
+    """The flow run the resume trigger created for `run`'s attempt `attempt` (waits for it)."""
+    found: list[dict] = []
+
+    def created() -> bool:
+        found[:] = [fr for fr in _flow_runs(stack)
+                    if fr["parameters"].get("run") == run and fr["parameters"].get("attempt") == attempt]
+        return bool(found)
+
+    _wait_for(created, f"attempt {attempt} of run {run!r}", stack, timeout=timeout)
+    assert len(found) == 1, found  # one re-run per crash
+    return found[0]
+
+
+def _teacher_resumes(stack, run_dir: Path) -> list[float]:
+    """`resumed_from_step` of the teacher's MLflow child run of the pipeline run at run_dir, in logging order."""
+    client = MlflowClient(tracking_uri=stack["mlflow_uri"])
+    exp = client.get_experiment_by_name("reflow")
+    runs = client.search_runs([exp.experiment_id], f"tags.`reflow.run_dir` = '{run_dir}'")
+    parents = [r for r in runs if r.data.tags.get("reflow.kind") == "pipeline"]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    teacher = next(r for r in children if r.data.tags.get(tracking.STAGE_TAG) == "teacher")
+    return [m.value for m in client.get_metric_history(teacher.info.run_id, "resumed_from_step")]
+
+
+def _parent_tags(stack, run_dir: Path) -> dict:
+    client = MlflowClient(tracking_uri=stack["mlflow_uri"])
+    exp = client.get_experiment_by_name("reflow")
+    runs = client.search_runs([exp.experiment_id], f"tags.`reflow.run_dir` = '{run_dir}'")
+    return next(r for r in runs if r.data.tags.get("reflow.kind") == "pipeline").data.tags
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
+    """The flow-run process is SIGKILLed mid-teacher (an OOM kill, a reclaimed VM); with no further command the
+    deployment's trigger runs it again as attempt 2, which resumes from the teacher's checkpoint and completes,
+    logging into the same MLflow parent run. Runs that fail on a deterministic error are not re-attempted, and an
+    attempt past max_attempts stops at once, saying why."""
+    api, root = stack["api"], stack["root"]
+    automations = _get_json_post(f"{api}/automations/filter", {})
+    resume = {a["name"]: a for a in automations}
+    assert {f"reflow/{d}: resume on crash" for d in ("toy2d", "digits", "natural32", "cifar10")} <= set(resume), \
+        sorted(resume)
+    assert resume["reflow/toy2d: resume on crash"]["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
+
+    params = {"run": "crashy", "overrides": LONG_TEACHER, "max_attempts": 2}
+    first = _run_deployment(stack, params)
+    latest = root / "crashy" / "teacher" / "latest.json"
+    _wait_for(latest.exists, "the first attempt's first teacher checkpoint", stack)
+    pid = int(str(_flow_run(stack, first)["infrastructure_pid"]).rsplit(":", 1)[-1])
+    os.kill(pid, signal.SIGKILL)
+    t_crash = time.monotonic()
+    fr = _wait_state(stack, first, TERMINAL, timeout=120)
+    assert fr["state"]["type"] == "CRASHED", fr["state"]
+    assert fr["labels"]["reflow.run"] == "crashy" and fr["labels"]["reflow.attempt"] == 1, fr["labels"]
+    step_at_kill = json.loads(latest.read_text())["step"]
+    assert 0 < step_at_kill < LONG_TEACHER["teacher.train.steps"], step_at_kill
+
+    second = _attempt_of(stack, "crashy", 2)
+    trigger_latency = time.monotonic() - t_crash
+    assert second["parameters"]["overrides"] == _flow_run(stack, first)["parameters"]["overrides"]
+    assert second["parameters"]["max_attempts"] == 2 and second["parameters"]["preset"] == "toy2d"
+
+    # meanwhile: failures a re-run cannot fix end Failed, and nothing re-runs them
+    missing = _run_deployment(stack, {"run": "missing-data", "overrides": TINY,
+                                      "teacher_checkpoint": str(root / "no-such-teacher.pt")})
+    exhausted = _run_deployment(stack, {"run": "exhausted", "overrides": TINY, "attempt": 3, "max_attempts": 2})
+    for fr_id in (missing, exhausted):
+        assert _wait_state(stack, fr_id, TERMINAL)["state"]["type"] == "FAILED"
+    logs = _get_json_post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [exhausted]}}})
+    assert any("not re-attempting: its 2 attempts crashed and max_attempts is 2" in e["message"] for e in logs), logs
+
+    fr = _wait_state(stack, second["id"], TERMINAL)
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
+    assert fr["name"] == "toy2d-crashy-attempt2" and fr["labels"]["reflow.attempt"] == 2, (fr["name"], fr["labels"])
+    run_dir = root / "crashy"
+    assert (run_dir / "eval" / "metrics.json").exists() and not (run_dir / "run.lock").exists()
+    resumed = _teacher_resumes(stack, run_dir)
+    assert resumed[0] == 0.0 and resumed[1:] == [float(step_at_kill)], (resumed, step_at_kill)
+    tags = _parent_tags(stack, run_dir)  # both attempts log into the one parent run, which names each
+    assert tags["reflow.attempt"] == "2" and tags["reflow.prefect_flow_run_id.attempt1"] == first
+    assert tags["reflow.prefect_flow_run_id.attempt2"] == second["id"]
+
+    time.sleep(max(15.0, 3 * trigger_latency))  # the crash's re-run came within trigger_latency
+    names = [fr["name"] for fr in _flow_runs(stack)]
+    assert not [n for n in names if n.startswith(("toy2d-missing-data-attempt", "toy2d-exhausted-attempt"))], names
+    assert sorted(n for n in names if n.startswith("toy2d-crashy")) == ["toy2d-crashy", "toy2d-crashy-attempt2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_stopped_worker_stops_its_run_cleanly_and_the_run_resumes(stack):
+    """The worker's process group gets SIGTERM mid-teacher (a pod deleted, a VM drained): the flow run ends within
+    30 s with its final state in the API and its run directory's lease released; a new worker then runs the
+    re-attempt the trigger created, which completes from the checkpoint. Runs last: it replaces the stack's worker."""
+    root = stack["root"]
+    first = _run_deployment(stack, {"run": "drained", "overrides": LONG_TEACHER})
+    latest = root / "drained" / "teacher" / "latest.json"
+    _wait_for(latest.exists, "the teacher's first checkpoint", stack)
+    worker = stack["worker"]
+    os.killpg(worker.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    deadline = t0 + 30
+    while _flow_run(stack, first)["state"]["type"] not in TERMINAL:
+        assert time.monotonic() < deadline, f"still {_flow_run(stack, first)['state']} 30 s after SIGTERM"
+        time.sleep(0.5)
+    stopped_in = time.monotonic() - t0
+    state = _flow_run(stack, first)["state"]
+    assert state["type"] in {"CRASHED", "CANCELLED"}, state
+    while (root / "drained" / "run.lock").exists():
+        assert time.monotonic() < deadline, "the run directory's lease was not released"
+        time.sleep(0.5)
+    worker.wait(timeout=60)
+    step_at_stop = json.loads(latest.read_text())["step"]
+    print(f"flow run {state['type']} {stopped_in:.1f} s after SIGTERM to the worker's group; teacher at {step_at_stop}")
+
+    with open(stack["logs"]["worker"], "a") as log:
+        stack["worker"] = subprocess.Popen([PREFECT, "worker", "start", "--pool", "reflow-process"],
+                                           env=stack["worker_env"], cwd=stack["tmp"], stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+    if state["type"] == "CRASHED":  # the trigger re-runs it
+        rerun = _attempt_of(stack, "drained", 2)["id"]
+    else:
+        rerun = _run_deployment(stack, {"run": "drained", "overrides": LONG_TEACHER})
+    fr = _wait_state(stack, rerun, TERMINAL)
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
+    resumed = _teacher_resumes(stack, root / "drained")
+    assert resumed[0] == 0.0 and resumed[1:] == [float(step_at_stop)], (resumed, step_at_stop)
