@@ -436,8 +436,10 @@ def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
     assert fr["name"] == "toy2d-crashy-attempt2" and fr["labels"]["reflow.attempt"] == 2, (fr["name"], fr["labels"])
     run_dir = root / "crashy"
     assert (run_dir / "eval" / "metrics.json").exists() and not (run_dir / "run.lock").exists()
+    # attempt 2 started the teacher from the checkpoint the killed attempt left (the killed attempt's own metrics
+    # still in its buffer, its start from 0 included, died with it; a later entry is the guide snapshot's)
     resumed = _teacher_resumes(stack, run_dir)
-    assert resumed[0] == 0.0 and resumed[1:] == [float(step_at_kill)], (resumed, step_at_kill)
+    assert [r for r in resumed if r > 0][0] == float(step_at_kill), (resumed, step_at_kill)
     tags = _parent_tags(stack, run_dir)  # both attempts log into the one parent run, which names each
     assert tags["reflow.attempt"] == "2" and tags["reflow.prefect_flow_run_id.attempt1"] == first
     assert tags["reflow.prefect_flow_run_id.attempt2"] == second["id"]
@@ -486,4 +488,4 @@ def test_a_stopped_worker_stops_its_run_cleanly_and_the_run_resumes(stack):
     fr = _wait_state(stack, rerun, TERMINAL)
     assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
     resumed = _teacher_resumes(stack, root / "drained")
-    assert resumed[0] == 0.0 and resumed[1:] == [float(step_at_stop)], (resumed, step_at_stop)
+    assert resumed[0] == 0.0 and [r for r in resumed if r > 0][0] == float(step_at_stop), (resumed, step_at_stop)
