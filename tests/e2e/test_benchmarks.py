@@ -3,6 +3,8 @@ ratios are measured on purpose-sized runs and recorded in docs/performance.md)."
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,3 +55,17 @@ def test_sharing_benchmark_smoke(tmp_path, capsys, monkeypatch):
         assert res[key] > 0, key
     assert res["policy"] == "share" and len(res["toy2d_threads_k1"]) == 1
     assert res["toy2d_threads_k2"] and max(res["toy2d_threads_k1"] + res["toy2d_threads_k2"]) <= res["cores"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_worker_sharing_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/worker_sharing.py at its --smoke size: a real Prefect server and process worker, one deployment run
+    alone and two at once; the RESULT line parses and carries each run's seconds and the slowest-over-solo ratio
+    (their values are for docs, not tests)."""
+    import worker_sharing
+    res = worker_sharing.main(["--smoke", "--ks", "1", "2", "--json", str(tmp_path / "r.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text()) == res
+    assert len(res["seconds_k1"]) == 1 and len(res["seconds_k2"]) == 2 and min(res["seconds_k2"]) > 0
+    assert res["vs_solo_k1"] == 1.0 and res["vs_solo_k2"] > 0

@@ -13,22 +13,18 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import REPO, tiny
 from mlflow import MlflowClient
-
-from helpers import tiny
+from prefect_stack import (PREFECT, TERMINAL, flow_run, post_json, prefect, prefect_stack, run_deployment,
+                           start_worker, tail, wait_for, wait_state)
 
 from flows import tracking
 
-REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).parent / "prefect")
 TINY = tiny({
     "data.n_train": 2000, "eval.n_samples": 256, "eval.straightness_steps": 8, "net.hidden": 64,
     "pairs.chunk_size": 250, "pairs.n_pairs": 1000, "pairs.nfe": 9, "pairs.shard_size": 500, "pairs.workers": 2,
@@ -37,132 +33,17 @@ TINY = tiny({
     "teacher.train.ckpt_every": 50, "teacher.train.log_every": 20, "teacher.train.steps": 100,
     "teacher.train.warmup": 100,
 })
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def _prefect(args: list[str], env: dict, cwd: Path, timeout: float = 240) -> str:
-    out = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"prefect {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
-    return out.stdout + out.stderr
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """Terminate a process group we started (server or worker, with their children)."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert server.poll() is None, f"prefect server exited:\n{_tail(log)}"
-        try:
-            if _get_json(f"{api}/health") is True:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"prefect server not healthy after {timeout} s:\n{_tail(log)}"
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A Prefect server with the deployments, the team root variable, and a process worker; MLflow in sqlite."""
-    tmp = tmp_path_factory.mktemp("stack")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "REFLOW_"))}
-    env.update({
-        "PREFECT_HOME": str(tmp / "prefect_home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    })
-    logs = {"server": tmp / "server.log", "worker": tmp / "worker.log"}
-    server = worker = None
-    try:
-        with open(logs["server"], "w") as log:
-            server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                      env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_healthy(api, server, logs["server"])
-        env["PREFECT_API_URL"] = api
-        _prefect(["work-pool", "create", "reflow-process", "--type", "process"], env, REPO)
-        # REFLOW_REPO is deliberately unset here: the pull step's {{ $REFLOW_REPO }} is resolved by the worker
-        out = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, REPO)
-        root = tmp / "team-root"
-        _prefect(["variable", "set", "reflow_root", str(root)], env, REPO)  # set once for the team (docs/cloud.md)
-        mlflow_uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        worker_env = {**env, "REFLOW_REPO": str(REPO), "MLFLOW_TRACKING_URI": mlflow_uri,
-                      "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
-        with open(logs["worker"], "w") as log:
-            # started in another directory than the root: the root comes from the variable, never the cwd
-            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "reflow-process"], env=worker_env,
-                                      cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        info = {"api": api, "env": env, "root": root, "mlflow_uri": mlflow_uri, "worker": worker, "logs": logs,
-                "deploy_output": out, "worker_env": worker_env, "tmp": tmp}
-        yield info
-        worker = info["worker"]  # a test may have replaced it
-    finally:
-        _stop(worker)
-        _stop(server)
+    with prefect_stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
 
 
 def _run_deployment(stack, params: dict) -> str:
-    out = _prefect(["deployment", "run", "reflow/toy2d", "--params", json.dumps(params)], stack["env"], REPO)
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
-    assert match, out
-    return match.group(1)
-
-
-def _flow_run(stack, flow_run_id: str) -> dict:
-    return _get_json(f"{stack['api']}/flow_runs/{flow_run_id}")
-
-
-def _wait_state(stack, flow_run_id: str, states: set[str], timeout: float = 420) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert stack["worker"].poll() is None, f"worker exited:\n{_tail(stack['logs']['worker'])}"
-        fr = _flow_run(stack, flow_run_id)
-        if fr["state"]["type"] in states:
-            return fr
-        assert time.monotonic() < deadline, (f"flow run {flow_run_id} still {fr['state']['type']} after {timeout} s:\n"
-                                             f"{_tail(stack['logs']['worker'], 8000)}")
-        time.sleep(2)
-
-
-def _wait_for(predicate, what: str, stack, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert stack["worker"].poll() is None, f"worker exited:\n{_tail(stack['logs']['worker'])}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{_tail(stack['logs']['worker'], 8000)}"
-        time.sleep(1)
+    return run_deployment(stack, "toy2d", params)
 
 
 # long enough a teacher to be caught mid-way: the cancel comes after a second flow run's start and refusal, 10-30 s
@@ -175,7 +56,7 @@ LONG_TEACHER = {**TINY, "teacher.train.steps": 16000, "teacher.train.ckpt_every"
 @pytest.mark.timeout(900)
 def test_deployment_lifecycle_on_a_process_worker(stack):
     api, env, root = stack["api"], stack["env"], stack["root"]
-    deployments = _get_json_post(f"{api}/deployments/filter", {})
+    deployments = post_json(f"{api}/deployments/filter", {})
     assert {"toy2d", "digits", "cifar10"} <= {d["name"] for d in deployments}, stack["deploy_output"]
     toy = next(d for d in deployments if d["name"] == "toy2d")
     assert toy["entrypoint"] == "flows/reflow.py:reflow" and toy["parameters"] == {"preset": "toy2d"}
@@ -200,32 +81,32 @@ def test_deployment_lifecycle_on_a_process_worker(stack):
         text = out.stdout + out.stderr
         assert out.returncode != 0 and "Validation" in text and field in text, (bad, text)
         print(f"refused {bad}: {text.strip()}")  # shown with -s: docs/cloud.md quotes it
-    assert _get_json_post(f"{api}/flow_runs/filter", {}) == []
+    assert post_json(f"{api}/flow_runs/filter", {}) == []
 
     # 2. a typed run; the root comes from the team's variable, not from any parameter or the worker's cwd
     params = {"run": "shared", "overrides": LONG_TEACHER}
     first = _run_deployment(stack, params)
     latest = root / "shared" / "teacher" / "latest.json"
-    _wait_for(latest.exists, "the first flow run's first teacher checkpoint", stack)
-    assert _flow_run(stack, first)["name"] == "toy2d-shared"
+    wait_for(latest.exists, "the first flow run's first teacher checkpoint", stack)
+    assert flow_run(stack, first)["name"] == "toy2d-shared"
 
     # 3. a second flow run on the same run directory is refused while the first holds it, naming the holder
     second = _run_deployment(stack, params)
-    fr = _wait_state(stack, second, {"FAILED", "COMPLETED", "CRASHED", "CANCELLED"})
+    fr = wait_state(stack, second, {"FAILED", "COMPLETED", "CRASHED", "CANCELLED"})
     assert fr["state"]["type"] == "FAILED", fr["state"]
-    assert _flow_run(stack, first)["state"]["type"] == "RUNNING"
-    logs = _get_json_post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [second]}}})
+    assert flow_run(stack, first)["state"]["type"] == "RUNNING"
+    logs = post_json(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [second]}}})
     text = "\n".join(entry["message"] for entry in logs)
     assert "is in use by toy2d-shared" in text and first in text, text[-3000:]
 
     # 4. cancel the first mid-teacher, then run the deployment again: the teacher continues from its checkpoint
-    _prefect(["flow-run", "cancel", first], env, REPO)
-    _wait_state(stack, first, {"CANCELLED"}, timeout=180)
+    prefect(["flow-run", "cancel", first], env, REPO)
+    wait_state(stack, first, {"CANCELLED"}, timeout=180)
     step_at_cancel = json.loads(latest.read_text())["step"]
     assert 0 < step_at_cancel < LONG_TEACHER["teacher.train.steps"], step_at_cancel
     third = _run_deployment(stack, params)
-    fr = _wait_state(stack, third, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
-    assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
+    fr = wait_state(stack, third, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], tail(stack["logs"]["worker"], 8000))
     run_dir = root / "shared"
     assert (run_dir / "eval" / "metrics.json").exists() and not (run_dir / "run.lock").exists()
 
@@ -244,7 +125,7 @@ def test_deployment_lifecycle_on_a_process_worker(stack):
     assert client.search_model_versions("name = 'toy2d-reflow'")  # the final model is registered
 
     # 5. the flow run's artifacts, through the Prefect API
-    arts = _get_json_post(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [third]}}})
+    arts = post_json(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [third]}}})
     by_type = {a["type"]: a for a in arts}
     assert {"table", "markdown"} <= set(by_type), arts
     table = by_type["table"]["data"]
@@ -255,13 +136,6 @@ def test_deployment_lifecycle_on_a_process_worker(stack):
         {(r["model"], r["nfe"]): r["sliced_w2"] for r in metrics_json["rows"]}
     summary = by_type["markdown"]["data"]
     assert parent.info.run_id in summary and "data:image/png;base64," in summary and "models:/toy2d-reflow/" in summary
-
-
-def _get_json_post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
-                                 method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 # --- docs/cloud.md's commands, as written -----------------------------------------------------------------------
@@ -354,7 +228,7 @@ def test_cloud_doc_commands_validate_and_resume(tmp_path):
 
 
 def _flow_runs(stack) -> list[dict]:
-    return _get_json_post(f"{stack['api']}/flow_runs/filter", {})
+    return post_json(f"{stack['api']}/flow_runs/filter", {})
 
 
 def _attempt_of(stack, run: str, attempt: int, timeout: float = 180) -> dict:
@@ -366,7 +240,7 @@ def _attempt_of(stack, run: str, attempt: int, timeout: float = 180) -> dict:
                     if fr["parameters"].get("run") == run and fr["parameters"].get("attempt") == attempt]
         return bool(found)
 
-    _wait_for(created, f"attempt {attempt} of run {run!r}", stack, timeout=timeout)
+    wait_for(created, f"attempt {attempt} of run {run!r}", stack, timeout=timeout)
     assert len(found) == 1, found  # one re-run per crash
     return found[0]
 
@@ -398,7 +272,7 @@ def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
     logging into the same MLflow parent run. Runs that fail on a deterministic error are not re-attempted, and an
     attempt past max_attempts stops at once, saying why."""
     api, root = stack["api"], stack["root"]
-    automations = _get_json_post(f"{api}/automations/filter", {})
+    automations = post_json(f"{api}/automations/filter", {})
     resume = {a["name"]: a for a in automations}
     assert {f"reflow/{d}: resume on crash" for d in ("toy2d", "digits", "natural32", "cifar10")} <= set(resume), \
         sorted(resume)
@@ -407,11 +281,11 @@ def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
     params = {"run": "crashy", "overrides": LONG_TEACHER, "max_attempts": 2}
     first = _run_deployment(stack, params)
     latest = root / "crashy" / "teacher" / "latest.json"
-    _wait_for(latest.exists, "the first attempt's first teacher checkpoint", stack)
-    pid = int(str(_flow_run(stack, first)["infrastructure_pid"]).rsplit(":", 1)[-1])
+    wait_for(latest.exists, "the first attempt's first teacher checkpoint", stack)
+    pid = int(str(flow_run(stack, first)["infrastructure_pid"]).rsplit(":", 1)[-1])
     os.kill(pid, signal.SIGKILL)
     t_crash = time.monotonic()
-    fr = _wait_state(stack, first, TERMINAL, timeout=120)
+    fr = wait_state(stack, first, TERMINAL, timeout=120)
     assert fr["state"]["type"] == "CRASHED", fr["state"]
     assert fr["labels"]["reflow.run"] == "crashy" and fr["labels"]["reflow.attempt"] == 1, fr["labels"]
     step_at_kill = json.loads(latest.read_text())["step"]
@@ -419,7 +293,7 @@ def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
 
     second = _attempt_of(stack, "crashy", 2)
     trigger_latency = time.monotonic() - t_crash
-    assert second["parameters"]["overrides"] == _flow_run(stack, first)["parameters"]["overrides"]
+    assert second["parameters"]["overrides"] == flow_run(stack, first)["parameters"]["overrides"]
     assert second["parameters"]["max_attempts"] == 2 and second["parameters"]["preset"] == "toy2d"
 
     # meanwhile: failures a re-run cannot fix end Failed, and nothing re-runs them
@@ -427,12 +301,12 @@ def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
                                       "teacher_checkpoint": str(root / "no-such-teacher.pt")})
     exhausted = _run_deployment(stack, {"run": "exhausted", "overrides": TINY, "attempt": 3, "max_attempts": 2})
     for fr_id in (missing, exhausted):
-        assert _wait_state(stack, fr_id, TERMINAL)["state"]["type"] == "FAILED"
-    logs = _get_json_post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [exhausted]}}})
+        assert wait_state(stack, fr_id, TERMINAL)["state"]["type"] == "FAILED"
+    logs = post_json(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [exhausted]}}})
     assert any("not re-attempting: its 2 attempts crashed and max_attempts is 2" in e["message"] for e in logs), logs
 
-    fr = _wait_state(stack, second["id"], TERMINAL)
-    assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
+    fr = wait_state(stack, second["id"], TERMINAL)
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], tail(stack["logs"]["worker"], 8000))
     assert fr["name"] == "toy2d-crashy-attempt2" and fr["labels"]["reflow.attempt"] == 2, (fr["name"], fr["labels"])
     run_dir = root / "crashy"
     assert (run_dir / "eval" / "metrics.json").exists() and not (run_dir / "run.lock").exists()
@@ -445,9 +319,9 @@ def test_a_crashed_run_is_resumed_by_the_shipped_trigger(stack):
     assert tags["reflow.prefect_flow_run_id.attempt2"] == second["id"]
 
     time.sleep(max(15.0, 3 * trigger_latency))  # the crash's re-run came within trigger_latency
-    names = [fr["name"] for fr in _flow_runs(stack)]
-    assert not [n for n in names if n.startswith(("toy2d-missing-data-attempt", "toy2d-exhausted-attempt"))], names
-    assert sorted(n for n in names if n.startswith("toy2d-crashy")) == ["toy2d-crashy", "toy2d-crashy-attempt2"]
+    names = {fr["name"] for fr in _flow_runs(stack) if fr["parameters"].get("run") in ("crashy", "missing-data",
+                                                                                        "exhausted")}
+    assert names == {"toy2d-crashy", "toy2d-crashy-attempt2", "toy2d-missing-data", "toy2d-exhausted-attempt3"}
 
 
 @pytest.mark.slow
@@ -459,16 +333,16 @@ def test_a_stopped_worker_stops_its_run_cleanly_and_the_run_resumes(stack):
     root = stack["root"]
     first = _run_deployment(stack, {"run": "drained", "overrides": LONG_TEACHER})
     latest = root / "drained" / "teacher" / "latest.json"
-    _wait_for(latest.exists, "the teacher's first checkpoint", stack)
+    wait_for(latest.exists, "the teacher's first checkpoint", stack)
     worker = stack["worker"]
     os.killpg(worker.pid, signal.SIGTERM)
     t0 = time.monotonic()
     deadline = t0 + 30
-    while _flow_run(stack, first)["state"]["type"] not in TERMINAL:
-        assert time.monotonic() < deadline, f"still {_flow_run(stack, first)['state']} 30 s after SIGTERM"
+    while flow_run(stack, first)["state"]["type"] not in TERMINAL:
+        assert time.monotonic() < deadline, f"still {flow_run(stack, first)['state']} 30 s after SIGTERM"
         time.sleep(0.5)
     stopped_in = time.monotonic() - t0
-    state = _flow_run(stack, first)["state"]
+    state = flow_run(stack, first)["state"]
     assert state["type"] in {"CRASHED", "CANCELLED"}, state
     while (root / "drained" / "run.lock").exists():
         assert time.monotonic() < deadline, "the run directory's lease was not released"
@@ -477,15 +351,12 @@ def test_a_stopped_worker_stops_its_run_cleanly_and_the_run_resumes(stack):
     step_at_stop = json.loads(latest.read_text())["step"]
     print(f"flow run {state['type']} {stopped_in:.1f} s after SIGTERM to the worker's group; teacher at {step_at_stop}")
 
-    with open(stack["logs"]["worker"], "a") as log:
-        stack["worker"] = subprocess.Popen([PREFECT, "worker", "start", "--pool", "reflow-process"],
-                                           env=stack["worker_env"], cwd=stack["tmp"], stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+    stack["worker"] = start_worker(stack)
     if state["type"] == "CRASHED":  # the trigger re-runs it
         rerun = _attempt_of(stack, "drained", 2)["id"]
     else:
         rerun = _run_deployment(stack, {"run": "drained", "overrides": LONG_TEACHER})
-    fr = _wait_state(stack, rerun, TERMINAL)
-    assert fr["state"]["type"] == "COMPLETED", (fr["state"], _tail(stack["logs"]["worker"], 8000))
+    fr = wait_state(stack, rerun, TERMINAL)
+    assert fr["state"]["type"] == "COMPLETED", (fr["state"], tail(stack["logs"]["worker"], 8000))
     resumed = _teacher_resumes(stack, root / "drained")
     assert resumed[0] == 0.0 and [r for r in resumed if r > 0][0] == float(step_at_stop), (resumed, step_at_stop)
