@@ -86,10 +86,12 @@ def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float 
         time.sleep(1)
 
 
-def start_worker(stack: dict, limit: int | None = None) -> subprocess.Popen:
-    """A process worker on the pool, started in another directory than the root (the root comes from the variable,
-    never the cwd); its output appended to the stack's worker log."""
-    args = [PREFECT, "worker", "start", "--pool", "reflow-process"] + (["--limit", str(limit)] if limit else [])
+def start_worker(stack: dict, limit: int | None = None, reflow_worker: bool = False) -> subprocess.Popen:
+    """A process worker on the pool (`prefect worker start`, or `reflow worker` which stops its flow runs cleanly
+    when stopped), started in another directory than the root (the root comes from the variable, never the cwd);
+    its output appended to the stack's worker log."""
+    command = [str(Path(sys.executable).parent / "reflow"), "worker"] if reflow_worker else [PREFECT, "worker", "start"]
+    args = command + ["--pool", "reflow-process"] + (["--limit", str(limit)] if limit else [])
     with open(stack["logs"]["worker"], "a") as log:
         return subprocess.Popen(args, env=stack["worker_env"], cwd=stack["tmp"], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -208,6 +208,12 @@ def _run_config(root: str, run: str):
     return read_run_config(url)  # truncated / invalid JSON: a ConfigError naming the file
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from flows import worker
+
+    return worker.run(args.worker_args, grace=args.grace)
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from flows.tracking_store import resolve_tracking_uri, ui_command
 
@@ -295,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", default=None)
     pl.set_defaults(func=_cmd_plan)
 
+    w = sub.add_parser("worker", help="a Prefect process worker that stops its flow runs cleanly (SIGTERM) when stopped",
+                       usage="reflow worker [--grace S] ARGS...",
+                       description="Runs `prefect worker start ARGS...`; on SIGTERM or SIGINT it first sends SIGTERM to "
+                                   "the worker's flow-run processes (they end Crashed, resumable), then stops the worker.")
+    w.add_argument("--grace", type=float, default=25.0, help="seconds to wait for the flow runs to stop (default 25)")
+    w.set_defaults(func=_cmd_worker)  # every other argument goes to `prefect worker start` (main)
+
     ps = sub.add_parser("presets", help="list the preset names")
     ps.set_defaults(func=_cmd_presets)
     return p
@@ -306,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     # runs after every other exit handler (Prefect's last log flush, the temporary server's stop).
     atexit.unregister(gc.freeze)  # (once, however often main() is called)
     atexit.register(gc.freeze)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func is _cmd_worker:
+        args.worker_args = rest  # e.g. --pool reflow-process --limit 2, for `prefect worker start`
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except ConfigError as err:
