@@ -1,12 +1,13 @@
 """reflow_core.oftsr against closed forms: Gaussian HR data, a linear degradation, the VP source mix (CPU, seconds).
 
-x_HR ~ N(mu, S) in R^2, y = A x_HR + sigma_y n with A = 2-pixel average pooling (A A^T = 1), c = A^T y (nearest
-upsampling U, which the issue writes A^T: A U = 1), x_src = sqrt(1 - sigma_p^2) c + sigma_p eps. Given c, x_HR ~ N(m_c, P) (Kalman posterior) and x_src ~
-N(a c, sigma_p^2 I) are independent, so x_t = (1 - t) x_HR + t x_src | c ~ N(m_t, Sigma_t) with
+x_HR ~ N(mu, S) in R^2, y = A x_HR + sigma_y n with A = 2-pixel average pooling, c = U y (nearest upsampling,
+which the issue writes A^T: A U = 1), x_src = sqrt(1 - sigma_p^2) c + sigma_p eps. Given c, x_HR ~ N(m_c, P) (Kalman
+posterior) and x_src ~ N(a c, sigma_p^2 I) are independent, so x_t = (1 - t) x_HR + t x_src | c ~ N(m_t, Sigma_t),
     m_t = (1 - t) m_c + t a c,     Sigma_t = (1 - t)^2 P + t^2 sigma_p^2 I,
-and the teacher v(x, t, c) = E[x_src - x_HR | x_t = x, c] = (a c - m_c) + (t sigma_p^2 I - (1 - t) P) Sigma_t^-1 (x - m_t).
+and the teacher v(x, t, c) = E[x_src - x_HR | x_t = x, c]
+                           = (a c - m_c) + (t sigma_p^2 I - (1 - t) P) Sigma_t^-1 (x - m_t).
 P and I commute, so the teacher's flow map is X(t) = m_t + Sigma_t^(1/2) (x_src - a c) / sigma_p: its endpoint
-X(0) = m_c + P^(1/2) eps is an exact posterior sample, and X'(1) gives x_src - v(x_src, 1) = m_c, the posterior mean.
+X(0) = m_c + P^(1/2) eps is an exact posterior sample, and x_src - v(x_src, 1, c) = m_c, the posterior mean.
 The exact student (the teacher's average velocity from the source to tau) is computed by torchdiffeq, independently.
 """
 from __future__ import annotations
