@@ -22,10 +22,12 @@ Loss (per sample). With tau' = tau + delta and one midpoint step of the teacher 
 
     x_mid    = x_tau - (delta / 2) v(x_tau, t_a, c)
     target   = x_tau - delta v(x_mid, t_a - delta / 2, c)                     (all under stop-gradient)
-    loss     = d(x_src - tau' u(x_src, tau', c), target) + w d(u(x_src, 0, c), sg v(x_src, 1, c)),
+    loss     = d(u(x_src, tau', c), (x_src - target) / tau') + w d(u(x_src, 0, c), sg v(x_src, 1, c)),
 
-d a per-sample distance (`distill.distance_fn`), w = `boundary_weight`. The boundary term pins the start of the
-trajectory; the first term carries it forward one teacher step at a time.
+the first term the state equation x_src - tau' u(x_src, tau', c) = target written in velocities (OFTSR's form;
+`space="state"` compares the states), d a per-sample distance (`distill.distance_fn`, l2 by default as in OFTSR),
+w = `boundary_weight`. The boundary term pins the start of the trajectory; the first term carries it forward one
+teacher step at a time.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch
 from .distill import Distance, distance_fn
 
 __all__ = ["Teacher", "Student", "student_state", "student_output", "oftsr_target", "oftsr_loss", "sample_knob",
-           "student_from_velocity", "DELTA", "BOUNDARY_WEIGHT"]
+           "student_from_velocity", "DELTA", "BOUNDARY_WEIGHT", "SPACES"]
 
 DELTA = 0.05  # OFTSR's configs: the step between the two states the loss ties together
 BOUNDARY_WEIGHT = 0.1  # OFTSR's configs: the weight of the boundary term
@@ -84,6 +86,12 @@ def student_output(student: Student, x_src: torch.Tensor, cond: torch.Tensor | N
     return x_src - student(x_src, _knob(tau, x_src), cond)
 
 
+def _midpoint_slope(teacher: Teacher, x: torch.Tensor, t: torch.Tensor, delta: float,
+                    cond: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's midpoint slope over [t - delta, t]: one step from x is x - delta * slope."""
+    return teacher(x - (delta / 2) * teacher(x, t, cond), t - delta / 2, cond)
+
+
 @torch.no_grad()
 def oftsr_target(student: Student, teacher: Teacher, x_src: torch.Tensor, cond: torch.Tensor | None,
                  tau: torch.Tensor | float, delta: float = DELTA) -> torch.Tensor:
@@ -91,28 +99,50 @@ def oftsr_target(student: Student, teacher: Teacher, x_src: torch.Tensor, cond: 
     (no gradient: the target of `oftsr_loss`)."""
     tau = _knob(tau, x_src)
     x = student_state(student, x_src, cond, tau)
-    t = 1.0 - tau
-    x_mid = x - (delta / 2) * teacher(x, t, cond)
-    return x - delta * teacher(x_mid, t - delta / 2, cond)
+    return x - delta * _midpoint_slope(teacher, x, 1.0 - tau, delta, cond)
+
+
+SPACES = ("velocity", "state")
 
 
 def oftsr_loss(student: Student, teacher: Teacher, x_src: torch.Tensor, cond: torch.Tensor | None,
                tau: torch.Tensor | float, *, delta: float = DELTA, boundary_weight: float = BOUNDARY_WEIGHT,
-               distance: str | Distance = "pseudo_huber", huber_scale: float = 0.00054) -> torch.Tensor:
-    """Per-sample OFTSR loss (B,): trajectory consistency between the student's state at tau + delta and its state
-    at tau advanced by one teacher midpoint step (target under stop-gradient), plus `boundary_weight` times the
-    boundary term d(u(x_src, 0, c), v(x_src, 1, c)). tau must lie in [0, 1 - delta] (`sample_knob`)."""
+               align_weight: float = 0.0, space: str = "velocity", distance: str | Distance = "l2",
+               huber_scale: float = 0.00054) -> torch.Tensor:
+    """Per-sample OFTSR loss (B,) for knob values tau in [0, 1 - delta] (`sample_knob`).
+
+    Trajectory term: the student's state at tau' = tau + delta against its state at tau advanced by one teacher
+    midpoint step (target under stop-gradient), compared as states (`space="state"`) or as velocities
+    (`"velocity"`, OFTSR's form: d(u(tau'), (x_src - target) / tau'), for l2 the state distance / tau'^2).
+    Boundary term (`boundary_weight`): d(u(x_src, 0, c), sg v(x_src, 1, c)). Optional alignment term
+    (`align_weight`, 0.01 in OFTSR's configs): the output against the teacher's one-step extrapolation from the
+    student's state, d(x_tau - (1 - tau) u(tau), sg[x_tau - (1 - tau) w]), w the teacher's midpoint slope there."""
     tau = _knob(tau, x_src)
     if bool((tau < 0).any()) or bool((tau > 1 - delta + 1e-6).any()):
         raise ValueError(f"tau must lie in [0, 1 - delta] = [0, {1 - delta:g}]")
+    if space not in SPACES:
+        raise ValueError(f"unknown space {space!r}; choose one of {SPACES}")
     d = distance_fn(distance, huber_scale=huber_scale)
-    target = oftsr_target(student, teacher, x_src, cond, tau, delta)
-    loss = d(student_state(student, x_src, cond, tau + delta), target)
+    with torch.set_grad_enabled(bool(align_weight) and torch.is_grad_enabled()):
+        u_tau = student(x_src, tau, cond)  # with a gradient only for the alignment term
+    with torch.no_grad():
+        x_tau = x_src - _expand(tau, x_src) * u_tau
+        slope = _midpoint_slope(teacher, x_tau, 1.0 - tau, delta, cond)
+        target = x_tau - delta * slope
+    tau_next = tau + delta
+    u_next = student(x_src, tau_next, cond)
+    if space == "state":
+        loss = d(x_src - _expand(tau_next, x_src) * u_next, target)
+    else:
+        loss = d(u_next, (x_src - target) / _expand(tau_next, x_src))
     if boundary_weight:
         zero = torch.zeros_like(tau)
         with torch.no_grad():
             v_src = teacher(x_src, 1.0 - zero, cond)
         loss = loss + boundary_weight * d(student(x_src, zero, cond), v_src)
+    if align_weight:
+        rest = _expand(1.0 - tau, x_src)
+        loss = loss + align_weight * d(x_tau - rest * u_tau, x_tau - rest * slope)
     return loss
 
 
