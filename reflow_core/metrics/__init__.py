@@ -6,7 +6,7 @@
     digits.py        the digit classifier (trained once, cached) and its features, `DigitFeatures`
     inception.py     InceptionV3 through torch-fidelity, offline weights, `FIDReference`, `fid_torch_fidelity`
     kinds.py         `reference_for(ds, real, cache_url)`: the reference of each data kind
-    sr.py            super-resolution, paired: PSNR (peak 2), consistency ||A x_hat - y||, LPIPS (local weights), `sr_row`
+    sr.py            super-resolution, paired: PSNR (peak 2), ||A x_hat - y||, LPIPS (local weights), `sr_row`
     straightness.py  trajectory straightness through `solvers.euler` with a step callback
 
 Time convention: t = 0 is data, t = 1 is noise (`reflow_core.paths`). Every metric returns a plain python float.
