@@ -21,8 +21,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLo
 from reflow_core import storage  # noqa: E402
 
 __all__ = ["trajectory_plot", "sample_grid", "scatter_samples", "save_samples", "quality_vs_nfe", "loss_curve",
-           "save_figure",
-           "fidelity_realism", "fidelity_realism_figure"]
+           "save_figure", "fidelity_realism", "fidelity_realism_figure"]
 
 _MODEL_COLORS = {"teacher": "tab:blue", "reflow": "tab:orange", "distilled": "tab:red", "slim": "tab:brown"}
 _ROUND_COLORS = ("tab:green", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
