@@ -20,7 +20,8 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLo
 
 from reflow_core import storage  # noqa: E402
 
-__all__ = ["trajectory_plot", "sample_grid", "scatter_samples", "save_samples", "quality_vs_nfe", "loss_curve", "save_figure"]
+__all__ = ["trajectory_plot", "sample_grid", "scatter_samples", "save_samples", "quality_vs_nfe", "loss_curve",
+           "save_figure", "fidelity_realism", "fidelity_realism_figure"]
 
 _MODEL_COLORS = {"teacher": "tab:blue", "reflow": "tab:orange", "distilled": "tab:red", "slim": "tab:brown"}
 _ROUND_COLORS = ("tab:green", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
@@ -223,6 +224,53 @@ def quality_vs_nfe(rows: Sequence[Mapping], metric: str, path: str, title: str |
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{metric} vs NFE")
     return save_figure(fig, path)
+
+
+def _curve(rows: Sequence[Mapping], knob: str, fd: str) -> list[tuple[float, float, float]]:
+    """(knob value, PSNR, FD) of the rows holding all three as finite numbers, sorted by the knob."""
+    pts = []
+    for r in rows:
+        try:
+            k, x, y = float(r[knob]), float(r["psnr"]), float(r[fd])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            pts.append((k, x, y))
+    return sorted(pts)
+
+
+def fidelity_realism_figure(teacher: Sequence[Mapping], student: Sequence[Mapping], fd: str = "fd",
+                            title: str | None = None):
+    """The fidelity-realism figure: x = PSNR (higher = more faithful), y = the Frechet distance ``fd`` (lower = more
+    realistic). The teacher's curve joins its rows by NFE (each point labelled "NFE n"), the student's by knob
+    (labelled "knob k"; OFTSR's orientation: near 0 = fidelity end, near 1 = realism end). Rows are dicts such as
+    ``{"nfe": 8, "psnr": 21.3, "fd": 4.1}`` / ``{"knob": 0.25, ...}``; rows missing a value are skipped."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, rows, knob, fmt, style in (("teacher", teacher, "nfe", "NFE {:g}", "o-"),
+                                         ("student", student, "knob", "knob {:g}", "s--")):
+        pts = _curve(rows, knob, fd)
+        if not pts:
+            continue
+        color = model_color("teacher" if name == "teacher" else "distilled")
+        label = "teacher (NFE)" if name == "teacher" else "student, 1 NFE (knob)"
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], style, ms=4, color=color, label=label)
+        for k, x, y in pts:
+            ax.annotate(fmt.format(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no rows with psnr and {fd}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("PSNR (dB, peak 2 on [-1, 1]) \u2192 fidelity")
+    ax.set_ylabel(f"{fd} (lower = more realistic)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "fidelity-realism trade-off")
+    return fig
+
+
+def fidelity_realism(teacher: Sequence[Mapping], student: Sequence[Mapping], path: str, fd: str = "fd",
+                     title: str | None = None) -> str:
+    """`fidelity_realism_figure` written as PNG to ``path``; returns ``path``."""
+    return save_figure(fidelity_realism_figure(teacher, student, fd, title), path)
 
 
 def loss_curve(steps, values, path: str, title: str | None = None, logy: bool | None = None) -> str:

@@ -6,6 +6,7 @@
     digits.py        the digit classifier (trained once, cached) and its features, `DigitFeatures`
     inception.py     InceptionV3 through torch-fidelity, offline weights, `FIDReference`, `fid_torch_fidelity`
     kinds.py         `reference_for(ds, real, cache_url)`: the reference of each data kind
+    sr.py            super-resolution, paired: PSNR (peak 2), ||A x_hat - y||, LPIPS (local weights), `sr_row`
     straightness.py  trajectory straightness through `solvers.euler` with a step callback
 
 Time convention: t = 0 is data, t = 1 is noise (`reflow_core.paths`). Every metric returns a plain python float.
@@ -17,11 +18,13 @@ from .inception import INCEPTION_URL, FIDReference, InceptionFeatures, fid_torch
 from .kinds import reference_for
 from .reference import (FeatureExtractor, FeatureStats, FrechetReference, Identity, PairedMetric, Reference,
                         ToyReference, moments)
+from .sr import PSNR, Consistency, consistency, psnr, sr_row
 from .straightness import straightness
 
 __all__ = [
     "DigitFeatureNet", "DigitFeatures", "FIDReference", "FeatureExtractor", "FeatureStats", "FrechetReference",
     "INCEPTION_URL", "Identity", "InceptionFeatures", "PairedMetric", "Reference", "ToyReference", "digit_accuracy",
+    "PSNR", "Consistency", "consistency", "psnr", "sr_row",
     "digit_features", "energy_distance", "feature_stats", "fid_torch_fidelity", "frechet_distance",
     "inception_cache_path", "load_or_train_digit_classifier", "mmd_rbf", "moments", "reference_for", "sliced_w2",
     "straightness", "train_digit_classifier",
