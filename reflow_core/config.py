@@ -231,6 +231,8 @@ class PairsConfig(_Strict):
                              f"({self.batch_size}) when pairs.auto_batch is on")
         if self.solver == "heun" and self.nfe % 2 == 0:
             raise ValueError(f"pairs.nfe must be odd for heun (N steps cost 2N-1 NFE), got {self.nfe}")
+        if self.guidance == "none" and self.guidance_weight != 1.0:
+            raise ValueError("pairs.guidance_weight is CFG's weight: it needs pairs.guidance='cfg'")
         return self
 
 
