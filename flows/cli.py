@@ -301,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", default=None)
     pl.set_defaults(func=_cmd_plan)
 
-    w = sub.add_parser("worker", help="a Prefect process worker that stops its flow runs cleanly (SIGTERM) when stopped",
-                       usage="reflow worker [--grace S] ARGS...",
-                       description="Runs `prefect worker start ARGS...`; on SIGTERM or SIGINT it first sends SIGTERM to "
-                                   "the worker's flow-run processes (they end Crashed, resumable), then stops the worker.")
+    w = sub.add_parser("worker", usage="reflow worker [--grace S] ARGS...",
+                       help="a Prefect process worker that stops its flow runs cleanly (SIGTERM) when stopped",
+                       description="Runs `prefect worker start ARGS...`; on SIGTERM or SIGINT it first sends SIGTERM "
+                                   "to the worker's flow-run processes (they end Crashed, resumable), then stops "
+                                   "the worker.")
     w.add_argument("--grace", type=float, default=25.0, help="seconds to wait for the flow runs to stop (default 25)")
     w.set_defaults(func=_cmd_worker)  # every other argument goes to `prefect worker start` (main)
 

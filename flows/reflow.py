@@ -151,8 +151,8 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
     if runtime.flow_run.id:
         tags.update({"reflow.prefect_flow_run_id": runtime.flow_run.id,
                      "reflow.prefect_flow_run": runtime.flow_run.name,
-                     "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or "",
-                     "reflow.attempt": str(attempt), f"reflow.prefect_flow_run_id.attempt{attempt}": runtime.flow_run.id})
+                     "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or "", "reflow.attempt": str(attempt),
+                     f"reflow.prefect_flow_run_id.attempt{attempt}": runtime.flow_run.id})
     tracker.set_tags(parent, tags)
     logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", rundir.run, rundir.dir, root_source, parent,
                 uri)

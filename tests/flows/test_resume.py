@@ -29,7 +29,8 @@ def _render(trigger: dict, parameters: dict, labels: dict) -> dict:
     params = copy.deepcopy(trigger["parameters"])
     RunDeployment(source="selected", deployment_id=uuid.uuid4(), parameters=params)  # the server's own validation
     RunDeployment._upgrade_v1_templates(params)
-    return hydrate(params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"flow_run": flow_run}))
+    context = HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"flow_run": flow_run})
+    return hydrate(params, context)
 
 
 def _schema() -> dict:
