@@ -193,7 +193,7 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
     return {"run": rundir.run, "run_dir": rundir.dir, "metrics_json": metrics_json or rundir.url("eval", "metrics.json"),
             "metrics": rows, "metric": published["metric"], "checkpoints": models,
             "teacher_checkpoint": models.get("teacher"),
-            "reflow_checkpoint": models.get(f"reflow{suffix(cfg.reflow.rounds)}"),
+            "reflow_checkpoint": models.get(f"reflow{suffix(cfg.reflow.rounds)}") if cfg.reflow.rounds else None,
             "registered_models": published["registered"], "mlflow_run_id": parent, "mlflow_tracking_uri": uri,
             "mlflow_experiment_id": tracker.experiment_id, "ui": ui}
 

@@ -216,6 +216,9 @@ class PairsConfig(_Strict):
     cuda_graph: Exec[bool] = Field(False, description="replay each velocity evaluation from a CUDA graph (CUDA only)")
     zarr_shards: bool = Field(False, description="zarr 3 sharding codec: one object per pair shard holding its chunks")
     compress: bool = Field(False, description="zstd-compress noise/sample chunks (random floats barely compress)")
+    guidance: Literal["none", "cfg"] = Field("none", description="cfg: simulate with classifier-free guidance "
+                                             "(class-conditional net; each solver NFE costs 2 network evaluations)")
+    guidance_weight: float = Field(1.0, ge=0.0, le=20.0, description="CFG's w with guidance=cfg (1 = conditional)")
 
     @model_validator(mode="after")
     def _check(self) -> "PairsConfig":
@@ -228,6 +231,8 @@ class PairsConfig(_Strict):
                              f"({self.batch_size}) when pairs.auto_batch is on")
         if self.solver == "heun" and self.nfe % 2 == 0:
             raise ValueError(f"pairs.nfe must be odd for heun (N steps cost 2N-1 NFE), got {self.nfe}")
+        if self.guidance == "none" and self.guidance_weight != 1.0:
+            raise ValueError("pairs.guidance_weight is CFG's weight: it needs pairs.guidance='cfg'")
         return self
 
 
@@ -235,8 +240,9 @@ class ReflowConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="reflow dropout (Simple ReFlow #4); None = teacher's")
     forward_ratio: float = Field(0.0, ge=0.0, le=1.0, description="fraction of each batch drawn from forward pairs")
-    rounds: int = Field(1, ge=1, le=10, description="k-rectified flow: round r > 1 simulates pairs from round "
-                                                    "r-1's reflow model (pairs-r.zarr) and fine-tunes it (reflow-r/)")
+    rounds: int = Field(1, ge=0, le=10, description="k-rectified flow: round r > 1 simulates pairs from round "
+                        "r-1's reflow model (pairs-r.zarr) and fine-tunes it (reflow-r/); 0: no reflow, the distill "
+                        "student learns the teacher's pairs (InstaFlow's ablation; needs distill)")
     ram_budget_mb: Exec[int] = Field(2048, ge=0, description="a pair store that fits is read into memory once; a "
                                                              "larger one is streamed by chunks (same batches)")
 
@@ -331,6 +337,10 @@ class PipelineConfig(_Strict):
             raise ValueError("net.kind must be 'mlp' for data.name='toy2d'")
         if self.data.name != "toy2d" and self.net.kind != "unet":
             raise ValueError(f"net.kind must be 'unet' for image data (data.name={self.data.name!r})")
+        if self.reflow.rounds == 0 and self.distill is None:
+            raise ValueError("reflow.rounds: 0 trains no reflow model: it needs a distill section (the student)")
+        if self.pairs.guidance == "cfg" and not self.net.class_cond:
+            raise ValueError("pairs.guidance='cfg' needs a class-conditional net (net.class_cond: true)")
         if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:
             raise ValueError("reflow.forward_ratio > 0 needs pairs.n_forward > 0")
         if self.distill is not None and self.distill.net is not None and self.data.name == "toy2d" \

@@ -22,8 +22,10 @@ BACKWARD, FORWARD = 0, 1
 # how row_noise/row_labels draw a row's values: recorded in every store `create` makes, so a store whose noise was
 # drawn otherwise (e.g. by the per-row torch.Generator scheme before it) is never resumed with different noise
 NOISE_RNG = "splitmix64-boxmuller-v1"
+# pairs simulated with guidance record it (an unguided store has neither key): guided and unguided never mix
+GUIDANCE_ATTRS = ("guidance", "guidance_weight")
 # identity keys of attrs compared when create() finds an existing store (besides the structural ones)
-IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention", "noise_rng")
+IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention", "noise_rng", *GUIDANCE_ATTRS)
 
 
 # --- metadata -----------------------------------------------------------------------------------------------------
@@ -60,6 +62,8 @@ class StoreAttrs(BaseModel):
     teacher_hash: str | None = Field(None, max_length=256)
     stage: str | None = Field(None, max_length=256)
     noise_rng: str | None = Field(None, max_length=64)
+    guidance: str | None = Field(None, pattern=r"^cfg$")
+    guidance_weight: float | None = Field(None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> "StoreAttrs":

@@ -19,7 +19,7 @@ from ..config import PairsConfig
 from ..rng import forward_indices, row_labels, row_noise
 from ..solvers import Velocity
 from .errors import PairStoreMismatch, redo_hint
-from .layout import ARRAYS, BACKWARD, FORWARD, NOISE_RNG, Hasher, Shard
+from .layout import ARRAYS, BACKWARD, FORWARD, GUIDANCE_ATTRS, NOISE_RNG, Hasher, Shard
 from .store import PairStore
 
 # velocity_for(labels on the device, or None for unconditional teachers) -> the batch's (x, t) -> v
@@ -27,9 +27,12 @@ VelocityFor = Callable[["torch.Tensor | None"], Velocity]
 
 
 def solver_attrs(cfg: PairsConfig) -> dict:
-    """The simulation settings a store records (and a reopening config must match): solver, NFE, grid, rho, seed."""
+    """The simulation settings a store records (and a reopening config must match): solver, NFE, grid, rho, seed,
+    and with pairs.guidance=cfg the guidance and its weight (absent when unguided, so an unguided store's attrs are
+    what they were before guidance existed; IDENTITY_ATTRS compares a key present on either side)."""
     g = cfg.grid.solver_args(cfg.nfe)
-    return {"solver": cfg.solver, "nfe": cfg.nfe, "grid": g["grid"], "rho": g["rho"], "seed": cfg.seed}
+    guided = {"guidance": cfg.guidance, "guidance_weight": cfg.guidance_weight} if cfg.guidance != "none" else {}
+    return {"solver": cfg.solver, "nfe": cfg.nfe, "grid": g["grid"], "rho": g["rho"], "seed": cfg.seed, **guided}
 
 
 def store_for_config(url: str, cfg: PairsConfig, *, shape: Sequence[int], teacher_hash: str,
@@ -125,6 +128,7 @@ class _ShardWriter:
 def _check_cfg(store: PairStore, cfg: PairsConfig) -> None:
     a, want = store.attrs, solver_attrs(cfg)
     diff = {k: (a[k], want[k]) for k in want if k in a and a[k] != want[k]}
+    diff |= {k: (a.get(k), want.get(k)) for k in GUIDANCE_ATTRS if a.get(k) != want.get(k)}
     if diff:
         raise PairStoreMismatch(f"pairs config differs from the store at {store.url}: "
                                 + ", ".join(f"{k}: store={s!r} cfg={c!r}" for k, (s, c) in diff.items()))

@@ -3,7 +3,7 @@ random init on the distill pairs, flow matching from a source that starts as fre
 stored noise (beta 1 -> 0 over distill.anneal.steps), so the small net first learns a flow of its own and ends on
 the reflow coupling.
 
-reads:  {"pairs": distill-pairs, "teacher": the last reflow stage (it simulated them)}
+reads:  {"pairs": distill-pairs (rounds 0: pairs), "teacher": the last reflow stage, or the teacher (it simulated them)}
 writes: <run>/anneal/ckpt-<step>.pt + latest.json
 output: {"model": checkpoint URL}
 """

@@ -1,8 +1,10 @@
 """Stage `distill`: a one-step student x_data_hat = x_noise - v_s(x_noise, t=1) trained on pairs simulated by the
 last reflow model (Liu et al.'s k = 1 distillation, InstaFlow), optionally with SlimFlow's flow-guided term; the
 student is the reflow model's EMA (same size: model `distilled`) or the annealed smaller net (model `slim`).
+With reflow.rounds = 0 "the last reflow model" is the teacher itself and the pairs are its store (`pairs`).
 
-reads:  {"pairs": distill-pairs, "teacher": the last reflow stage, "init": that stage, or anneal (smaller student)}
+reads:  {"pairs": distill-pairs (rounds 0: pairs), "teacher": the last reflow stage (rounds 0: teacher),
+         "init": that stage, or anneal (smaller student)}
 writes: <run>/distill/ckpt-<step>.pt + latest.json
 output: {"model": checkpoint URL}
 """

@@ -1,9 +1,12 @@
 """The plan of a run: the ordered stage instances a config asks for. The list of stages is written here and only here.
 
     teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 -> ...] [-> distill-pairs [-> anneal] -> distill] -> evaluate
+    teacher -> pairs [-> anneal] -> distill -> evaluate                                        (reflow.rounds = 0)
 
 Round r > 1 simulates pairs from round r-1's reflow model and fine-tunes that model (k-rectified flow). With
 reflow.rounds = 1 the names and the artifact layout are the historical ones (teacher/, pairs.zarr, reflow/, eval/).
+With reflow.rounds = 0 (InstaFlow's ablation: distillation straight from the teacher) the student learns the
+teacher's own pairs (pairs.zarr, the round-1 store), so no distill-pairs store is simulated.
 """
 from __future__ import annotations
 
@@ -51,13 +54,14 @@ def _training(cfg: PipelineConfig, rundir: RunDir) -> list[Stage]:
         prev = f"reflow{s}"
     if cfg.distill is not None:  # a one-step student of the last reflow model, on pairs of its own
         r = cfg.reflow.rounds + 1  # the round number only picks the store's own noise seed
-        out.append(Stage("distill-pairs", "pairs", r, (("model", prev),), rundir.url("distill-pairs.zarr")))
+        pairs = "distill-pairs" if cfg.reflow.rounds else "pairs"  # rounds 0: the teacher's store, round 1's seed
+        out.append(Stage(pairs, "pairs", r, (("model", prev),), rundir.url(f"{pairs}.zarr")))
         init = prev
         if cfg.distill.net is not None:  # SlimFlow: a smaller student, first a flow of its own (Annealing Reflow)
-            out.append(Stage("anneal", "anneal", r, (("pairs", "distill-pairs"), ("teacher", prev)),
+            out.append(Stage("anneal", "anneal", r, (("pairs", pairs), ("teacher", prev)),
                              rundir.url("anneal"), model="anneal"))
             init = "anneal"
-        out.append(Stage("distill", "distill", r, (("pairs", "distill-pairs"), ("teacher", prev), ("init", init)),
+        out.append(Stage("distill", "distill", r, (("pairs", pairs), ("teacher", prev), ("init", init)),
                          rundir.url("distill"), model="slim" if cfg.distill.net is not None else "distilled"))
     return out
 

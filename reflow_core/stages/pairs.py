@@ -5,8 +5,9 @@ reads:  {"model": the stage whose model simulates: teacher in round 1, reflow-(r
 writes: <run>/pairs.zarr (round r > 1: pairs-r.zarr); one shard = one task of the Prefect fan-out
 output: {"pairs": store URL}
 
-The store records the hash of the simulating checkpoint, so pairs are never mixed across models; a retried shard
-writes identical values (noise is seeded per row, `reflow_core.pairs`).
+The store records the hash of the simulating checkpoint, so pairs are never mixed across models, and the guidance
+(pairs.guidance=cfg: InstaFlow's guided pairs), so guided and unguided pairs never mix; a retried shard writes
+identical values (noise is seeded per row, `reflow_core.pairs`).
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def pair_batch_size(model, pc: PairsConfig, shape: tuple[int, ...], rows: int, d
     def one_step(b: int) -> None:
         x = torch.randn((b, *shape), device=device)
         lab = torch.zeros(b, dtype=torch.long, device=device) if model.class_cond else None
-        solvers.integrate(model.solver_velocity(lab), x, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64),
-                          pc.solver)
+        v = model.solver_velocity(lab, guidance=pc.guidance, weight=pc.guidance_weight)
+        solvers.integrate(v, x, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), pc.solver)
     return accel.find_max_batch(one_step, pc.batch_size, limit, device)
 
 
@@ -107,7 +108,8 @@ def simulate(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], shard: 
             model = model.with_backbone(accel.prepare_model(model.backbone, compile=True,
                                                             example=(x, torch.ones(x.shape[0], device=dev), lab)))
 
-    out = simulate_shard(store, sh, velocity_for(model, cuda_graph=pc.cuda_graph), cfg=pc, data_x=ds.x,
+    v_for = velocity_for(model, guidance=pc.guidance, weight=pc.guidance_weight, cuda_graph=pc.cuda_graph)
+    out = simulate_shard(store, sh, v_for, cfg=pc, data_x=ds.x,
                          data_y=ds.y if model.class_cond else None,
                          num_classes=ds.num_classes if model.class_cond else 0, device=dev,
                          progress=lambda d, total: cb.on_progress(f"{stage.name}/shard{shard}", d, total))

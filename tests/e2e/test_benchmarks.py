@@ -69,3 +69,28 @@ def test_worker_sharing_benchmark_smoke(tmp_path, capsys):
     assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text()) == res
     assert len(res["seconds_k1"]) == 1 and len(res["seconds_k2"]) == 2 and min(res["seconds_k2"]) > 0
     assert res["vs_solo_k1"] == 1.0 and res["vs_solo_k2"] > 0
+
+
+def test_instaflow_ablations_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    """benchmarks/instaflow_ablations.py at its --smoke size: one shared teacher, three arms (distilled from the
+    teacher, from the 2-RF, from the 2-RF on CFG pairs), each model scored at 1 NFE over five evaluation seeds; the
+    RESULT line parses and pairs every comparison by seed (the values are for docs, not tests)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import instaflow_ablations
+    res = instaflow_ablations.main(["--smoke", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and json.loads(last[7:]) == json.loads((tmp_path / "r.json").read_text()) == res
+    assert res["nfe"] == 1 and len(res["seeds"]) == 5 and res["metric"] == "fd_digits"
+    assert set(res["fd"]) == {"teacher/teacher", "teacher->distill/distilled", "2-RF->distill/reflow",
+                              "2-RF->distill/distilled", "2-RF->distill, CFG w=1.5 pairs/reflow",
+                              "2-RF->distill, CFG w=1.5 pairs/distilled"}
+    assert all(len(v) == 5 and min(v) > 0 for v in res["fd"].values())
+    assert len(set(map(tuple, res["fd"].values()))) == 6  # six different models
+    d = res["diff"]["(a) distilled: from 2-RF - from teacher"]
+    fd = res["fd"]
+    assert d["mean"] == pytest.approx(sum(b - a for a, b in zip(fd["teacher->distill/distilled"],
+                                                                  fd["2-RF->distill/distilled"])) / 5, abs=1e-4)
+    runs = tmp_path / "runs"
+    assert not (runs / "teacher__distill" / "reflow").exists() and (runs / "teacher__distill" / "pairs.zarr").exists()
+    guided = json.loads((runs / "2_RF__distill__CFG_w_1_5_pairs" / "pairs.zarr" / "zarr.json").read_text())
+    assert guided["attributes"]["guidance"] == "cfg" and guided["attributes"]["guidance_weight"] == 1.5
