@@ -54,3 +54,26 @@ def test_condition_enters_and_is_checked(net_kw, shape):
         net(x, t)
     with pytest.raises(ValueError, match="expected"):
         net(x, t, cond=torch.randn(2, 2, *shape[1:]))
+
+
+def test_velocity_model_binds_cond_and_cfg_null_is_zeros():
+    from reflow_core.velocity import VelocityModel, generate
+    net = build_net(NetConfig(**UNET, cond_channels=1), (1, 8, 8)).eval()
+    for p in net.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    m = VelocityModel(net)
+    x, t, c = torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 1, 8, 8)
+    with pytest.raises(ValueError, match="conditioned on an image"):
+        m(x, t)
+    assert torch.equal(m(x, t, cond=c), net(x, t, cond=c))
+    # CFG with weight 0 is exactly the null velocity: the model at cond = zeros
+    v0 = m.solver_velocity(guidance="cfg", weight=0.0, cond=c)
+    assert torch.equal(v0(x, t), net(x, t, cond=torch.zeros_like(c)))
+    assert torch.equal(m.solver_velocity(cond=c)(x, t), net(x, t, cond=c))
+    # generate slices the condition with the noise: batch size does not change the samples
+    a = generate(m, x, nfe=2, cond=c, batch_size=3)
+    b = generate(m, x, nfe=2, cond=c, batch_size=1)
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, generate(m, x, nfe=2, cond=-c), atol=1e-3)
+    plain = VelocityModel(build_net(NetConfig(**UNET), (1, 8, 8)))
+    with pytest.raises(ValueError, match="no condition channels"):
+        plain(x, t, cond=c)
