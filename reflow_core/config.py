@@ -136,6 +136,7 @@ class NetConfig(_Strict):
     attn_resolutions: list[int] = Field(default_factory=lambda: [8])
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     class_cond: bool = False
+    cond_channels: int = Field(0, ge=0, le=64, description="image condition channels concatenated to x (0 = none)")
 
     @model_validator(mode="after")
     def _check(self) -> "NetConfig":

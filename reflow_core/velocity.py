@@ -66,6 +66,8 @@ class VelocityModel(nn.Module):
         self.class_cond = num_classes > 0
         self.null_label: int | None = num_classes if self.class_cond else None
         self.amp = bool(amp)
+        # image condition channels of the backbone (0: none); CFG's null condition is zeros
+        self.cond_channels = int(getattr(backbone, "cond_channels", 0) or 0)
         self._register_load_state_dict_pre_hook(_prefix_bare_backbone_keys)
 
     def extra_repr(self) -> str:
@@ -79,6 +81,7 @@ class VelocityModel(nn.Module):
         nn.Module.__init__(m)
         m.backbone = backbone
         m.num_classes, m.class_cond, m.null_label, m.amp = self.num_classes, self.class_cond, self.null_label, self.amp
+        m.cond_channels = self.cond_channels
         m._register_load_state_dict_pre_hook(_prefix_bare_backbone_keys)
         m.training = self.training  # not m.train(): that would also switch the (shared) backbone's mode
         return m
@@ -112,11 +115,21 @@ class VelocityModel(nn.Module):
 
     # --- the velocity ---------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, label: torch.Tensor | None = None) -> torch.Tensor:
+    def check_cond(self, cond: torch.Tensor | None) -> None:
+        """A condition is required by a conditional model and refused by one without condition channels."""
+        if self.cond_channels > 0 and cond is None:
+            raise ValueError(f"this model is conditioned on an image ({self.cond_channels} channels): pass cond "
+                             "(B, C_cond, ...) (for super-resolution c = A^T y, reflow_core.sr)")
+        if self.cond_channels == 0 and cond is not None:
+            raise ValueError("this model has no condition channels (net.cond_channels: 0) but got a condition")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, label: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         lab = self.labels(label, x)
+        self.check_cond(cond)
         ctx = accel.autocast(x.device, True, cache_enabled=False) if self.amp else contextlib.nullcontext()
         with ctx:
-            out = self.backbone(x, t, lab)
+            out = self.backbone(x, t, lab) if cond is None else self.backbone(x, t, lab, cond)
         return out.float()
 
     @staticmethod
@@ -126,7 +139,7 @@ class VelocityModel(nn.Module):
         return 1 if guidance == "none" else 2
 
     def solver_velocity(self, label: torch.Tensor | None = None, *, guidance: str = "none", weight: float = 1.0,
-                        guide: "VelocityModel | None" = None) -> solvers.Velocity:
+                        guide: "VelocityModel | None" = None, cond: torch.Tensor | None = None) -> solvers.Velocity:
         """The `(x, t) -> v` the solvers integrate, with `label` bound (read at every call, so a caller may refill
         the same tensor in place between calls: CUDA-graph static buffers).
 
@@ -134,31 +147,35 @@ class VelocityModel(nn.Module):
         "cfg": v = v_null + w (v_cond - v_null), v_null the same model with the null label (needs a class-conditional
             model and labels).
         "autoguidance": v = v_guide + w (v_cond - v_guide), v_guide the weaker `guide` model with the same labels.
+        `cond` (an image condition) is bound like `label`; CFG's null condition is zeros.
         A guided velocity calls two networks (see `evaluations_per_call`). w = 1 is exactly v_cond, w = 0 exactly the
         guide's velocity (`solvers.guided` interpolates with torch.lerp, exact at both ends).
         """
         _check_guidance(guidance)
+        self.check_cond(cond)
         if guidance != "none" and guide is not None and guidance != "autoguidance":
             raise ValueError(f"a guide model is only used by guidance='autoguidance', got guidance={guidance!r}")
 
-        def cond(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self(x, t, label)
+        c = cond
+
+        def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self(x, t, label, c)
         if guidance == "none":
-            return cond
+            return conditional
         if guidance == "cfg":
-            if not self.class_cond or label is None:
+            if not ((self.class_cond and label is not None) or c is not None):
                 raise ConfigError("eval.guidance='cfg' needs a class-conditional net (net.class_cond: true) and "
-                                  "labels to guide towards")
+                                  "labels to guide towards, or an image condition")
 
             def null(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self(x, t, None)
-            return solvers.guided(cond, null, weight)
+                return self(x, t, None, None if c is None else torch.zeros_like(c))
+            return solvers.guided(conditional, null, weight)
         if guide is None:
             raise ConfigError("eval.guidance='autoguidance' needs a guide model (eval.guide_checkpoint)")
 
         def weak(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guide(x, t, label)
-        return solvers.guided(cond, weak, weight)
+            return guide(x, t, label, c)
+        return solvers.guided(conditional, weak, weight)
 
 
 def _prefix_bare_backbone_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -207,9 +224,9 @@ class _CountingNet(nn.Module):
         super().__init__()
         self.net, self.calls = net, 0
 
-    def forward(self, x, t, label=None):
+    def forward(self, x, t, label=None, cond=None):
         self.calls += 1
-        return self.net(x, t, label)
+        return self.net(x, t, label) if cond is None else self.net(x, t, label, cond)
 
 
 def _counting(model: VelocityModel) -> tuple[VelocityModel, _CountingNet]:
@@ -226,12 +243,13 @@ def _model_device(model: nn.Module) -> torch.device:
 def generate(model: VelocityModel, noise: torch.Tensor, nfe: int, solver: str = "euler", grid: str = "uniform",
              rho: float = 1.0, label: torch.Tensor | None = None, batch_size: int = 1000,
              device: str | torch.device | None = None, *, times: list[float] | None = None, guidance: str = "none",
-             weight: float = 1.0, guide: VelocityModel | None = None, return_nfe: bool = False):
+             weight: float = 1.0, guide: VelocityModel | None = None, return_nfe: bool = False,
+             cond: torch.Tensor | None = None):
     """Samples (on the CPU) from `noise`, integrating t = 1 -> 0 with `nfe` *network* evaluations per sample.
 
     Guided (cfg / autoguidance), every velocity costs 2 network evaluations, so the solver gets nfe / 2 velocity
     evaluations; a budget that cannot be spent exactly (guided: odd nfe; heun: an even number of velocities) is a
-    ValueError. `label` (n,) is sliced with the noise. device: where to integrate (default: the model's device).
+    ValueError. `label` (n,) and `cond` (n, C_cond, ...) are sliced with the noise. device: where to integrate (default: the model's device).
     return_nfe=True also returns the network evaluations counted on the first batch, by counting the backbones'
     forward calls (a check of the accounting, not a formula)."""
     if not isinstance(model, VelocityModel):
@@ -247,12 +265,13 @@ def generate(model: VelocityModel, noise: torch.Tensor, nfe: int, solver: str = 
     out, counted = [], None
     for i in range(0, noise.shape[0], batch_size):
         lab = None if label is None else label[i:i + batch_size].to(dev)
+        cnd = None if cond is None else cond[i:i + batch_size].to(dev, torch.float32)
         if counted is None:
             m, c = _counting(model)
             g, gc = _counting(guide) if guide is not None else (None, None)
         else:
             m, g = model, guide
-        v = m.solver_velocity(lab, guidance=guidance, weight=weight, guide=g)
+        v = m.solver_velocity(lab, guidance=guidance, weight=weight, guide=g, cond=cnd)
         x = solvers.sample(v, noise[i:i + batch_size].to(dev, torch.float32), n_solver, solver, grid, rho, times)
         if counted is None:
             counted = c.calls + (gc.calls if gc is not None else 0)

@@ -1,6 +1,6 @@
 """Velocity backbones: `MLP` for 2-D toys, `UNet` for images, and the helpers the pipeline uses on them.
 
-Every backbone: `forward(x, t, label=None) -> velocity of x's shape`, t (B,) in [0, 1] (t = 0 data, t = 1 noise).
+Every backbone: `forward(x, t, label=None, cond=None) -> velocity of x's shape`, t (B,) in [0, 1] (t = 0 data, t = 1 noise).
 Class-conditional backbones have num_classes + 1 label rows and require a label tensor; row `num_classes` is the
 CFG null label, but backbones know nothing of guidance: `reflow_core.velocity.VelocityModel` wraps a backbone and
 owns the null label (label=None -> that row), bf16 autocast and guidance. `velocity.build_velocity_model(cfg, ...)`
@@ -31,7 +31,8 @@ def build_net(cfg: NetConfig, data_shape: tuple[int, ...], num_classes: int = 0)
     if cfg.kind == "mlp":
         if len(data_shape) != 1:
             raise ValueError(f"net.kind='mlp' needs flat data of shape (D,), got data_shape={data_shape}")
-        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth, num_classes=n_cls)
+        return MLP(dim=data_shape[0], hidden=cfg.hidden, depth=cfg.depth, num_classes=n_cls,
+                   cond_channels=cfg.cond_channels)
     if cfg.kind == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
             raise ValueError(f"net.kind='unet' needs square images of shape (C, H, H), got data_shape={data_shape}")
@@ -44,6 +45,7 @@ def build_net(cfg: NetConfig, data_shape: tuple[int, ...], num_classes: int = 0)
             attn_resolutions=tuple(cfg.attn_resolutions),
             dropout=cfg.dropout,
             num_classes=n_cls,
+            cond_channels=cfg.cond_channels,
         )
     raise ValueError(f"unknown net.kind {cfg.kind!r}; choose 'mlp' or 'unet'")
 

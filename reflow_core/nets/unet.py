@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import broadcast_time, require_labels, timestep_embedding
+from .mlp import broadcast_time, require_cond, require_labels, timestep_embedding
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -140,8 +140,11 @@ class UNet(nn.Module):
         attn_resolutions=(8,),
         dropout: float = 0.1,
         num_classes: int = 0,
+        cond_channels: int = 0,
     ):
         super().__init__()
+        if cond_channels < 0:
+            raise ValueError(f"UNet needs cond_channels >= 0, got {cond_channels}")
         resolutions = check_unet_config(image_size, channel_mult, attn_resolutions)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.time_dim = channels
@@ -176,8 +179,14 @@ class UNet(nn.Module):
         self.norm_out = norm(ch)
         # Zero-init output: the net starts as v = 0 (a sensible prior for a velocity field).
         self.conv_out = zero_(nn.Conv2d(ch, in_channels, 3, padding=1))
+        # The condition's first-conv weights (the widened conv_in of OFTSR, kept as a separate bias-free kernel):
+        # zeros, no RNG draw, so nets without a condition are built exactly as before and an unconditional
+        # checkpoint loaded into a conditional net gives the same outputs for any condition.
+        self.cond_channels = cond_channels
+        self.conv_in_cond = nn.Parameter(torch.zeros(channels, cond_channels, 3, 3)) if cond_channels > 0 else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, label: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         t = broadcast_time(t, x)
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))
         if self.label_emb is not None:
@@ -185,6 +194,8 @@ class UNet(nn.Module):
         emb = F.silu(emb)
 
         h = self.conv_in(x)
+        if self.conv_in_cond is not None:
+            h = h + F.conv2d(require_cond(cond, x, self), self.conv_in_cond.to(h.dtype), padding=1)
         hs = [h]
         for layer in self.down:
             h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
