@@ -9,6 +9,8 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from .migrations import ORCHESTRATION_KEYS, legacy_grids, without_orchestration
+
 # presets ship inside the package (package data), so a non-editable install (a Docker image) has them
 
 ToyName = Literal["8gaussians", "moons", "checkerboard", "circles", "spirals"]
@@ -104,8 +106,18 @@ PairGrid = Annotated[UniformGrid | RhoGrid, Field(discriminator="kind"), BeforeV
     _grid_shorthand, json_schema_input_type=Literal["uniform", "rho"] | UniformGrid | RhoGrid)]
 
 
+class SRConfig(_Strict):
+    """Super-resolution (OFTSR): the condition c = A^T (A x + sigma_y n) and the source (t = 1 end)
+    sqrt(1 - sigma_p^2) c + sigma_p eps replace N(0, I) noise; a held-out split is kept for evaluation."""
+
+    scale: int = Field(2, ge=2, le=16, description="low-res side = image_size / scale")
+    degradation: Literal["avgpool", "bicubic"] = "avgpool"
+    sigma_p: float = Field(0.2, ge=0.0, le=1.0, description="source noise: the VP mix of c and N(0, I)")
+    sigma_y: float = Field(0.0, ge=0.0, le=1.0, description="measurement noise on the low-res image")
+
+
 class DataConfig(_Strict):
-    """Where the data (t = 0 end) comes from. The noise (t = 1 end) is always N(0, I)."""
+    """Where the data (t = 0 end) comes from. The noise (t = 1 end) is N(0, I), or the SR source with `sr`."""
 
     name: Literal["toy2d", "digits", "natural32", "cifar10", "imagefolder"] = "toy2d"
     toy: ToyName = "8gaussians"
@@ -114,9 +126,15 @@ class DataConfig(_Strict):
     path: str | None = Field(None, description="cifar10 / imagefolder: local path or fsspec URL")
     download: bool = True
     seed: int = 0
+    sr: SRConfig | None = Field(None, description="super-resolution: condition on the degraded image (digits, "
+                                                  "natural32; held-out split for evaluation)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        if self.sr is not None and self.name not in ("digits", "natural32"):
+            raise ValueError(f"data.sr needs data.name digits or natural32 (a held-out split), got {self.name!r}")
+        if self.sr is not None and self.image_size % self.sr.scale:
+            raise ValueError(f"data.sr.scale={self.sr.scale} must divide data.image_size={self.image_size}")
         if self.name == "digits" and self.image_size not in (8, 16):
             raise ValueError(f"data.image_size must be 8 or 16 for digits, got {self.image_size}")
         if self.name == "imagefolder" and not self.path:
@@ -264,6 +282,10 @@ class DistillConfig(_Strict):
     Annealing Reflow from random init, then this distillation)."""
 
     train: TrainConfig = Field(default_factory=TrainConfig)
+    method: Literal["pairs", "oftsr"] = Field("pairs", description="pairs: on the teacher's stored pairs; oftsr: "
+                                              "OFTSR's knob student from the teacher directly (needs data.sr)")
+    knob_delta: float = Field(0.05, gt=0.0, lt=0.5, description="oftsr: the knob step one teacher step spans")
+    boundary_weight: float = Field(0.1, ge=0.0, description="oftsr: weight of the boundary term at the source")
     distance: Literal["pseudo_huber", "l2", "lpips"] = Field(
         "pseudo_huber", description="lpips needs the `lpips` extra and local backbone weights (never downloaded "
         "silently)")
@@ -277,6 +299,8 @@ class DistillConfig(_Strict):
         lo, hi = self.fgd_t
         if not 0.0 < lo <= hi < 1.0:
             raise ValueError(f"distill.fgd_t must satisfy 0 < lo <= hi < 1, got {self.fgd_t}")
+        if self.method == "oftsr" and (self.net is not None or self.fgd_weight > 0):
+            raise ValueError("distill.method='oftsr' trains the teacher-sized student alone: no net, anneal or fgd")
         if (self.net is None) != (self.anneal is None):
             raise ValueError("distill.net (a smaller student) and distill.anneal (its Annealing Reflow) go together")
         if self.train.nproc > 1 or (self.anneal is not None and self.anneal.train.nproc > 1):
@@ -302,11 +326,17 @@ class EvalConfig(_Strict):
     guidance_weight: float = Field(1.0, ge=0.0, le=20.0, description="w; 1 = the conditional model, 0 = the guide")
     guide_checkpoint: str | None = Field(None, description="autoguidance's weaker model; default: teacher/guide.pt "
                                                            "(teacher EMA at 1/4 of training)")
+    knobs: list[float] = Field(default_factory=lambda: [0.01, 0.25, 0.5, 0.75, 0.99], description="SR: the oftsr "
+                               "student's knob values (0 = fidelity end, 1 = realism end)")
+    draws: int = Field(4, ge=1, le=64, description="SR: source noise draws per held-out low-res image")
+    lpips: bool = Field(False, description="SR: also LPIPS (needs the lpips extra and its weights on disk)")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
         if not self.nfes or any(n < 1 for n in self.nfes):
             raise ValueError(f"eval.nfes must be a non-empty list of positive ints, got {self.nfes}")
+        if any(not 0.0 <= k <= 1.0 for k in self.knobs):
+            raise ValueError(f"eval.knobs must lie in [0, 1], got {self.knobs}")
         if self.models is not None and not self.models:  # (which names a run trains: its plan, stages.model_names)
             raise ValueError("eval.models must name models of the run (teacher, reflow, reflow-2, ...), got []")
         if isinstance(self.grid, ListGrid):
@@ -340,6 +370,16 @@ class PipelineConfig(_Strict):
             raise ValueError(f"net.kind must be 'unet' for image data (data.name={self.data.name!r})")
         if self.reflow.rounds == 0 and self.distill is None:
             raise ValueError("reflow.rounds: 0 trains no reflow model: it needs a distill section (the student)")
+        sr, oftsr = self.data.sr is not None, self.distill is not None and self.distill.method == "oftsr"
+        if sr and self.net.cond_channels != 3 - 2 * (self.data.name == "digits"):
+            raise ValueError("data.sr needs net.cond_channels = the images' channels (digits 1, natural32 3)")
+        if not sr and self.net.cond_channels:
+            raise ValueError("net.cond_channels > 0 needs a condition: data.sr")
+        if sr and self.reflow.rounds:
+            raise ValueError("data.sr: conditional pair stores are not built yet; set reflow.rounds: 0 and "
+                             "distill.method: oftsr")
+        if oftsr != sr or (oftsr and self.reflow.rounds):
+            raise ValueError("distill.method='oftsr' and data.sr go together, with reflow.rounds: 0")
         if self.pairs.guidance == "cfg" and not self.net.class_cond:
             raise ValueError("pairs.guidance='cfg' needs a class-conditional net (net.class_cond: true)")
         if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:
@@ -398,53 +438,10 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _legacy_grids(raw: dict) -> dict:
-    """Configs written before the time grid became one tagged union (flat `grid`, `rho`, `rhos`, `times` fields)
-    read as the union, so an existing run reopens with the same identity."""
-    if not isinstance(raw, dict):
-        return raw  # not a config at all: pydantic's error says so
-    raw = dict(raw)
-    for section in ("pairs", "eval"):
-        sec = raw.get(section)
-        if not isinstance(sec, dict) or not ({"rho", "rhos", "times"} & sec.keys()) or isinstance(sec.get("grid"), dict):
-            continue
-        sec = dict(sec)
-        kind, rho, rhos, times = sec.pop("grid", None), sec.pop("rho", None), sec.pop("rhos", None), sec.pop("times", None)
-        if times is not None:
-            sec["grid"] = {"kind": "list", "times": times}
-        elif kind == "rho":
-            per_nfe = dict(zip(sec.get("nfes", []), rhos)) if rhos is not None else None
-            sec["grid"] = {"kind": "rho", **({"rho": rho} if rho is not None else {}),
-                           **({"per_nfe": per_nfe} if per_nfe else {})}
-        elif kind is not None:
-            sec["grid"] = {"kind": kind}
-        raw[section] = sec
-    return raw
-
-
-# settings only the orchestration reads (flows/params.py): a config or preset may carry them under these keys (older
-# configs all do); the torch core's schema leaves them out, so they are dropped here and read by the flow
-ORCHESTRATION_KEYS = ("pairs.engine", "pairs.dask_address", "tracking.mlflow_uri", "tracking.experiment",
-                      "tracking.system_metrics")
-
-
-def _without_orchestration(raw: dict) -> dict:
-    if not isinstance(raw, dict):
-        return raw
-    raw = dict(raw)
-    for key in ORCHESTRATION_KEYS:
-        section, name = key.split(".")
-        if isinstance(raw.get(section), dict) and name in raw[section]:
-            raw[section] = {k: v for k, v in raw[section].items() if k != name}
-    if raw.get("tracking") == {}:
-        del raw["tracking"]
-    return raw
-
-
 def validate(raw: dict, source: str = "config") -> PipelineConfig:
     """A config dict as the schema, after the migrations that keep old configs loading (flat grid fields, the
     orchestration settings). ConfigError names every problem and the source."""
     try:
-        return PipelineConfig.model_validate(_legacy_grids(_without_orchestration(raw)))
+        return PipelineConfig.model_validate(legacy_grids(without_orchestration(raw)))
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None

@@ -119,14 +119,20 @@ def _digits_arrays():
     return d.images, d.target
 
 
-def _load_digits(cfg: DataConfig) -> DataSet:
+DIGITS_TRAIN = 1500  # data.sr: train on the first 1,500 digits in scikit-learn's order, evaluate on the last 297
+
+
+def _load_digits(cfg: DataConfig, heldout: bool = False) -> DataSet:
     images, target = _digits_arrays()
     x = torch.as_tensor(images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # 0..16 -> [-1, 1]
     y = torch.as_tensor(target, dtype=torch.long)
+    if cfg.sr is not None:
+        part = slice(DIGITS_TRAIN, None) if heldout else slice(0, DIGITS_TRAIN)
+        x, y = x[part], y[part]
     if cfg.image_size == 16:
         x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp(-1.0, 1.0)
-    x, y = _cap(x.contiguous(), y, cfg.n_train)
+    x, y = (x.contiguous(), y) if heldout else _cap(x.contiguous(), y, cfg.n_train)
     return DataSet(x=x, y=y, kind="image", num_classes=10, name="digits")
 
 
@@ -154,11 +160,22 @@ def _sample_photos() -> tuple[torch.Tensor, ...]:
     return tuple(_uint8_hwc_to_tensor(np.array(img, dtype=np.uint8)) for img in load_sample_images().images)
 
 
+PHOTO_HELDOUT = 0.2  # data.sr: the right 20% of each photograph's columns is never cropped for training
+
+
+def _photo_part(photo: torch.Tensor, part: str) -> torch.Tensor:
+    """The whole photograph ("all"), its left 80% ("train") or its right 20% ("heldout")."""
+    cut = round(photo.shape[-1] * (1.0 - PHOTO_HELDOUT))
+    return {"all": photo, "train": photo[..., :cut], "heldout": photo[..., cut:]}[part]
+
+
 @lru_cache(maxsize=2)
-def _photo_pyramid(size: int, max_scale: float, levels: int) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """[photo][level]: each photograph downscaled (antialiased) by linspace(1, max_scale, levels) (about 40 MB)."""
+def _photo_pyramid(size: int, max_scale: float, levels: int, part: str = "all"
+                   ) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """[photo][level]: each photograph (or its `part`) downscaled (antialiased) by linspace(1, max_scale, levels)
+    (about 40 MB)."""
     pyramid = []
-    for photo in _sample_photos():
+    for photo in (_photo_part(p, part).contiguous() for p in _sample_photos()):
         h, w = photo.shape[1:]
         row = []
         for s in torch.linspace(1.0, max_scale, levels).tolist():
@@ -172,12 +189,13 @@ def _photo_pyramid(size: int, max_scale: float, levels: int) -> tuple[tuple[torc
     return tuple(pyramid)
 
 
-def _natural32(n: int, seed: int, size: int = 32, max_scale: float = 4.0, levels: int = 25) -> torch.Tensor:
+def _natural32(n: int, seed: int, size: int = 32, max_scale: float = 4.0, levels: int = 25,
+               part: str = "all") -> torch.Tensor:
     """n random size x size crops of the bundled photographs, each from the photograph downscaled (antialiased) by
     a random factor in [1, max_scale] (quantised to ``levels`` values, so each (photo, factor) resize is done once),
     randomly flipped horizontally."""
     g = torch.Generator().manual_seed(seed)
-    pyramid = _photo_pyramid(size, max_scale, levels)
+    pyramid = _photo_pyramid(size, max_scale, levels, part)
     which = torch.randint(len(pyramid), (n,), generator=g)
     level = torch.randint(levels, (n,), generator=g)
     u_top, u_left = torch.rand(n, generator=g), torch.rand(n, generator=g)
@@ -199,8 +217,10 @@ def _natural32(n: int, seed: int, size: int = 32, max_scale: float = 4.0, levels
     return out.clamp_(-1.0, 1.0)
 
 
-def _load_natural32(cfg: DataConfig) -> DataSet:
-    return DataSet(x=_natural32(cfg.n_train, cfg.seed), y=None, kind="image", num_classes=0, name="natural32")
+def _load_natural32(cfg: DataConfig, heldout: bool = False) -> DataSet:
+    part = "all" if cfg.sr is None else "heldout" if heldout else "train"
+    n, seed = (cfg.n_train, cfg.seed) if not heldout else (HELDOUT_CROPS, cfg.seed + 1)
+    return DataSet(x=_natural32(n, seed, part=part), y=None, kind="image", num_classes=0, name="natural32")
 
 
 def _cifar_root(path: str | None) -> str:
@@ -335,6 +355,17 @@ def load_data(cfg: DataConfig) -> DataSet:
     raise ValueError(f"unknown dataset {cfg.name!r}")
 
 
+HELDOUT_CROPS = 1000  # natural32 with data.sr: evaluation crops from the held-out part of the photographs
+
+
+def load_heldout(cfg: DataConfig) -> DataSet:
+    """The evaluation split training never sees (data.sr): digits' last 297 images, or HELDOUT_CROPS crops of the
+    held-out right part of each photograph (natural32)."""
+    if cfg.sr is None:
+        raise ValueError("a held-out split exists only with data.sr")
+    return _load_digits(cfg, heldout=True) if cfg.name == "digits" else _load_natural32(cfg, heldout=True)
+
+
 # --------------------------------------------------------------------------------------------------- sampling
 
 
@@ -371,6 +402,7 @@ __all__ = [
     "DataUnavailableError",
     "TOY_NAMES",
     "load_data",
+    "load_heldout",
     "real_reference",
     "sample_batch",
     "sample_toy",

@@ -59,3 +59,15 @@ def source(c: torch.Tensor, eps: torch.Tensor, sigma_p: float) -> torch.Tensor:
     if not 0.0 <= sigma_p <= 1.0:
         raise ValueError(f"sigma_p must be in [0, 1], got {sigma_p}")
     return math.sqrt(1.0 - sigma_p ** 2) * c + sigma_p * eps
+
+
+def draw(x: torch.Tensor, scale: int, degradation: str, sigma_y: float, sigma_p: float,
+         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, c, x_src) of HR images x: the measurement noise n, then the source noise eps, drawn from `generator`
+    in that order (a training batch or an evaluation draw is a function of its generator's seed)."""
+    lr = (x.shape[0], x.shape[1], x.shape[2] // scale, x.shape[3] // scale)
+    n = torch.randn(lr, generator=generator)
+    eps = torch.randn(x.shape, generator=generator)
+    y = measure(x, n.to(x.device), scale, degradation, sigma_y)
+    c = lift(y, scale, degradation)
+    return y, c, source(c, eps.to(x.device), sigma_p)

@@ -30,6 +30,7 @@ class Batch:
     x_data: torch.Tensor
     x_noise: torch.Tensor
     label: torch.Tensor | None = None
+    cond: torch.Tensor | None = None  # an image condition (super-resolution: c = A^T y), concatenated to x by the net
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,7 +46,8 @@ def flow_matching_loss(net: nn.Module, batch: Batch, cfg: TrainConfig, generator
     n = batch.x_data.shape[0]
     t = sample_time(cfg.time_dist, n, generator, cfg.time_dist_param, device=batch.x_data.device)
     ps = path_sample(batch.x_data, batch.x_noise, t)
-    residual = net(ps.x_t, ps.t, batch.label).float() - ps.v.float()
+    out = net(ps.x_t, ps.t, batch.label) if batch.cond is None else net(ps.x_t, ps.t, batch.label, batch.cond)
+    residual = out.float() - ps.v.float()
     if hpf is not None:
         residual = hpf(residual)
     if cfg.loss == "pseudo_huber":
@@ -168,7 +170,8 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
             b = batches(key)
             mf = torch.channels_last if (cfg.channels_last and b.x_data.dim() == 4) else torch.contiguous_format
             b = Batch(b.x_data.to(device, memory_format=mf), b.x_noise.to(device, memory_format=mf),
-                      None if b.label is None else b.label.to(device))
+                      None if b.label is None else b.label.to(device),
+                      None if b.cond is None else b.cond.to(device, memory_format=mf))
             if work is None:
                 work = cores.step_work(sum(p.numel() for p in params), b.x_data.shape)
             share.tick(step, work)

@@ -16,7 +16,7 @@ import torch
 from .. import checkpoint, storage
 from ..callbacks import Callback, NullCallback
 from ..config import ConfigError, DataConfig, NetConfig, PipelineConfig, validate
-from ..data import DataSet, load_data
+from ..data import DataSet, load_data, load_heldout
 from ..paths import CONVENTION
 from ..velocity import VelocityModel, build_velocity_model, velocity_model_from_state
 
@@ -169,10 +169,21 @@ def dataset(cfg: PipelineConfig) -> DataSet:
     return _data(cfg.data.model_dump_json())
 
 
+@lru_cache(maxsize=2)
+def _heldout(cfg_json: str) -> DataSet:
+    return load_heldout(DataConfig.model_validate_json(cfg_json))
+
+
+def heldout(cfg: PipelineConfig) -> DataSet:
+    """The evaluation split training never sees (data.sr)."""
+    return _heldout(cfg.data.model_dump_json())
+
+
 def model_meta(cfg: PipelineConfig, ds: DataSet, net: NetConfig | None = None) -> dict:
     """Stored in every checkpoint, so a checkpoint builds its model on its own (nanoGPT's model_args)."""
+    sr = {} if cfg.data.sr is None else {"sr": cfg.data.sr.model_dump(mode="json")}  # how to condition it
     return {"net": (net or cfg.net).model_dump(mode="json"), "shape": list(ds.shape),
-            "num_classes": ds.num_classes, "convention": CONVENTION}
+            "num_classes": ds.num_classes, "convention": CONVENTION, **sr}
 
 
 def new_model(cfg: PipelineConfig, ds: DataSet, seed: int) -> VelocityModel:

@@ -10,10 +10,11 @@ from typing import Callable
 
 import torch
 
-from ..config import TrainConfig
+from ..config import SRConfig, TrainConfig
 from ..data import DataSet
 from ..pairs import PairSampler, PairStore
 from ..rng import batch_seed
+from ..sr import draw
 from ..train import Batch
 from ..velocity import VelocityModel
 from .base import Context, Stage, StageOutput
@@ -30,6 +31,20 @@ def teacher_batches(ds: DataSet, model: VelocityModel, tc: TrainConfig, class_co
         idx = torch.randint(len(ds), (tc.batch_size,), generator=g)
         label = None if y is None else model.drop_labels(y[idx], tc.label_dropout, g)
         return Batch(ds.x[idx], torch.randn((tc.batch_size, *ds.shape), generator=g), label)
+
+    return batches
+
+
+def sr_batches(ds: DataSet, tc: TrainConfig, sr: SRConfig) -> Callable[[int], Batch]:
+    """`batches(step)` of super-resolution (data.sr): HR rows as data, their sources
+    sqrt(1 - sigma_p^2) c + sigma_p eps as noise and c = A^T (A x + sigma_y n) as the condition, all drawn from a
+    generator seeded by (tc.seed, step) (`sr.draw`)."""
+
+    def batches(step: int) -> Batch:
+        g = torch.Generator().manual_seed(batch_seed(tc.seed, step))
+        x = ds.x[torch.randint(len(ds), (tc.batch_size,), generator=g)]
+        _, c, x_src = draw(x, sr.scale, sr.degradation, sr.sigma_y, sr.sigma_p, g)
+        return Batch(x, x_src, None, c)
 
     return batches
 

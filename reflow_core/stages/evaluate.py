@@ -17,6 +17,7 @@ from ..data import DataSet, real_reference
 from ..nets import count_params
 from ..rng import label_seed, reference_seed
 from ..velocity import VelocityModel, generate
+from . import evaluate_sr
 from .base import Context, Stage, StageOutput, dataset, default_device, load_model
 
 GUIDE = "guide"
@@ -75,7 +76,12 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
         m = storage.read_json(metrics_url(stage))
         return StageOutput({"metrics": metrics_url(stage)}, {"rows": m["rows"]})
     ckpts = {name: inputs[name].urls["model"] for name in evaluated_models(stage)}
+    if cfg.data.sr is not None:
+        evaluate_sr.check(cfg)
     models = {name: load_model(url, device=dev) for name, url in ckpts.items()}
+    if cfg.data.sr is not None:  # super-resolution: held-out split, teacher NFEs and student knobs
+        res = evaluate_sr.run(stage, ctx, models, ckpts)
+        return _finish(stage, ctx, res["rows"], res["metric"], list(models), ckpts, res["plots"])
     guided = ec.guidance != "none"
     guide = load_guide(guide_checkpoint(cfg, inputs.get(GUIDE)), dev) if ec.guidance == "autoguidance" else None
     noise = eval_noise(ds.shape, ec.n_samples, ec.seed)
@@ -119,13 +125,19 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
             cb.on_metrics(stage.name, nfe, {f"{name}_{solver}_{k}": v for k, v in row.items()
                                             if isinstance(v, float) and k not in ("seconds", "rho", "guidance_weight")})
             cb.on_progress(stage.name, len(rows), total)
-    metric = ref.metric
+    paths = _plots(cfg, stage, ds, models, trajs, real, rows, samples, ref.metric)
+    return _finish(stage, ctx, rows, ref.metric, list(models), ckpts, paths)
+
+
+def _finish(stage: Stage, ctx: Context, rows: list[dict], metric: str, models: list[str], ckpts: dict[str, str],
+            plot_paths: list[str]) -> StageOutput:
+    """metrics.json (what `done` checks), then every artifact reported to the callback."""
     url = metrics_url(stage)
-    storage.write_json(url, {"rows": rows, "metric": metric, "eval_config": ec.model_dump(mode="json"),
-                             "models": list(models), "checkpoints": ckpts})
-    cb.on_artifact(stage.name, url)
-    for p in _plots(cfg, stage, ds, models, trajs, real, rows, samples, metric):
-        cb.on_artifact(stage.name, p)
+    storage.write_json(url, {"rows": rows, "metric": metric, "eval_config": ctx.cfg.eval.model_dump(mode="json"),
+                             "models": models, "checkpoints": ckpts})
+    ctx.callback.on_artifact(stage.name, url)
+    for p in plot_paths:
+        ctx.callback.on_artifact(stage.name, p)
     return StageOutput({"metrics": url}, {"rows": rows})
 
 

@@ -2,6 +2,7 @@
 
     teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 -> ...] [-> distill-pairs [-> anneal] -> distill] -> evaluate
     teacher -> pairs [-> anneal] -> distill -> evaluate                                        (reflow.rounds = 0)
+    teacher -> distill -> evaluate                                   (distill.method = oftsr: from the teacher itself)
 
 Round r > 1 simulates pairs from round r-1's reflow model and fine-tunes that model (k-rectified flow). With
 reflow.rounds = 1 the names and the artifact layout are the historical ones (teacher/, pairs.zarr, reflow/, eval/).
@@ -52,7 +53,10 @@ def _training(cfg: PipelineConfig, rundir: RunDir) -> list[Stage]:
         out.append(Stage(f"reflow{s}", "reflow", r, (("pairs", f"pairs{s}"), ("init", prev)), rundir.url(f"reflow{s}"),
                          model=f"reflow{s}"))
         prev = f"reflow{s}"
-    if cfg.distill is not None:  # a one-step student of the last reflow model, on pairs of its own
+    if cfg.distill is not None and cfg.distill.method == "oftsr":  # OFTSR: the teacher's ODE, no store
+        out.append(Stage("distill", "distill", 1, (("teacher", prev), ("init", prev)), rundir.url("distill"),
+                         model="distilled"))
+    elif cfg.distill is not None:  # a one-step student of the last reflow model, on pairs of its own
         r = cfg.reflow.rounds + 1  # the round number only picks the store's own noise seed
         pairs = "distill-pairs" if cfg.reflow.rounds else "pairs"  # rounds 0: the teacher's store, round 1's seed
         out.append(Stage(pairs, "pairs", r, (("model", prev),), rundir.url(f"{pairs}.zarr")))

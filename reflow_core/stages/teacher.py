@@ -13,7 +13,7 @@ from ..paths import CONVENTION
 from ..train import train
 from ..velocity import VelocityModel
 from .base import Context, Stage, StageOutput, dataset, default_device, model_meta, new_model
-from .batches import teacher_batches
+from .batches import sr_batches, teacher_batches
 
 GUIDE_FILE = "guide.pt"
 
@@ -36,7 +36,8 @@ def run(stage: Stage, ctx: Context, inputs: dict[str, StageOutput]) -> StageOutp
         return output(stage, url)
     ds = dataset(cfg)
     model = new_model(cfg, ds, tc.seed)
-    batches = teacher_batches(ds, model, tc, cfg.net.class_cond)
+    sr = cfg.data.sr
+    batches = teacher_batches(ds, model, tc, cfg.net.class_cond) if sr is None else sr_batches(ds, tc, sr)
 
     def train_to(steps: int) -> str:
         return train(net=model, batches=batches, cfg=tc.model_copy(update={"steps": steps}), ckpt_dir=stage.writes,
