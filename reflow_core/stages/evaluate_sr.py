@@ -23,6 +23,7 @@ from ..sr import degrade, lift, source
 from ..velocity import VelocityModel, generate
 from .base import Context, Stage, StageOutput, dataset, default_device, heldout
 
+STUDENT = "distilled"  # the model name of OFTSR's knob student (distill.method oftsr)
 GRID_IMAGES = 8  # held-out images per column of the comparison grid
 
 
@@ -76,8 +77,8 @@ def run(stage: Stage, ctx: Context, models: dict[str, VelocityModel], ckpts: dic
     def degrade_fn(z):
         return degrade(z, sr.scale, sr.degradation)
 
-    settings = [(name, n, None) for name in models if name == "teacher" for n in ec.nfes]
-    settings += [(name, 1, k) for name in models if name != "teacher" for k in ec.knobs]
+    settings = [(name, n, None) for name in models if name != STUDENT for n in ec.nfes]  # flows: ODE at each NFE
+    settings += [(name, 1, k) for name in models if name == STUDENT for k in ec.knobs]  # OFTSR's student: knobs
     rows, shown = [], {}
     for name, model in models.items():
         s = float(metrics.straightness(model.solver_velocity(None, cond=c.to(dev)), src[0].to(dev),
