@@ -5,6 +5,7 @@
     reflow run --preset toy2d --root ./runs --run demo --redo-stage pairs
     reflow sample --root ./runs --run demo --model reflow --nfe 2 --solver euler --n 1000 --out samples.npy
     reflow sample --root ./runs --run digits --labels 0,1,2,3,4,5,6,7,8,9 --n 100 --out grid.png
+    reflow sample --root ./runs --run digits_sr --model distilled --cond lowres.npy --knob 0.5 --out sr.png
     reflow export --root ./runs --run demo --model reflow --format diffusers ./toy2d-diffusers
     reflow plan --preset digits_3rf
     reflow ui --root ./runs
@@ -148,6 +149,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from reflow_core import plots, stages
 
     cfg = _run_config(args.root, args.run)
+    if cfg.data.sr is not None or args.cond is not None or args.knob is not None:
+        return _sample_sr(args, cfg)
+    args.nfe = 1 if args.nfe is None else args.nfe
+    args.n = 1000 if args.n is None else args.n
     rundir = stages.prepare_run(cfg, args.root, args.run)
     labels = _sample_labels(args)
     if cfg.net.class_cond and labels is None:
@@ -165,6 +170,68 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if ext in (".png", ".jpg", ".pdf", ".svg"):
         plots.save_samples(x, args.out, title=f"{args.run}: {args.model}, {args.solver}, NFE {args.nfe}")
         print(f"saved a {'scatter' if arr.ndim == 2 else 'grid'} of them to {args.out}")
+    return 0
+
+
+def _sample_sr(args: argparse.Namespace, cfg) -> int:
+    """`reflow sample --cond LOWRES.npy` of a super-resolution run (reflow_core/sr_sample.py): every check first
+    (flags, run, model, the condition's file, shape and values), then the model; x.png also writes x.npy and a grid
+    of (lifted low-res input, output) pairs."""
+    import numpy as np
+    import torch
+
+    from reflow_core import plots, sr_sample, stages
+
+    sr = cfg.data.sr
+    if sr is None:
+        flag = "--cond" if args.cond is not None else "--knob"
+        raise ConfigError(f"{flag}: run {args.run!r} is not a super-resolution run (no data.sr): it takes no "
+                          "low-res condition or knob")
+    if args.cond is None:
+        raise ConfigError(f"run {args.run!r} is a super-resolution run: give the low-res images with --cond "
+                          f"LOWRES.npy, float32 (N, {cfg.net.cond_channels}, {cfg.data.image_size // sr.scale}, "
+                          f"{cfg.data.image_size // sr.scale}) in [-1, 1]")
+    given = [f for f, v in (("--n", args.n), ("--label", args.label), ("--labels", args.labels),
+                            ("--guidance", args.guidance), ("--weight", args.weight)) if v is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not for super-resolution (--cond): one output per low-res image, "
+                          "no labels or guidance")
+    if args.model == sr_sample.STUDENT and args.solver != "euler":
+        raise ConfigError(f"--solver: {sr_sample.STUDENT!r} is OFTSR's one-call student, it takes no solver")
+    try:
+        knob, nfe = sr_sample.setting(args.model, knob=args.knob, nfe=args.nfe, eval_nfes=cfg.eval.nfes)
+    except ValueError as err:
+        raise ConfigError(f"{'--knob' if args.knob is not None else '--nfe'}: {err}") from None
+    url = stages.model_checkpoint(stages.RunDir.of(args.root, args.run), args.model)  # unknown: a ConfigError
+    try:
+        arr = np.load(args.cond, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--cond: cannot read {args.cond} as a .npy array ({err})".splitlines()[0]) from None
+    if arr.dtype.kind not in "biuf":
+        raise ConfigError(f"--cond: low-res images must be float (float32 in [-1, 1]), got dtype {arr.dtype}")
+    lowres = torch.from_numpy(np.ascontiguousarray(arr))
+    size = cfg.data.image_size
+    try:
+        sr_sample.check_lowres(lowres, (cfg.net.cond_channels, size, size), sr)
+    except ValueError as err:
+        raise ConfigError(f"--cond {args.cond}: {err}") from None
+
+    stages.prepare_run(cfg, args.root, args.run)  # (as `reflow sample` of any run: refuses a changed config)
+    model = stages.load_model(url, device=stages.default_device(args.device))
+    x = sr_sample.super_resolve(model, lowres, sr, knob=knob, nfe=nfe, seed=args.seed, solver=args.solver)
+    arr = x.numpy()
+    stem, ext = os.path.splitext(args.out)
+    out = args.out if ext == ".npy" else stem + ".npy"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.save(out, arr)
+    what = f"knob {knob:g}" if knob is not None else f"{args.solver}, NFE {nfe}"
+    print(f"saved {arr.shape} super-resolved images ({args.model}, {what}, seed {args.seed}) to {out}")
+    if ext in (".png", ".jpg", ".pdf", ".svg"):
+        c = sr_sample.condition(lowres, sr).clamp(-1, 1)
+        per_row = max(1, int(np.ceil(np.sqrt(len(x)))))
+        plots.sample_grid(torch.stack([c, x], 1).flatten(0, 1), args.out, nrow=2 * per_row,
+                          title=f"{args.run}: {args.model}, {what}; pairs: low-res input (lifted), output")
+        print(f"saved a grid of (low-res input, output) pairs to {args.out}")
     return 0
 
 
@@ -265,17 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default="./runs")
     s.add_argument("--run", required=True)
     s.add_argument("--model", default="reflow", help="teacher, reflow, reflow-2, ... (a model the run trained)")
-    s.add_argument("--nfe", type=int, default=1)
+    s.add_argument("--nfe", type=int, default=None, help="network evaluations (default 1; super-resolution: the "
+                   "teacher's, default the run's last eval NFE)")
     s.add_argument("--solver", choices=["euler", "heun"], default="euler")
-    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--n", type=int, default=None, help="number of samples (default 1000; not with --cond)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional models)")
     s.add_argument("--labels", default=None, help="comma-separated classes, cycled over the samples (0,1,2,...)")
     s.add_argument("--guidance", choices=["none", "cfg", "autoguidance"], default=None,
                    help="default: the run's eval.guidance")
     s.add_argument("--weight", type=float, default=None, help="guidance weight (default: eval.guidance_weight)")
-    s.add_argument("--out", required=True, help="output .npy file; x.png writes x.npy and an image grid (images) "
-                   "or a scatter (2-D) next to it")
+    s.add_argument("--cond", default=None, metavar="LOWRES.npy", help="super-resolution runs (data.sr): low-res "
+                   "images, float32 (N, C, H / scale, W / scale) in [-1, 1]; one output per image (N, C, H, W)")
+    s.add_argument("--knob", type=float, default=None, help="super-resolution: OFTSR's student (model distilled) "
+                   "at this knob in [0, 1], 0 fidelity (posterior mean) to 1 realism (default 0.5)")
+    s.add_argument("--out", required=True, help="output .npy file; x.png writes x.npy and an image grid (images; "
+                   "with --cond: low-res input and output side by side) or a scatter (2-D) next to it")
     s.add_argument("--device", default=None)
     s.set_defaults(func=_cmd_sample)
 

@@ -15,6 +15,9 @@ from reflow_core import storage
 # keep an inlined image small: the artifact lives in the Prefect database
 MAX_INLINE_IMAGE_BYTES = 400_000
 LOWER_IS_BETTER = {"sliced_w2", "energy", "fd_digits", "fid"}  # every quality column evaluate writes
+HIGHER_IS_BETTER = {"psnr"}
+SR_COLUMNS = ("psnr",)  # super-resolution rows (evaluate_sr) also carry PSNR: a second table
+SR_PLOT = "fidelity_realism.png"  # evaluate_sr's PSNR-vs-Frechet plot of the teacher NFEs and student knobs
 
 
 def quality_column(rows: list[dict]) -> str:
@@ -22,30 +25,49 @@ def quality_column(rows: list[dict]) -> str:
     return next(k for k in ("sliced_w2", "fd_digits", "fid") if k in rows[0])
 
 
+def extra_columns(rows: list[dict]) -> list[str]:
+    """Metrics shown in tables of their own besides the quality metric: PSNR for super-resolution rows (student
+    rows: solver "knob <tau>", one network call, under NFE 1)."""
+    return [k for k in SR_COLUMNS if any(k in r for r in rows)]
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
 def _cells(rows: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
     """(header, body): one line per (model, solver), one column per NFE with the quality metric, then straightness."""
     nfes = sorted({r["nfe"] for r in rows})
     by = {(r["model"], r["solver"], r["nfe"]): r for r in rows}
     straight = {r["model"]: r["straightness"] for r in rows}
-    body = [[model, solver, *[f"{by[(model, solver, n)][metric]:.4g}" if (model, solver, n) in by else "-"
+    body = [[model, solver, *[_fmt(by[(model, solver, n)].get(metric)) if (model, solver, n) in by else "-"
                               for n in nfes], f"{straight[model]:.3g}"]
             for model, solver in dict.fromkeys((r["model"], r["solver"]) for r in rows)]
     return ["model", "solver", *[f"NFE {n}" for n in nfes], "straightness"], body
 
 
+def _better(metric: str) -> str:
+    if metric in LOWER_IS_BETTER:
+        return " (lower is better)"
+    return " (higher is better)" if metric in HIGHER_IS_BETTER else ""
+
+
 def summary_table(rows: list[dict], metric: str) -> str:
-    """The run at a glance, for the terminal."""
+    """The run at a glance, for the terminal: the quality metric, then (super-resolution) PSNR."""
     if not rows:
         return "(no evaluation rows)"
+    return "\n\n".join(_text_table(rows, m) for m in (metric, *extra_columns(rows)))
+
+
+def _text_table(rows: list[dict], metric: str) -> str:
     head, body = _cells(rows, metric)
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    better = " (lower is better)" if metric in LOWER_IS_BETTER else ""
-    return "\n".join([f"{metric}{better} by model, solver and NFE:", line(head), line(["-" * w for w in widths]),
-                      *map(line, body)])
+    return "\n".join([f"{metric}{_better(metric)} by model, solver and NFE:", line(head),
+                      line(["-" * w for w in widths]), *map(line, body)])
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
@@ -106,6 +128,11 @@ def summary_markdown(r: RunResults, ui: str) -> str:
     lines += [f"- registered model: `models:/{name}/{version}`" for name, version in r.registered.items()]
     lines += ["", f"## {r.metric} by model, solver and NFE", "",
               markdown_table(r.rows, r.metric) if r.rows else "(none)", ""]
+    for col in extra_columns(r.rows):
+        lines += [f"## {col}{_better(col)} by model, solver and NFE", "", markdown_table(r.rows, col), ""]
+        if any(url.rsplit("/", 1)[-1] == SR_PLOT for url in r.images):
+            lines += [f"{col} against {r.metric} for every teacher NFE and student knob (solver `knob <tau>`): "
+                      f"the fidelity-realism plot, `{SR_PLOT}` below.", ""]
     for url in r.images:
         name = url.rsplit("/", 1)[-1]
         inline = _inline_image(url)
@@ -119,11 +146,12 @@ def publish(r: RunResults, ui: str) -> dict[str, Any]:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     ids: dict[str, Any] = {}
-    table = [{k: row[k] for k in ("model", "solver", "nfe", r.metric, "straightness", "params") if k in row}
-             for row in r.rows]
+    table = [{k: row[k] for k in ("model", "solver", "nfe", r.metric, *SR_COLUMNS, "straightness", "params")
+              if k in row} for row in r.rows]
     if table:
+        shown = " and ".join([r.metric, *extra_columns(r.rows)])
         ids["table"] = create_table_artifact(table, key=artifact_key(r.run, "metrics"),
-                                             description=f"{r.metric} per model, solver and NFE ({r.preset}/{r.run})")
+                                             description=f"{shown} per model, solver and NFE ({r.preset}/{r.run})")
     ids["markdown"] = create_markdown_artifact(summary_markdown(r, ui), key=artifact_key(r.run, "summary"),
                                                description=f"{r.preset}/{r.run}: results, samples and plots")
     if r.mlflow_url:

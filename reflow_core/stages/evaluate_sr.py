@@ -17,13 +17,12 @@ from .. import metrics, plots, storage
 from ..config import ConfigError, PipelineConfig
 from ..metrics.sr import lpips_available, sr_row
 from ..nets import count_params
-from ..oftsr import student_from_velocity, student_output
 from ..rng import label_seed
 from ..sr import degrade, lift, source
+from ..sr_sample import STUDENT, knob_output  # (knob_output re-exported)
 from ..velocity import VelocityModel, generate
 from .base import Context, Stage, StageOutput, dataset, default_device, heldout
 
-STUDENT = "distilled"  # the model name of OFTSR's knob student (distill.method oftsr)
 GRID_IMAGES = 8  # held-out images per column of the comparison grid
 
 
@@ -50,16 +49,6 @@ def inputs_for(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.T
     src = torch.stack([source(c, torch.randn(x.shape, generator=torch.Generator().manual_seed(label_seed(ec.seed + k))),
                               sr.sigma_p) for k in range(ec.draws)])
     return x, y, c, src
-
-
-@torch.no_grad()
-def knob_output(model: VelocityModel, x_src: torch.Tensor, c: torch.Tensor, knob: float,
-                batch_size: int = 1000) -> torch.Tensor:
-    """OFTSR's one-call output at `knob` for every source row (on the CPU)."""
-    dev = next(model.parameters()).device
-    student = student_from_velocity(lambda x, t, cond: model(x, t, None, cond))
-    return torch.cat([student_output(student, x_src[i:i + batch_size].to(dev), c[i:i + batch_size].to(dev),
-                                     knob).cpu() for i in range(0, x_src.shape[0], batch_size)])
 
 
 def run(stage: Stage, ctx: Context, models: dict[str, VelocityModel], ckpts: dict[str, str]) -> dict:
