@@ -375,11 +375,11 @@ class PipelineConfig(_Strict):
             raise ValueError("data.sr needs net.cond_channels = the images' channels (digits 1, natural32 3)")
         if not sr and self.net.cond_channels:
             raise ValueError("net.cond_channels > 0 needs a condition: data.sr")
-        if sr and self.reflow.rounds:
-            raise ValueError("data.sr: conditional pair stores are not built yet; set reflow.rounds: 0 and "
-                             "distill.method: oftsr")
-        if oftsr != sr or (oftsr and self.reflow.rounds):
-            raise ValueError("distill.method='oftsr' and data.sr go together, with reflow.rounds: 0")
+        if oftsr and not sr:
+            raise ValueError("distill.method='oftsr' and data.sr go together: OFTSR's student needs data.sr")
+        if sr and self.distill is not None and not oftsr:  # the pairs student has no image condition yet
+            raise ValueError("data.sr: distill.method='oftsr' and data.sr go together (distill.method='pairs' has no "
+                             "conditional student); set distill.method: oftsr, or drop distill with reflow.rounds >= 1")
         if self.pairs.guidance == "cfg" and not self.net.class_cond:
             raise ValueError("pairs.guidance='cfg' needs a class-conditional net (net.class_cond: true)")
         if self.pairs.n_forward == 0 and self.reflow.forward_ratio > 0:

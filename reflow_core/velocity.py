@@ -282,35 +282,42 @@ def generate(model: VelocityModel, noise: torch.Tensor, nfe: int, solver: str = 
 
 def velocity_for(model: VelocityModel, *, guidance: str = "none", weight: float = 1.0,
                  guide: VelocityModel | None = None, cuda_graph: bool = False, warmup_iters: int = 2,
-                 max_graphs: int = 8) -> Callable[[torch.Tensor | None], solvers.Velocity]:
-    """`label -> (x, t) -> v` for loops whose labels change from batch to batch (pair simulation).
+                 max_graphs: int = 8) -> Callable[..., solvers.Velocity]:
+    """`(label, cond=None) -> (x, t) -> v` for loops whose labels (and image conditions) change from batch to batch
+    (pair simulation).
 
-    Plain: `model.solver_velocity(label, ...)`. cuda_graph=True (on CUDA; elsewhere plain): one
-    `accel.GraphedVelocity` per (batch shape, label shape) key, each over `solver_velocity(buffer)` with its own
-    static label buffer; a returned velocity copies its labels into that buffer before every replay, so velocities
-    of different batches never see each other's labels. Beyond max_graphs keys it runs eager."""
+    Plain: `model.solver_velocity(label, ..., cond=cond)`. cuda_graph=True (on CUDA; elsewhere plain): one
+    `accel.GraphedVelocity` per (batch shape, label shape, cond shape) key, each over `solver_velocity(buffers)` with
+    its own static label and cond buffers; a returned velocity copies its labels and cond into them before every
+    replay, so velocities of different batches never see each other's inputs. Beyond max_graphs keys it runs eager."""
     _check_guidance(guidance)
     graphs: dict = {}
 
-    def make(label: torch.Tensor | None) -> solvers.Velocity:
+    def make(label: torch.Tensor | None, cond: torch.Tensor | None = None) -> solvers.Velocity:
+        def eager() -> solvers.Velocity:
+            return model.solver_velocity(label, guidance=guidance, weight=weight, guide=guide, cond=cond)
         if not cuda_graph:
-            return model.solver_velocity(label, guidance=guidance, weight=weight, guide=guide)
+            return eager()
 
         def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not accel.cuda_graphs_available(x.device):
-                return model.solver_velocity(label, guidance=guidance, weight=weight, guide=guide)(x, t)
-            key = (tuple(x.shape), x.dtype, None if label is None else tuple(label.shape))
+                return eager()(x, t)
+            key = (tuple(x.shape), x.dtype, None if label is None else tuple(label.shape),
+                   None if cond is None else tuple(cond.shape))
             entry = graphs.get(key)
             if entry is None:
                 if len(graphs) >= max_graphs:
-                    return model.solver_velocity(label, guidance=guidance, weight=weight, guide=guide)(x, t)
+                    return eager()(x, t)
                 buf = None if label is None else label.to(x.device).clone()
-                gv = accel.GraphedVelocity(model.solver_velocity(buf, guidance=guidance, weight=weight, guide=guide),
-                                           warmup_iters=warmup_iters, max_graphs=1)
-                entry = graphs[key] = (buf, gv)
-            buf, gv = entry
+                cbuf = None if cond is None else cond.to(x.device).clone()
+                gv = accel.GraphedVelocity(model.solver_velocity(buf, guidance=guidance, weight=weight, guide=guide,
+                                                                 cond=cbuf), warmup_iters=warmup_iters, max_graphs=1)
+                entry = graphs[key] = (buf, cbuf, gv)
+            buf, cbuf, gv = entry
             if buf is not None:
                 buf.copy_(label)
+            if cbuf is not None:
+                cbuf.copy_(cond)
             return gv(x, t)
         return v
     return make

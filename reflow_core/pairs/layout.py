@@ -2,8 +2,10 @@
 checks a layout must pass (run at plan time too), row batches, dtype conversion and the bytes' hash.
 
 Rows [0, n_backward) are backward pairs (noise -> teacher sample), rows [n_backward, N) forward pairs (real data ->
-inverted noise). Shards are whole numbers of chunks and never straddle the two sections, so writers of different
-shards never touch the same chunk object.
+inverted noise). A conditional store (super-resolution) also holds each row's image condition, array COND, and
+records how it was made in attrs["cond"] (`CondAttrs`); an unconditional store has neither, exactly as before.
+Shards are whole numbers of chunks and never straddle the two sections, so writers of different shards never touch
+the same chunk object.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..paths import CONVENTION
 
 DTYPES = ("float32", "float16", "bfloat16")
 ARRAYS = ("noise", "sample", "label", "direction")
+COND = "cond"  # the condition array of a conditional store: (N, *cond shape), the store's dtype
 BACKWARD, FORWARD = 0, 1
 # how row_noise/row_labels draw a row's values: recorded in every store `create` makes, so a store whose noise was
 # drawn otherwise (e.g. by the per-row torch.Generator scheme before it) is never resumed with different noise
@@ -25,7 +28,9 @@ NOISE_RNG = "splitmix64-boxmuller-v1"
 # pairs simulated with guidance record it (an unguided store has neither key): guided and unguided never mix
 GUIDANCE_ATTRS = ("guidance", "guidance_weight")
 # identity keys of attrs compared when create() finds an existing store (besides the structural ones)
-IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention", "noise_rng", *GUIDANCE_ATTRS)
+# (a conditional store's "cond" is one of them: conditional and unconditional pairs never mix)
+IDENTITY_ATTRS = ("teacher_hash", "solver", "nfe", "grid", "rho", "seed", "convention", "noise_rng", *GUIDANCE_ATTRS,
+                  COND)
 
 
 # --- metadata -----------------------------------------------------------------------------------------------------
@@ -35,6 +40,32 @@ MAX_SHARDS = 1_000_000
 _HEX64 = r"^[0-9a-f]{64}$"
 _Count = Field(strict=True, ge=0, le=2 ** 48)
 _Size = Field(strict=True, ge=1, le=2 ** 40)
+
+
+def _positive_dims(shape: list[int]) -> list[int]:
+    if any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 2 ** 31 for d in shape):
+        raise ValueError(f"shape must be positive ints, got {shape}")
+    return shape
+
+
+class CondAttrs(BaseModel):
+    """attrs["cond"] of a conditional store: the condition's kind, its per-row shape and the settings that made it
+    (kind "sr": c = A^T (A x + sigma_y n) of data.sr, `reflow_core.sr`; the rows' sources x_src = sqrt(1 - sigma_p^2)
+    c + sigma_p eps are the stored noise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(pattern="^sr$")
+    shape: list[int] = Field(min_length=1, max_length=8)
+    scale: int = Field(strict=True, ge=1, le=64)
+    degradation: str = Field(pattern="^(avgpool|bicubic)$")
+    sigma_p: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    sigma_y: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CondAttrs":
+        _positive_dims(self.shape)
+        return self
 
 
 class StoreAttrs(BaseModel):
@@ -64,11 +95,11 @@ class StoreAttrs(BaseModel):
     noise_rng: str | None = Field(None, max_length=64)
     guidance: str | None = Field(None, pattern=r"^cfg$")
     guidance_weight: float | None = Field(None, allow_inf_nan=False)
+    cond: CondAttrs | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "StoreAttrs":
-        if any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 2 ** 31 for d in self.shape):
-            raise ValueError(f"shape must be positive ints, got {self.shape}")
+        _positive_dims(self.shape)
         if self.shard_size % self.chunk_size:
             raise ValueError(f"shard_size {self.shard_size} is not a multiple of chunk_size {self.chunk_size}")
         if self.n_backward + self.n_forward < 1:
@@ -100,6 +131,22 @@ class ShardMarker(BaseModel):
         if missing:
             raise ValueError(f"sha256 lacks a hex digest for {missing}")
         return self
+
+
+def check_cond(cond: dict) -> dict:
+    """A conditional store's attrs["cond"] as `CondAttrs` validates it (ValueError otherwise), before it is written."""
+    return CondAttrs.model_validate(cond).model_dump()
+
+
+def array_names(attrs: dict) -> tuple[str, ...]:
+    """The arrays of a store with these attrs, in hashing order: ARRAYS, then COND when it is conditional."""
+    return (*ARRAYS, COND) if attrs.get(COND) is not None else ARRAYS
+
+
+def cond_shape(attrs: dict) -> tuple[int, ...] | None:
+    """The per-row shape of a conditional store's condition; None for an unconditional store."""
+    c = attrs.get(COND)
+    return None if c is None else tuple(int(d) for d in c["shape"])
 
 
 # --- the plan -------------------------------------------------------------------------------------------------------
@@ -159,13 +206,20 @@ class PairBatch:
     label: torch.Tensor  # long (B,), -1 = none
     direction: torch.Tensor  # long (B,)
     index: torch.Tensor | None = None  # long (B,) global rows, where known
+    cond: torch.Tensor | None = None  # float32 (B, *cond shape): a conditional store's condition, else None
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
 
     def to(self, device) -> "PairBatch":
         return PairBatch(self.noise.to(device), self.sample.to(device), self.label.to(device),
-                         self.direction.to(device), None if self.index is None else self.index.to(device))
+                         self.direction.to(device), None if self.index is None else self.index.to(device),
+                         None if self.cond is None else self.cond.to(device))
+
+    def select(self, i) -> "PairBatch":
+        """The rows i (an index tensor or slice) of every field."""
+        return PairBatch(self.noise[i], self.sample[i], self.label[i], self.direction[i],
+                         None if self.index is None else self.index[i], None if self.cond is None else self.cond[i])
 
 
 # --- bytes ----------------------------------------------------------------------------------------------------------
@@ -190,16 +244,19 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 class Hasher:
-    """sha256 per array over the bytes written, in row order (independent of how the rows were split)."""
+    """sha256 per array over the bytes written, in row order (independent of how the rows were split), and "all" over
+    the digests of `names` in order (a store's `array_names`: an unconditional store's digests are what they were
+    before conditional stores existed; a conditional one's "all" covers its condition too)."""
 
-    def __init__(self):
-        self.h = {k: hashlib.sha256() for k in ARRAYS}
+    def __init__(self, names: tuple[str, ...] = ARRAYS):
+        self.names = tuple(names)
+        self.h = {k: hashlib.sha256() for k in self.names}
 
     def update(self, arrays: dict[str, np.ndarray]) -> None:
-        for k in ARRAYS:
+        for k in self.names:
             self.h[k].update(np.ascontiguousarray(arrays[k]).tobytes())
 
     def digests(self) -> dict[str, str]:
         d = {k: h.hexdigest() for k, h in self.h.items()}
-        d["all"] = hashlib.sha256("".join(d[k] for k in ARRAYS).encode()).hexdigest()
+        d["all"] = hashlib.sha256("".join(d[k] for k in self.names).encode()).hexdigest()
         return d

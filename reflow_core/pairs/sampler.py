@@ -46,12 +46,9 @@ _WINDOW_INDEX_CACHE = 64  # windows per section whose row permutation is kept
 
 def ram_bytes(store: PairStore) -> int:
     """Bytes the whole store takes in RAM as the memory backend holds it: float32 noise and sample, int64 label and
-    direction."""
-    return store.n * (2 * math.prod(store.shape) * 4 + 2 * 8)
-
-
-def _index(b: PairBatch, i) -> PairBatch:
-    return PairBatch(b.noise[i], b.sample[i], b.label[i], b.direction[i], None if b.index is None else b.index[i])
+    direction, and a conditional store's float32 condition."""
+    cond = 0 if store.cond_shape is None else math.prod(store.cond_shape) * 4
+    return store.n * (2 * math.prod(store.shape) * 4 + 2 * 8 + cond)
 
 
 def _cat(parts: list[PairBatch]) -> PairBatch:
@@ -59,7 +56,8 @@ def _cat(parts: list[PairBatch]) -> PairBatch:
         return parts[0]
     return PairBatch(torch.cat([p.noise for p in parts]), torch.cat([p.sample for p in parts]),
                      torch.cat([p.label for p in parts]), torch.cat([p.direction for p in parts]),
-                     torch.cat([p.index for p in parts]))
+                     torch.cat([p.index for p in parts]),
+                     None if parts[0].cond is None else torch.cat([p.cond for p in parts]))
 
 
 def _cat_1thread(parts: list[PairBatch]) -> PairBatch:
@@ -73,7 +71,8 @@ def _cat_1thread(parts: list[PairBatch]) -> PairBatch:
     def cat(ts: list[torch.Tensor]) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([t.numpy() for t in ts]))
     return PairBatch(cat([p.noise for p in parts]), cat([p.sample for p in parts]), cat([p.label for p in parts]),
-                     cat([p.direction for p in parts]), cat([p.index for p in parts]))
+                     cat([p.direction for p in parts]), cat([p.index for p in parts]),
+                     None if parts[0].cond is None else cat([p.cond for p in parts]))
 
 
 def io_threads(store: PairStore) -> int:
@@ -176,11 +175,12 @@ class PairSampler:
     """Batches of pairs for reflow training, a pure function of (store contents, seed, batch_size, forward_ratio,
     window_chunks, step): `batch(step)`, asked in any order (see the module docstring for the streams).
 
-    mode "memory" when the store's float32 noise/sample + int64 label/direction (`ram_bytes(store)`) fit
+    mode "memory" when the store's float32 noise/sample (+ cond) + int64 label/direction (`ram_bytes(store)`) fit
     ram_budget_bytes (the whole store is read once), else "stream" (windows of chunks read on demand, a small LRU
     of them kept, the next steps' windows prefetched by a background thread when prefetch=True);
     ram_budget_bytes=0 forces stream. Both give bit-identical batches. Every batch is a `PairBatch`: float32
-    noise/sample, long label/direction, index = the global rows. Iterating yields steps 0, 1, 2, ...
+    noise/sample, long label/direction, index = the global rows, and float32 cond from a conditional store (None
+    otherwise). Iterating yields steps 0, 1, 2, ...
     """
 
     def __init__(self, store: PairStore, batch_size: int, *, forward_ratio: float = 0.0, seed: int = 0,
@@ -262,12 +262,13 @@ class PairSampler:
         segments = self._segments(step)
         rows = self._rows(segments)
         if self._data is not None:
-            b = self._data
-            return PairBatch(b.noise[rows], b.sample[rows], b.label[rows], b.direction[rows], rows)
+            out = self._data.select(rows)
+            out.index = rows
+            return out
         parts = []
         for s in segments:
             win = self._stream(s.section).window(s.epoch, s.window)
-            parts.append(_index(self._window_data((s.section, s.epoch, s.window), win), win.perm[s.lo:s.hi]))
+            parts.append(self._window_data((s.section, s.epoch, s.window), win).select(win.perm[s.lo:s.hi]))
         out = _cat(parts)
         if not torch.equal(out.index, rows):  # the chunk reads and the index arithmetic must agree
             raise RuntimeError(f"PairSampler internal error: step {step} read rows that differ from its plan")

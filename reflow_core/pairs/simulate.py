@@ -1,8 +1,10 @@
 """Pair simulation: one shard of the plan integrated by the teacher and written to the PairStore.
 
 Backward shards integrate per-row seeded noise 1 -> 0 (`solvers.sample`); forward shards invert real data 0 -> 1
-(`solvers.invert`). A background writer stores chunk-aligned pieces while the next batch integrates; the shard's done
-marker is written only after all of its data, so an interrupted shard is simply redone (bit-identical values).
+(`solvers.invert`). A conditional store's rows integrate from (or invert to) super-resolution sources under their
+image condition (`cond.py`). A background writer stores chunk-aligned pieces while the next batch integrates; the
+shard's done marker is written only after all of its data, so an interrupted shard is simply redone (bit-identical
+values).
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from .. import cores, solvers
 from ..config import PairsConfig
 from ..rng import forward_indices, row_labels, row_noise
 from ..solvers import Velocity
+from .cond import backward_rows, condition
 from .errors import PairStoreMismatch, redo_hint
-from .layout import ARRAYS, BACKWARD, FORWARD, GUIDANCE_ATTRS, NOISE_RNG, Hasher, Shard
+from .layout import BACKWARD, COND, FORWARD, GUIDANCE_ATTRS, NOISE_RNG, Hasher, Shard
 from .store import PairStore
 
-# velocity_for(labels on the device, or None for unconditional teachers) -> the batch's (x, t) -> v
-VelocityFor = Callable[["torch.Tensor | None"], Velocity]
+# velocity_for(labels on the device, or None for unconditional teachers) -> the batch's (x, t) -> v; for a
+# conditional store velocity_for(labels, cond), cond the batch's image condition on the device
+VelocityFor = Callable[..., Velocity]
 
 
 def solver_attrs(cfg: PairsConfig) -> dict:
@@ -36,12 +40,15 @@ def solver_attrs(cfg: PairsConfig) -> dict:
 
 
 def store_for_config(url: str, cfg: PairsConfig, *, shape: Sequence[int], teacher_hash: str,
-                     extra_attrs: dict | None = None, storage_options: dict | None = None) -> PairStore:
-    """`PairStore.create` with the counts, sizes, dtype and solver attrs of a run's pairs settings."""
+                     extra_attrs: dict | None = None, storage_options: dict | None = None,
+                     cond: dict | None = None) -> PairStore:
+    """`PairStore.create` with the counts, sizes, dtype and solver attrs of a run's pairs settings (and a conditional
+    store's `cond` attrs, `cond.cond_attrs`)."""
     attrs = {"teacher_hash": teacher_hash, **solver_attrs(cfg), **(extra_attrs or {})}
     return PairStore.create(url, shape=shape, n_backward=cfg.n_pairs, n_forward=cfg.n_forward,
                             chunk_size=cfg.chunk_size, shard_size=cfg.shard_size, dtype=cfg.dtype, attrs=attrs,
-                            storage_options=storage_options, zarr_shards=cfg.zarr_shards, compress=cfg.compress)
+                            storage_options=storage_options, zarr_shards=cfg.zarr_shards, compress=cfg.compress,
+                            cond=cond)
 
 
 class _ShardWriter:
@@ -51,7 +58,7 @@ class _ShardWriter:
         self.store, self.shard = store, shard
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
-        self.hasher = Hasher()
+        self.hasher = Hasher(store.array_names)
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_start = shard.start
         self._pending_rows = 0
@@ -59,10 +66,10 @@ class _ShardWriter:
         self.thread = threading.Thread(target=self._run, name=f"pairs-writer-{shard.index}", daemon=True)
         self.thread.start()
 
-    def put(self, start: int, noise, sample, label, direction) -> None:
+    def put(self, start: int, noise, sample, label, direction, cond=None) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put((start, noise, sample, label, direction))
+        self.q.put((start, noise, sample, label, direction, cond))
 
     def _flush(self, final: bool) -> None:
         if not self._pending_rows:
@@ -76,7 +83,7 @@ class _ShardWriter:
         if upto <= self._pending_start:
             return
         cat = {k: np.concatenate([p[k] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][k]
-               for k in ARRAYS}
+               for k in self.store.array_names}
         n_write = upto - self._pending_start
         self.store.write_arrays(self._pending_start, {k: v[:n_write] for k, v in cat.items()})
         self.written += n_write
@@ -97,11 +104,11 @@ class _ShardWriter:
             if self.error is not None:
                 continue  # keep draining so the producer never blocks on a dead writer
             try:
-                start, noise, sample, label, direction = item
+                start, noise, sample, label, direction, cond = item
                 if start != self._pending_start + self._pending_rows:
                     raise RuntimeError(f"out-of-order rows: expected {self._pending_start + self._pending_rows}, "
                                        f"got {start}")
-                arrays = self.store.to_arrays(noise, sample, label, direction)
+                arrays = self.store.to_arrays(noise, sample, label, direction, cond)
                 self.hasher.update(arrays)
                 self._pending.append(arrays)
                 self._pending_rows += int(noise.shape[0])
@@ -152,13 +159,19 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
     the solvers' signature `v(x, t)`: labels are the batch's class labels as a long tensor on `device` when
     num_classes > 0, else None (unconditional teacher), so the caller binds them, e.g.
     `lambda lab: (lambda x, t: net(x, t, lab))`. Stored labels: backward rows the seeded labels when num_classes > 0
-    (else -1), forward rows data_y's (-1 without data_y)."""
+    (else -1), forward rows data_y's (-1 without data_y).
+
+    A conditional store (attrs["cond"]): every row is made from a real row of data_x (`cond.py`), so data_x is
+    needed for backward shards too; `velocity_for(labels, cond)` gets the batch's conditions on `device` as well,
+    and rows keep their real row's label (data_y's, when num_classes > 0)."""
     shard = store.plan[shard] if isinstance(shard, int) else shard
     if shard.index in store.done_shards():
         return {"shard": shard.index, "skipped": True, "rows": shard.rows}
     _check_cfg(store, cfg)
-    if shard.direction == FORWARD and data_x is None:
-        raise ValueError(f"shard {shard.index} holds forward pairs: pass data_x (the real data) to simulate_shard")
+    cond = store.attrs.get(COND)
+    if (shard.direction == FORWARD or cond is not None) and data_x is None:
+        raise ValueError(f"shard {shard.index} holds {'forward' if cond is None else 'conditional'} pairs: pass "
+                         "data_x (the real data) to simulate_shard")
     seed, grid = cfg.seed, cfg.grid.solver_args(cfg.nfe)
     t0 = time.perf_counter()
     writer = _ShardWriter(store, shard)
@@ -169,15 +182,20 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
             share.tick(done)
             b1 = min(b0 + cfg.batch_size, shard.stop)
             rows = range(b0, b1)
-            if shard.direction == BACKWARD:
+            c = None
+            if shard.direction == BACKWARD and cond is None:
                 x0 = row_noise(seed, rows, store.shape)
                 labels = row_labels(seed, rows, num_classes) if num_classes > 0 else None
+            elif shard.direction == BACKWARD:
+                idx, x0, c = backward_rows(cond, seed, rows, data_x)
+                labels = data_y[idx].to(torch.long) if (data_y is not None and num_classes > 0) else None
             else:
                 idx = forward_indices(seed, range(b0 - store.n_backward, b1 - store.n_backward), len(data_x))
                 x0 = data_x[idx].to(torch.float32)
                 labels = data_y[idx].to(torch.long) if data_y is not None else None
+                c = None if cond is None else condition(cond, seed, rows, x0)
             lab_dev = labels.to(device) if (labels is not None and num_classes > 0) else None
-            v = velocity_for(lab_dev)
+            v = velocity_for(lab_dev) if c is None else velocity_for(lab_dev, c.to(device))
             with torch.no_grad():
                 xd = x0.to(device)
                 if shard.direction == BACKWARD:
@@ -186,7 +204,7 @@ def simulate_shard(store: PairStore, shard: Shard | int, velocity_for: VelocityF
                 else:
                     out = solvers.invert(v, xd, cfg.nfe, cfg.solver, grid["grid"], grid["rho"]).float().cpu()
                     noise, sample = out, x0
-            writer.put(b0, noise, sample, labels, shard.direction)
+            writer.put(b0, noise, sample, labels, shard.direction, c)
             done += b1 - b0
             if progress is not None:
                 progress(done, shard.rows)

@@ -7,6 +7,7 @@ Layout of `<root>/<run>/pairs.zarr` (a local path, file://, s3://, ...):
     sample    (N, *shape)  same dtype as noise
     label     (N,)         int64, -1 = no label
     direction (N,)         int8, 0 = backward (noise -> teacher sample), 1 = forward (real data -> inverted noise)
+    cond      (N, *cond)   same dtype as noise; conditional stores only (attrs["cond"], `layout.CondAttrs`)
     done/shard-00007.json  completion markers (row range, sha256 of the bytes written), one object per shard
 
 Arrays are chunked along N only, so writers of different shards never touch the same chunk object and can run
@@ -32,8 +33,9 @@ from pydantic import ValidationError
 
 from .. import storage
 from .errors import PairStoreMismatch, PairWriteError, invalid
-from .layout import (ARRAYS, BACKWARD, CONVENTION, IDENTITY_ATTRS, NOISE_RNG, Hasher, PairBatch, Shard, ShardMarker,
-                     StoreAttrs, check_layout, from_storage, shard_plan, to_storage)
+from .layout import (ARRAYS, BACKWARD, COND, CONVENTION, IDENTITY_ATTRS, NOISE_RNG, Hasher, PairBatch, Shard,
+                     ShardMarker, StoreAttrs, array_names, check_cond, check_layout, cond_shape, from_storage,
+                     shard_plan, to_storage)
 
 MARKER_RE = re.compile(r"shard-(\d+)\.json$")
 # writes of array regions and markers are retried on transient storage errors (`storage.is_transient`):
@@ -71,7 +73,11 @@ class PairStore:
         self.n_backward, self.n_forward = int(a["n_backward"]), int(a["n_forward"])
         self.chunk_size, self.shard_size = int(a["chunk_size"]), int(a["shard_size"])
         self.shape, self.dtype = tuple(int(s) for s in a["shape"]), str(a["dtype"])
-        self._arrays = {k: group[k] for k in ARRAYS}
+        self.cond_shape, self.array_names = cond_shape(a), array_names(a)  # (None, ARRAYS) when unconditional
+        try:
+            self._arrays = {k: group[k] for k in self.array_names}
+        except KeyError as e:
+            raise invalid(self.url, "its arrays", f"array {e} is missing") from None
         self._check_arrays()
         self._plan = shard_plan(self.n_backward, self.n_forward, self.shard_size)
 
@@ -88,12 +94,13 @@ class PairStore:
     def _check_arrays(self) -> None:
         """The arrays must be what the attrs say (rows, row shape, storage dtype): rows are addressed by the attrs."""
         n, want = self.n, ("uint16" if self.dtype == "bfloat16" else self.dtype)
-        for k in ARRAYS:
+        for k in self.array_names:
             a = self._arrays[k]
-            shape = (n, *self.shape) if k in ("noise", "sample") else (n,)
+            shape = {"noise": (n, *self.shape), "sample": (n, *self.shape), COND: (n, *(self.cond_shape or ()))}
+            shape = shape.get(k, (n,))
             if tuple(a.shape) != shape:
                 raise invalid(self.url, f"array {k!r}", f"shape {tuple(a.shape)}, the attributes say {shape}")
-            if k in ("noise", "sample") and str(a.dtype) != want:
+            if k in ("noise", "sample", COND) and str(a.dtype) != want:
                 raise invalid(self.url, f"array {k!r}", f"dtype {a.dtype}, the attributes say {want}")
 
     # ---- opening
@@ -145,7 +152,7 @@ class PairStore:
     @classmethod
     def create(cls, url: str, *, shape: Sequence[int], n_backward: int, n_forward: int, chunk_size: int,
                shard_size: int, dtype: str, attrs: dict, storage_options: dict | None = None,
-               zarr_shards: bool = False, compress: bool = False) -> "PairStore":
+               zarr_shards: bool = False, compress: bool = False, cond: dict | None = None) -> "PairStore":
         """Create the store, or open it if one with the same structure and identity attrs exists (resume).
 
         Raises PairStoreMismatch if an existing store differs (shape, counts, chunk/shard size, dtype, or any of
@@ -159,13 +166,17 @@ class PairStore:
         shard is then written in one piece (a partial write of a zarr shard rewrites the whole object), and the
         backward/forward boundary must fall on a shard boundary so no two writers share an object.
         compress: zstd (level 1) on noise/sample chunks. Both are layout choices of a new store only: an existing
-        store keeps its own (values read back identical either way)."""
+        store keeps its own (values read back identical either way).
+        cond: a conditional store's `layout.CondAttrs` (kind, per-row shape, settings), kept as attrs["cond"] (an
+        identity attr: an existing store made with another condition, or none, is refused); its rows then carry a
+        condition array COND (N, *cond["shape"]) of the store's dtype, chunked and sharded as noise."""
         shape = [int(s) for s in shape]
         check_layout(n_backward=n_backward, n_forward=n_forward, chunk_size=chunk_size, shard_size=shard_size,
                      dtype=dtype, zarr_shards=zarr_shards)
         structure = {"shape": shape, "n_backward": int(n_backward), "n_forward": int(n_forward),
                      "chunk_size": int(chunk_size), "shard_size": int(shard_size), "dtype": dtype}
-        wanted = {**dict(attrs), "convention": CONVENTION, "noise_rng": NOISE_RNG}
+        wanted = {**dict(attrs), "convention": CONVENTION, "noise_rng": NOISE_RNG,
+                  **({} if cond is None else {COND: check_cond(cond)})}
         opts = storage.resolve_storage_options(url, storage_options)
         if cls.exists(url, opts):
             store = cls.open(url, opts)
@@ -179,6 +190,8 @@ class PairStore:
                                    f"{structure.get(k, wanted.get(k))!r}" for k in diff)
                 why = ("; noise_rng says how per-row noise and labels are drawn, and this code draws them "
                        "differently, so the store's pending shards cannot be simulated" if "noise_rng" in diff else "")
+                why += ("; cond is the rows' image condition: conditional and unconditional pairs (or pairs of "
+                        "another condition) never mix" if COND in diff else "")
                 raise PairStoreMismatch(
                     f"a different pair store already exists at {url} (differs in {detail}{why}); use a new run name "
                     "or delete it")
@@ -199,9 +212,11 @@ class PairStore:
         })
         compressors = [zarr.codecs.ZstdCodec(level=1)] if compress else None
         shards = (int(shard_size), *shape) if zarr_shards else None
-        for name in ("noise", "sample"):
-            group.create_array(name, shape=(n, *shape), chunks=(chunk_size, *shape), shards=shards,
-                               dtype=storage_dtype, fill_value=0, compressors=compressors, overwrite=True)
+        row_shapes = {"noise": shape, "sample": shape, **({} if cond is None else {COND: list(cond["shape"])})}
+        for name, rs in row_shapes.items():
+            group.create_array(name, shape=(n, *rs), chunks=(chunk_size, *rs), dtype=storage_dtype, fill_value=0,
+                               shards=None if shards is None else (shards[0], *rs), compressors=compressors,
+                               overwrite=True)
         group.create_array("label", shape=(n,), chunks=(chunk_size,), dtype="int64", fill_value=-1, overwrite=True)
         group.create_array("direction", shape=(n,), chunks=(chunk_size,), dtype="int8", fill_value=0,
                            overwrite=True)
@@ -270,6 +285,8 @@ class PairStore:
         s = self._plan[k]
         if (m.shard, m.start, m.stop, m.direction, m.rows) != (s.index, s.start, s.stop, s.direction, s.rows):
             return None
+        if self.cond_shape is not None and COND not in m.sha256:  # a conditional store's marker hashes its cond
+            return None
         return json.loads(raw)
 
     def pending_shards(self) -> list[int]:
@@ -305,12 +322,18 @@ class PairStore:
             pass
 
     # ---- writing
-    def to_arrays(self, noise, sample, label, direction) -> dict[str, np.ndarray]:
-        """Rows as the store keeps them (storage dtypes, label -1 when unlabelled), checked against its shape."""
+    def to_arrays(self, noise, sample, label, direction, cond=None) -> dict[str, np.ndarray]:
+        """Rows as the store keeps them (storage dtypes, label -1 when unlabelled), checked against its shape; `cond`
+        (n, *cond_shape) is required by a conditional store and refused by an unconditional one."""
         n = int(noise.shape[0])
         if tuple(noise.shape[1:]) != self.shape or tuple(sample.shape) != tuple(noise.shape):
             raise ValueError(f"noise/sample must have shape (n, *{self.shape}), got {tuple(noise.shape)} and "
                              f"{tuple(sample.shape)}")
+        if (cond is None) != (self.cond_shape is None):
+            raise ValueError(f"the pair store {self.url} is " + ("unconditional but the rows have a condition"
+                             if cond is not None else f"conditional: rows need their condition {self.cond_shape}"))
+        if cond is not None and tuple(cond.shape) != (n, *self.cond_shape):
+            raise ValueError(f"cond must have shape (n, *{self.cond_shape}), got {tuple(cond.shape)}")
         if label is None:
             label = torch.full((n,), -1, dtype=torch.long)
         if isinstance(direction, int):
@@ -321,32 +344,34 @@ class PairStore:
             raise ValueError(f"label/direction must have {n} rows")
         return {"noise": to_storage(noise, self.dtype), "sample": to_storage(sample, self.dtype),
                 "label": label.detach().cpu().to(torch.int64).numpy(),
-                "direction": direction.detach().cpu().to(torch.int8).numpy()}
+                "direction": direction.detach().cpu().to(torch.int8).numpy(),
+                **({} if cond is None else {COND: to_storage(cond, self.dtype)})}
 
     def write_arrays(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Raw region write (no marker). Callers keep regions chunk-aligned so no two writers share a chunk."""
         stop = start + int(arrays["noise"].shape[0])
         shard = next((s.index for s in self._plan if s.start <= start < s.stop), None)
-        for k in ARRAYS:
+        for k in self.array_names:
             def write(k=k):
                 self._arrays[k][start:stop] = arrays[k]
             with_retries(write, self.url, f"shard {shard} array {k!r} rows [{start}, {stop})")
 
-    def write_rows(self, start: int, noise, sample, label=None, direction: int | torch.Tensor = BACKWARD) -> None:
+    def write_rows(self, start: int, noise, sample, label=None, direction: int | torch.Tensor = BACKWARD,
+                   cond=None) -> None:
         """Write rows [start, start + len(noise)) without marking anything done (partial writes, tests)."""
-        self.write_arrays(start, self.to_arrays(noise, sample, label, direction))
+        self.write_arrays(start, self.to_arrays(noise, sample, label, direction, cond))
 
     def write_shard(self, shard: Shard | int, noise, sample, label=None,
-                    direction: int | torch.Tensor | None = None) -> dict[str, str]:
+                    direction: int | torch.Tensor | None = None, cond=None) -> dict[str, str]:
         """Write a whole shard's rows, then (only after the write returned) its done marker. Returns the digests."""
         shard = self._plan[shard] if isinstance(shard, int) else shard
         if shard != self._plan[shard.index]:
             raise ValueError(f"{shard} is not shard {shard.index} of this store's plan {self._plan[shard.index]}")
         if int(noise.shape[0]) != shard.rows:
             raise ValueError(f"shard {shard.index} has {shard.rows} rows, got {int(noise.shape[0])}")
-        arrays = self.to_arrays(noise, sample, label, shard.direction if direction is None else direction)
+        arrays = self.to_arrays(noise, sample, label, shard.direction if direction is None else direction, cond)
         self.write_arrays(shard.start, arrays)
-        h = Hasher()
+        h = Hasher(self.array_names)
         h.update(arrays)
         digests = h.digests()
         self._write_marker(shard, digests)
@@ -358,12 +383,13 @@ class PairStore:
     # ---- reading
     def read_raw(self, rows: slice) -> dict[str, np.ndarray]:
         """The stored arrays (storage dtypes: bfloat16 as uint16 bits) for a slice of rows."""
-        return {k: self._arrays[k][rows] for k in ARRAYS}
+        return {k: self._arrays[k][rows] for k in self.array_names}
 
     def _batch(self, raw: dict[str, np.ndarray], index: torch.Tensor) -> PairBatch:
         return PairBatch(noise=from_storage(raw["noise"], self.dtype), sample=from_storage(raw["sample"], self.dtype),
                          label=torch.from_numpy(np.asarray(raw["label"], dtype=np.int64)),
-                         direction=torch.from_numpy(np.asarray(raw["direction"]).astype(np.int64)), index=index)
+                         direction=torch.from_numpy(np.asarray(raw["direction"]).astype(np.int64)), index=index,
+                         cond=from_storage(raw[COND], self.dtype) if COND in raw else None)
 
     def read(self, rows: slice | range | torch.Tensor | Sequence[int]) -> PairBatch:
         if isinstance(rows, range) and rows.step == 1:
@@ -381,9 +407,10 @@ class PairStore:
             raise IndexError(f"row indices out of range [0, {self.n})")
         uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
         sel = uniq.numpy()
-        raw = {k: self._arrays[k].get_orthogonal_selection((sel,)) for k in ARRAYS}
-        b = self._batch(raw, uniq)
-        return PairBatch(b.noise[inverse], b.sample[inverse], b.label[inverse], b.direction[inverse], idx)
+        raw = {k: self._arrays[k].get_orthogonal_selection((sel,)) for k in self.array_names}
+        b = self._batch(raw, uniq).select(inverse)
+        b.index = idx
+        return b
 
     def read_chunk(self, c: int) -> PairBatch:
         r = self.chunk_rows(c)
@@ -395,7 +422,7 @@ class PairStore:
         if m is None:
             return False
         s = self._plan[k]
-        h = Hasher()
+        h = Hasher(self.array_names)
         h.update(self.read_raw(slice(s.start, s.stop)))
         return h.digests()["all"] == m.get("sha256", {}).get("all")
 

@@ -18,7 +18,7 @@ from ..sr import draw
 from ..train import Batch
 from ..velocity import VelocityModel
 from .base import Context, Stage, StageOutput
-from .pairs import check_store, model_hash
+from .pairs import check_conditional, check_store, model_hash
 
 
 def teacher_batches(ds: DataSet, model: VelocityModel, tc: TrainConfig, class_cond: bool) -> Callable[[int], Batch]:
@@ -65,7 +65,9 @@ def checked_pairs(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], si
 def pair_batches(store: PairStore, model, tc: TrainConfig, forward_ratio: float, ram_budget_mb: int):
     """(batches, sampler mode): `batches(key)` is the training Batch of key = step (under DDP step * world + rank),
     a pure function of the store, tc.seed and the key: stored sample as data, stored noise as noise, labels (with
-    CFG label dropout) when the model is class-conditional."""
+    CFG label dropout) when the model is class-conditional, the stored condition as `cond` when the model is
+    conditioned on an image (a conditional store; `check_conditional` refuses a mismatch before any batch)."""
+    check_conditional(store, model)
     sampler = PairSampler(store, tc.batch_size, forward_ratio=forward_ratio, seed=tc.seed,
                           ram_budget_bytes=ram_budget_mb * 2**20)
 
@@ -74,7 +76,7 @@ def pair_batches(store: PairStore, model, tc: TrainConfig, forward_ratio: float,
         label = b.label if model.class_cond else None
         if label is not None and tc.label_dropout > 0:
             label = model.drop_labels(label, tc.label_dropout, torch.Generator().manual_seed(batch_seed(tc.seed, key)))
-        return Batch(b.sample, b.noise, label)
+        return Batch(b.sample, b.noise, label, b.cond)
 
     try:
         yield batches, sampler.mode

@@ -2,7 +2,7 @@
 
     teacher -> pairs -> reflow [-> pairs-2 -> reflow-2 -> ...] [-> distill-pairs [-> anneal] -> distill] -> evaluate
     teacher -> pairs [-> anneal] -> distill -> evaluate                                        (reflow.rounds = 0)
-    teacher -> distill -> evaluate                                   (distill.method = oftsr: from the teacher itself)
+    teacher [-> pairs -> reflow ...] -> distill -> evaluate       (distill.method = oftsr: from the last flow model)
 
 Round r > 1 simulates pairs from round r-1's reflow model and fine-tunes that model (k-rectified flow). With
 reflow.rounds = 1 the names and the artifact layout are the historical ones (teacher/, pairs.zarr, reflow/, eval/).

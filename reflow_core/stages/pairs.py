@@ -7,7 +7,9 @@ output: {"pairs": store URL}
 
 The store records the hash of the simulating checkpoint, so pairs are never mixed across models, and the guidance
 (pairs.guidance=cfg: InstaFlow's guided pairs), so guided and unguided pairs never mix; a retried shard writes
-identical values (noise is seeded per row, `reflow_core.pairs`).
+identical values (noise is seeded per row, `reflow_core.pairs`). A super-resolution run (data.sr) makes a conditional
+store: each row's source, its condition c = A^T y (array `cond`) and data.sr's settings in its identity
+(`reflow_core.pairs.cond`).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 
 from .. import accel, solvers, storage
 from ..config import ConfigError, PairsConfig
-from ..pairs import (PairStore, PairStoreCorrupt, PairStoreMismatch, check_layout, simulate_shard, store_for_config,
-                     verify_pairs)
+from ..pairs import (PairStore, PairStoreCorrupt, PairStoreMismatch, check_layout, cond_attrs, simulate_shard,
+                     redo_hint, store_for_config, verify_pairs)
 from ..rng import round_seed
 from ..velocity import velocity_for
 from .base import Context, Stage, StageOutput, dataset, load_model
@@ -46,11 +48,14 @@ def done(stage: Stage, ctx: Context) -> bool:
 
 
 def open_store(stage: Stage, ctx: Context, model_ckpt: str) -> PairStore:
-    """Create the store (or reopen it, refusing one written by another model or with other settings)."""
+    """Create the store (or reopen it, refusing one written by another model or with other settings); conditional
+    (attrs["cond"], array `cond`) for a super-resolution run."""
+    shape, sr = tuple(dataset(ctx.cfg).shape), ctx.cfg.data.sr
     try:
-        return store_for_config(stage.writes, pairs_config(stage, ctx), shape=tuple(dataset(ctx.cfg).shape),
+        return store_for_config(stage.writes, pairs_config(stage, ctx), shape=shape,
                                 teacher_hash=model_hash(model_ckpt),
-                                extra_attrs={"teacher_checkpoint": model_ckpt, "stage": stage.name})
+                                extra_attrs={"teacher_checkpoint": model_ckpt, "stage": stage.name},
+                                cond=None if sr is None else cond_attrs(sr, shape))
     except PairStoreMismatch as e:  # e.g. teacher.checkpoint now holds another teacher: never mix its pairs in
         raise PairStoreMismatch(f"{e}\nrerun with --redo-stage {stage.name} to simulate them again") from None
 
@@ -81,9 +86,16 @@ def pair_batch_size(model, pc: PairsConfig, shape: tuple[int, ...], rows: int, d
     def one_step(b: int) -> None:
         x = torch.randn((b, *shape), device=device)
         lab = torch.zeros(b, dtype=torch.long, device=device) if model.class_cond else None
-        v = model.solver_velocity(lab, guidance=pc.guidance, weight=pc.guidance_weight)
+        v = model.solver_velocity(lab, guidance=pc.guidance, weight=pc.guidance_weight, cond=example_cond(model, x))
         solvers.integrate(v, x, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), pc.solver)
     return accel.find_max_batch(one_step, pc.batch_size, limit, device)
+
+
+def example_cond(model, x: torch.Tensor) -> torch.Tensor | None:
+    """A zero image condition for probing a conditional model on x's batch (None for a model without one)."""
+    if not model.cond_channels:
+        return None
+    return torch.zeros((x.shape[0], model.cond_channels, *x.shape[2:]), device=x.device)
 
 
 def simulate(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], shard: int) -> dict:
@@ -97,6 +109,7 @@ def simulate(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], shard: 
     pc = pairs_config(stage, ctx)
     model = load_model(inputs["model"].urls["model"], device=dev)
     model.amp = pc.amp  # bf16 velocity when pairs.amp; the solver keeps x in float32
+    check_conditional(store, model)
     ds = dataset(cfg)
     if pc.auto_batch:  # before compiling: the compiled module is specialised to the batch it is probed with
         pc = pc.model_copy(update={"batch_size": pair_batch_size(model, pc, ds.shape, sh.rows, dev)})
@@ -104,10 +117,10 @@ def simulate(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], shard: 
     if pc.compile:  # a compiled backbone inside the same wrapper (the loaded model keeps its state-dict keys)
         x = torch.randn((min(pc.batch_size, sh.rows), *ds.shape), device=dev)
         lab = torch.zeros(x.shape[0], dtype=torch.long, device=dev) if model.class_cond else None
+        c = example_cond(model, x)
+        example = (x, torch.ones(x.shape[0], device=dev), lab) + (() if c is None else (c,))
         with accel.autocast(dev, pc.amp):
-            model = model.with_backbone(accel.prepare_model(model.backbone, compile=True,
-                                                            example=(x, torch.ones(x.shape[0], device=dev), lab)))
-
+            model = model.with_backbone(accel.prepare_model(model.backbone, compile=True, example=example))
     v_for = velocity_for(model, guidance=pc.guidance, weight=pc.guidance_weight, cuda_graph=pc.cuda_graph)
     out = simulate_shard(store, sh, v_for, cfg=pc, data_x=ds.x,
                          data_y=ds.y if model.class_cond else None,
@@ -116,6 +129,18 @@ def simulate(stage: Stage, ctx: Context, inputs: dict[str, StageOutput], shard: 
     if "pairs_per_s" in out:
         cb.on_metrics(stage.name, shard, {"pairs_per_s": float(out["pairs_per_s"]), "shard_seconds": out["seconds"]})
     return out
+
+
+def check_conditional(store: PairStore, model) -> None:
+    """A conditional model (net.cond_channels > 0) simulates or trains on a conditional store only, and an
+    unconditional one on an unconditional store only (PairStoreMismatch naming the store and --redo-stage)."""
+    conditional, has = model.cond_channels > 0, store.attrs.get("cond") is not None
+    if conditional != has:
+        raise PairStoreMismatch(
+            f"the pair store {store.url} is {'conditional' if has else 'unconditional'} (" + (
+                "its rows hold an image condition" if has else "no condition array") + ") but the model "
+            + ("is conditioned on an image (net.cond_channels > 0, data.sr)" if conditional else "takes no condition")
+            + f"; pairs are never used across that line: rerun with {redo_hint(store.url)} to simulate them again")
 
 
 def finish(stage: Stage, ctx: Context, verify: bool = False) -> StageOutput:

@@ -6,7 +6,8 @@ writes: <run>/reflow/ckpt-<step>.pt + latest.json (round r > 1: reflow-r/)
 output: {"model": checkpoint URL}
 
 Batches are a function of the step (`batches.pair_batches`), so a resumed run trains on exactly the batches an
-uninterrupted run would have.
+uninterrupted run would have. A super-resolution run's store is conditional: its batches carry each row's stored
+condition (`Batch.cond`), so the model is fine-tuned as v(x, t, c).
 """
 from __future__ import annotations
 
