@@ -136,7 +136,6 @@ SR = {"scale": 2, "degradation": "avgpool", "sigma_p": 0.2, "sigma_y": 0.0}
     ("digits_sr_tiny", {"net.cond_channels": 3}, "data.sr needs net.cond_channels = the images' channels"),
     ("natural32_sr", {"net.cond_channels": 1}, "data.sr needs net.cond_channels = the images' channels"),
     ("digits", {"net.cond_channels": 1}, "net.cond_channels > 0 needs a condition: data.sr"),
-    ("digits_sr_tiny", {"reflow.rounds": 1}, "conditional pair stores are not built yet"),
     ("digits_sr_tiny", {"data.sr": None, "net.cond_channels": 0}, "distill.method='oftsr' and data.sr go together"),
     ("digits_sr_tiny", {"distill.method": "pairs"}, "distill.method='oftsr' and data.sr go together"),
     ("digits_sr_tiny", {"distill.fgd_weight": 1.0}, "distill.method='oftsr' trains the teacher-sized student alone"),
