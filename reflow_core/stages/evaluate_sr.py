@@ -101,9 +101,10 @@ def _plots(cfg, stage, rows, shown, truth, cond, metric) -> list[str]:
                                   title=f"{cfg.name}: PSNR vs {metric} (held out)")]
     order = [k for k in shown if k[1] == "euler"] + [k for k in shown if k[1] != "euler"]
     grid = torch.cat([cond, truth, *[shown[k] for k in order]])
-    labels = ", ".join(["low-res input", "truth"] + [f"{m} {s if s != 'euler' else f'NFE {n}'}" for m, s, n in order])
+    names = ["low-res input", "truth"] + [f"{m} {s if s != 'euler' else f'NFE {n}'}" for m, s, n in order]
+    labels = "\n".join(", ".join(names[i:i + 3]) for i in range(0, len(names), 3))  # rows, top to bottom
     out.append(plots.sample_grid(grid, storage.join(stage.writes, "sr_grid.png"), nrow=truth.shape[0],
-                                 title=f"rows: {labels}"[:200]))
+                                 title=f"rows, top to bottom:\n{labels}"))
     return out
 
 
