@@ -19,7 +19,11 @@
       small overrides, or with `--flow-config preset` the shipped toy2d preset as `make demo` runs it; after one
       untimed tiny run of each (the first flow on a machine creates Prefect's database). Each runner's runs share
       one root, whose MLflow store that run created, as a team's root does; `--flow-store new` gives every run a
-      fresh root instead, so each flow run also creates its MLflow store's tables.
+      fresh root instead, so each flow run also creates its MLflow store's tables. `--flow-config tiny` runs the
+      shipped toy2d_tiny preset (seconds of stages: the flow's fixed cost stands out). The flow's output lines are
+      time-stamped into its log, and `flow_parts_s` gives, per flow run (medians): the command's start to the flow's
+      first line (imports, the temporary API server, the flow run's creation), the plan to the teacher's first step,
+      the evaluation's end to the publish task's (MLflow results, the model logged and registered), that to exit.
 
 Ours and plain alternate (ours first on even repeats, plain first on odd ones) so drift hits both; every figure is a
 median over repeats with the min and max. Ratios are ours / plain (higher is better; 1 = no overhead), for training
@@ -260,19 +264,50 @@ def bench_sim(preset: str, rows: int, batch: int, nfe: int, reps: int, tmp: str)
 
 # --- (iii) the pipeline: Prefect flow vs --local --------------------------------------------------------------------
 
-def _run_cli(args: list[str], env: dict, log: str) -> float:
+# the flow's log lines that end its parts (the first match of each, seconds from the command's start)
+FLOW_MARKS = {"first_line": "Beginning flow run", "plan": "- plan:", "first_step": "Task run 'teacher' - teacher: 1/",
+              "evaluated": "Task run 'evaluate' - Finished", "published": "Task run 'publish-"}
+
+
+def _run_cli(args: list[str], env: dict, log: str, marks: dict | None = None) -> float:
+    """The command's wall time; its output goes to log, each line time-stamped (seconds from the start), and into
+    marks the time of the first line containing each of FLOW_MARKS' texts."""
     cmd = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())", *args]
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        for line in proc.stdout:
+            t = time.perf_counter() - t0
+            f.write(f"{t:8.3f} {line}")
+            if marks is not None:
+                for key, text in FLOW_MARKS.items():
+                    if key not in marks and text in line:
+                        marks[key] = t
+        proc.wait()
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}; log:\n{Path(log).read_text()[-3000:]}")
+    if marks is not None:
+        marks["exit"] = dt
     return dt
 
 
+def _flow_parts(marks: dict) -> dict:
+    """A flow run's parts (seconds) from its marks (FLOW_MARKS, exit); None where a line was missing."""
+    def span(a: str, b: str) -> float | None:
+        return marks[b] - marks[a] if a in marks and b in marks else None
+    return {"to_first_line": marks.get("first_line"), "plan_to_first_step": span("plan", "first_step"),
+            "evaluated_to_published": span("evaluated", "published"), "published_to_exit": span("published", "exit")}
+
+
+def _median_of(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
 def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: bool = False,
-               store: str = "shared") -> dict:
+               store: str = "shared", preset: str = "toy2d") -> dict:
     """store='shared': every run of a runner goes under one root, whose MLflow store the untimed warm-up run made
     (a team's root: MLflow creates a store's tables once); 'new': a fresh root per run, so each flow run also
     creates its MLflow tables (the first run into a new root)."""
@@ -281,6 +316,7 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
     sets = [] if preset_as_shipped else [a for s in FLOW_SETS[size] for a in ("--set", s)]
     runs = [0]
+    parts: list[dict] = []
 
     def root_of(local: bool, n: int) -> str:
         return os.path.join(tmp, f"flow-root-{'local' if local else 'flow'}" + ("" if store == "shared" else f"-{n}"))
@@ -288,8 +324,11 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
     def one(local: bool) -> float:
         runs[0] += 1
         root, name = root_of(local, runs[0]), f"bench-{runs[0]}"
-        args = ["run", "--preset", "toy2d", "--root", root, "--run", name, "--new", *sets]
-        wall = _run_cli(args + (["--local"] if local else []), env, os.path.join(tmp, f"{name}.log"))
+        args = ["run", "--preset", preset, "--root", root, "--run", name, "--new", *sets]
+        marks: dict = {}
+        wall = _run_cli(args + (["--local"] if local else []), env, os.path.join(tmp, f"{name}.log"), marks)
+        if not local:
+            parts.append(_flow_parts(marks))
         shutil.rmtree(os.path.join(root, name) if store == "shared" else root, ignore_errors=True)
         return wall
 
@@ -305,7 +344,8 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
     inv = lambda s: {"median": 1 / s["median"], "min": 1 / s["max"], "max": 1 / s["min"], "n": s["n"]}  # noqa: E731
     return {"local_wall_s": inv(res["ours"]), "flow_wall_s": inv(res["plain"]), "ratio": 1 / res["ratio"],
             "ratio_min": 1 / res["ratio_max"], "ratio_max": 1 / res["ratio_min"],
-            "sets": [] if preset_as_shipped else FLOW_SETS[size], "store": store}
+            "sets": [] if preset_as_shipped else FLOW_SETS[size], "store": store, "preset": preset,
+            "parts": {k: _median_of([p[k] for p in parts]) for k in (parts[0] if parts else {})}}
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -322,8 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=None, help="repeats per measurement (default 5 full, 3 quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS, else cores)")
     ap.add_argument("--parts", default=None, help="comma list of train,sim,flow (default all; smoke: train,sim)")
-    ap.add_argument("--flow-config", choices=["size", "preset"], default="size", help="the flow part's run: the "
-                    "size's small overrides, or the toy2d preset as shipped (`make demo`'s pipeline, minutes)")
+    ap.add_argument("--flow-config", choices=["size", "preset", "tiny"], default="size", help="the flow part's "
+                    "run: the size's small overrides, the toy2d preset as shipped (`make demo`'s pipeline, minutes), "
+                    "or the toy2d_tiny preset as shipped (seconds: the flow's fixed cost)")
     ap.add_argument("--flow-store", choices=["shared", "new"], default="shared", help="the flow part's roots: "
                     "one per runner whose MLflow store exists (default), or a new root per run (each flow run "
                     "creates its MLflow tables)")
@@ -376,11 +417,14 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
         if "flow" in parts:
             flow_reps = args.reps or (max(2, reps - 1) if size == "full" else 2)  # (minutes each)
             fl = detail["flow"] = bench_flow(size, flow_reps, threads, tmp,
-                                             preset_as_shipped=args.flow_config == "preset", store=args.flow_store)
+                                             preset_as_shipped=args.flow_config in ("preset", "tiny"),
+                                             store=args.flow_store,
+                                             preset="toy2d_tiny" if args.flow_config == "tiny" else "toy2d")
             res["flow_vs_local"] = _r(fl["ratio"])
             res["flow_spread"] = [_r(fl["ratio_min"]), _r(fl["ratio_max"])]
             res["wall_s"] = {"local": _r(fl["local_wall_s"]["median"], 1), "flow": _r(fl["flow_wall_s"]["median"], 1)}
             res["flow_config"], res["flow_store"] = args.flow_config, args.flow_store
+            res["flow_parts_s"] = {k: _r(v, 2) for k, v in fl["parts"].items()}
         else:
             res["flow_vs_local"] = None
     res.update({"size": size, "reps": reps, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -395,6 +439,8 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
             if k == "flow":
                 print(f"  {k:<18} local {m['local_wall_s']['median']:.1f} s  flow {m['flow_wall_s']['median']:.1f} s"
                       f"  local/flow {m['ratio']:.3f} [{m['ratio_min']:.3f}, {m['ratio_max']:.3f}]")
+                print("  flow parts (s)     " + "  ".join(f"{name} {'-' if v is None else f'{v:.2f}'}"
+                                                       for name, v in m["parts"].items()))
                 continue
             print(f"  {k + ' ' + path:<18} ours {m['ours']['median']:9.2f}  plain {m['plain']['median']:9.2f} {unit}"
                   f"  ratio {m['ratio']:.3f} [{m['ratio_min']:.3f}, {m['ratio_max']:.3f}]")

@@ -64,6 +64,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # the temporary API server first: the checks below already import torch (seconds), the server's start-up runs
     # on another core meanwhile
     server = None if args.local else _start_api_server()
+    if not args.local:  # and MLflow's (imports, store, the model's logging) in a process of its own, meanwhile
+        from flows.tracking_queue import start_process
+        start_process()
     from reflow_core.stages import check_run_name, check_stage_names
 
     check_stage_names(cfg, (stages or []) + (args.redo_stage or []))

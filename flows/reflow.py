@@ -5,8 +5,9 @@ one task per stage, and fans each pairs stage out as one task per shard.
 
 The flow walks the plan through `reflow_core.stages.walk`, as the local runner does. Every task (`flows.tasks`;
 retry policy `flows.retry`, shard runners `flows.runners`) is a thin call into `reflow_core.stages` (config and
-stage in, artifact URLs / plain dicts out) that reports to the stage's MLflow child run through `flows.tracking`;
-`flows.publish` logs and registers the results, `flows.root` finds the run root. Stages are idempotent in
+stage in, artifact URLs / plain dicts out) that reports to the stage's MLflow child run through `flows.tracking`
+(its writes queued off the flow's path by `flows.tracking_queue`); `flows.publish` logs and registers the results,
+`flows.root` finds the run root. Stages are idempotent in
 reflow_core (finished work is detected from the artifacts and skipped, partial work resumes), so re-running the
 flow with the same `root` and `run` resumes a failed pipeline: finished stages and pair shards are skipped,
 training continues from its latest checkpoint, and MLflow logging continues in the same parent run.
@@ -24,6 +25,7 @@ the flow run's page (Prefect artifacts: metric table, summary with the sample gr
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,8 +40,10 @@ from flows.params import ConfigOverrides, Orchestration, deployment_preset, orch
 from flows.publish import publish_task
 from flows.resume import DEFAULT_MAX_ATTEMPTS, attempt_name, check_attempt, label_flow_run
 from flows.root import resolve_root
+from flows.progress import drain_progress
 from flows.tasks import stage_tasks
-from flows.tracking import MlflowTracker, source_tags
+from flows.tracking import source_tags
+from flows.tracking_queue import Tracker, open_tracker
 from flows.tracking_store import resolve_tracking_uri, ui_hint
 from reflow_core import host, lease
 from reflow_core.config import PipelineConfig
@@ -47,6 +51,20 @@ from reflow_core.preset import load_preset, preset_names
 from reflow_core.stages import (RUN_NAME, Context, RunDir, StageOutput, Step, begin, check_stage_names, describe,
                                 prepare_run, suffix, walk)
 
+
+def _preload() -> None:
+    """Import what every flow run imports on its way, in a thread, from this module's import on: `reflow run` goes
+    on to wait for its Prefect API server, whose start-up takes longer than this process's imports. fastapi's JSON
+    encoder (Prefect's flow-run creation, ~0.3 s) and torch._dynamo (the first optimizer a training stage makes,
+    ~1.2 s)."""
+    try:
+        import fastapi.encoders  # noqa: F401
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - imported again where needed, with its error there
+        pass
+
+
+threading.Thread(target=_preload, name="reflow-preload", daemon=True).start()
 
 PresetName = Literal[tuple(preset_names())]  # the shipped presets: the deployment form shows a drop-down
 PresetFile = Annotated[str, Field(pattern=r"^[^\x00]+\.ya?ml$", description="a .yaml file under $REFLOW_PRESET_DIR")]
@@ -142,7 +160,19 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
 
     uri = resolve_tracking_uri(orch.mlflow_uri, root)
     params = {**cfg.model_dump(mode="json"), "orchestration": orch.model_dump(mode="json")}
-    tracker = MlflowTracker(uri, orch.experiment, rundir.dir, run_name=rundir.run, params=params)
+    # the MLflow writes run in order on the tracking process `reflow run` started (else on a thread); the flow waits
+    # only for the answers it uses (run ids) and, at the end, for every write (flows/tracking_queue.py)
+    tracker = open_tracker(uri, orch.experiment, rundir.dir, run_name=rundir.run, params=params)
+    try:
+        return _track(cfg, orch, preset, root, root_source, rundir, sched, uri, params, tracker, attempt, logger)
+    finally:
+        drain_progress()  # the progress artifacts' last updates (flows/progress.py)
+        with contextlib.suppress(Exception):
+            tracker.close()  # (on success closed already, raising what failed; here after a failure)
+
+
+def _track(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_source: str, rundir: RunDir,
+           sched, uri: str, params: dict[str, Any], tracker: Tracker, attempt: int, logger) -> dict[str, Any]:
     parent = tracker.parent_run_id()
     tracker.log_params(parent, params)
     tags = {"reflow.preset": preset, "reflow.run_dir": rundir.dir,
@@ -154,8 +184,9 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
                      "reflow.prefect_flow_run_url": runtime.flow_run.ui_url or "", "reflow.attempt": str(attempt),
                      f"reflow.prefect_flow_run_id.attempt{attempt}": runtime.flow_run.id})
     tracker.set_tags(parent, tags)
-    logger.info("run %s at %s (root from %s); MLflow parent run %s in %s", rundir.run, rundir.dir, root_source, parent,
-                uri)
+    logger.info("run %s at %s (root from %s)", rundir.run, rundir.dir, root_source)
+    # (said once the run exists: the flow goes on meanwhile)
+    tracker.when_opened(parent, lambda run_id: logger.info("MLflow parent run %s in %s", run_id, uri))
     logger.info("plan:\n%s", describe(sched.stages, rundir.dir))
 
     wall: dict[str, float] = {}
@@ -177,6 +208,8 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
         tracker.finish_open("FAILED")
         raise
     tracker.finish(None, "FINISHED")
+    parent, experiment_id = tracker.resolve(parent), tracker.experiment_id
+    tracker.close()  # every write in the store (a failed one raised here) before the run reports where it is
 
     metrics_json = outputs["evaluate"].urls["metrics"] if "evaluate" in outputs else None
     rows = outputs["evaluate"].info["rows"] if "evaluate" in outputs else []
@@ -195,7 +228,7 @@ def _run(cfg: PipelineConfig, orch: Orchestration, preset: str, root: str, root_
             "teacher_checkpoint": models.get("teacher"),
             "reflow_checkpoint": models.get(f"reflow{suffix(cfg.reflow.rounds)}") if cfg.reflow.rounds else None,
             "registered_models": published["registered"], "mlflow_run_id": parent, "mlflow_tracking_uri": uri,
-            "mlflow_experiment_id": tracker.experiment_id, "ui": ui}
+            "mlflow_experiment_id": experiment_id, "ui": ui}
 
 
 if __name__ == "__main__":

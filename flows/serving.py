@@ -18,19 +18,19 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
-
-import mlflow
-import numpy as np
-import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-from mlflow.types.schema import Array, TensorSpec
+from typing import TYPE_CHECKING, Any, Mapping
 
 import reflow_core
-from flows.tracking import MlflowTracker
+from flows.tracking import MlflowTracker, new_client
 from reflow_core import export, storage
+
+if TYPE_CHECKING:
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+
+# mlflow, pandas and numpy are imported by the functions that use them: the flow process imports this module for
+# `headline` and `version_description`, and logs the model where its MLflow store is (flows/tracking_queue.py)
 
 SAMPLER_FILE = Path(__file__).with_name("sampler_model.py")
 CHAMPION = "champion"
@@ -50,6 +50,11 @@ def requirements() -> list[str]:
 def signature(meta: Mapping[str, Any], guidance: str = "none", weight: float = 1.0) -> ModelSignature:
     """Inputs: optional `noise` (flattened), `n`, `seed`, `label`; params nfe, solver, guidance, guidance_weight;
     output (n, D) float32 samples."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, TensorSpec
+
     d = math.prod(meta["shape"])
     inputs = Schema([ColSpec(Array(DataType.double), "noise", required=False),
                      ColSpec(DataType.long, "n", required=False), ColSpec(DataType.long, "seed", required=False),
@@ -63,6 +68,8 @@ def signature(meta: Mapping[str, Any], guidance: str = "none", weight: float = 1
 
 def input_example(meta: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Four samples from seed 0 at 1 NFE (a class-conditional model: of class 0)."""
+    import pandas as pd
+
     example = {"n": [4], "seed": [0]}
     if int(meta.get("num_classes", 0)) and meta["net"].get("class_cond"):
         example["label"] = [0]
@@ -74,6 +81,8 @@ def log_sampler(tracker: MlflowTracker, run_id: str, checkpoint_url: str, config
     """Log the pyfunc sampler of checkpoint_url into run_id and register it under registered_name (a new version,
     then `promote`). Once per checkpoint: a run already tagged with this checkpoint is left as it is. Returns the
     registered version, if any."""
+    import mlflow
+
     client = tracker.client
     run = client.get_run(run_id)
     if run.data.tags.get("reflow.logged_checkpoint") == checkpoint_url:
@@ -105,6 +114,20 @@ def log_sampler(tracker: MlflowTracker, run_id: str, checkpoint_url: str, config
     return version
 
 
+def prepare(tracking_uri: str) -> None:
+    """Load what `log_sampler` needs before it is called (the tracking process does, while the pipeline runs): its
+    imports (mlflow's pyfunc, pandas) and the model registry's store of tracking_uri. Best effort: `log_sampler`
+    does the same and reports its own errors."""
+    try:
+        import mlflow.pyfunc  # noqa: F401
+        from mlflow.models import ModelSignature  # noqa: F401
+
+        new_client(tracking_uri).search_registered_models(max_results=1)
+        input_example({"shape": [2], "net": {}})  # pandas
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _package_copy(tmp: str) -> str:
     """A copy of the reflow_core package without bytecode caches, for `code_paths`."""
     dest = Path(tmp) / "code" / "reflow_core"
@@ -117,6 +140,8 @@ def promote(client: mlflow.MlflowClient, name: str, version: str, headline: tupl
     """Describe version and its registered model, record its headline metric (key, value; lower is better) as
     tags, and move `@champion` to it when it beats the current champion on the same key (or there is none). The
     reason, either way, is the version's tag `reflow.champion_reason`. Returns whether it became champion."""
+    from mlflow.exceptions import MlflowException
+
     if description:
         client.update_model_version(name, version, description=description)
         client.update_registered_model(name, description=registry_description(name, description))

@@ -16,13 +16,13 @@ from flows.params import Orchestration
 from flows.progress import PrefectProgress
 from flows.retry import retry_transient
 from flows.runners import pair_task_runner
-from flows.tracking import MlflowTracker
+from flows.tracking_queue import Tracker
 from reflow_core import host, stages
 from reflow_core.callbacks import ConsoleCallback, MultiCallback, NullCallback
 from reflow_core.config import PipelineConfig
 
 
-def run_stage(tracker: MlflowTracker, stage: str, done: bool, call: Callable[[Any], Any],
+def run_stage(tracker: Tracker, stage: str, done: bool, call: Callable[[Any], Any],
               after: Callable[[Any, str], None] | None = None, progress: bool = True) -> Any:
     """Run one stage against its child run: FINISHED on success, FAILED (and re-raised) on error.
 
@@ -54,7 +54,7 @@ def _ctx(cfg: PipelineConfig, rundir: stages.RunDir, callback=None) -> stages.Co
 @task(name="stage", task_run_name="{stage.name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def stage_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage, inputs: dict[str, stages.StageOutput],
-               tracker: MlflowTracker, done: bool) -> stages.StageOutput:
+               tracker: Tracker, done: bool) -> stages.StageOutput:
     """One stage instance (teacher, reflow-r, evaluate, ...): its kind's `run`, against its MLflow child run. done:
     what the walk found when it reached the stage."""
     kind = stages.module(stage)
@@ -66,7 +66,7 @@ def stage_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage, 
 
 @task(name="plan-pairs", task_run_name="plan-{stage.name}", cache_policy=NO_CACHE)
 def pair_shards_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage,
-                     inputs: dict[str, stages.StageOutput], tracker: MlflowTracker) -> list[int]:
+                     inputs: dict[str, stages.StageOutput], tracker: Tracker) -> list[int]:
     pending = [int(k) for k in stages.sharded(stage).pending(stage, _ctx(cfg, rundir), inputs)]
     tracker.set_tags(tracker.child_run_id(stage.name), {"reflow.pending_shards": len(pending),
                                                         "reflow.model_checkpoint": inputs["model"].urls["model"]})
@@ -76,7 +76,7 @@ def pair_shards_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.S
 @task(name="simulate-shard", task_run_name="{stage.name}-shard-{shard}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def simulate_shard_task(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, stage: stages.Stage,
-                        inputs: dict[str, stages.StageOutput], shard: int, tracker: MlflowTracker) -> dict:
+                        inputs: dict[str, stages.StageOutput], shard: int, tracker: Tracker) -> dict:
     if orch.engine == "dask":  # a Dask worker process: its torch threads from its share of the cores
         host.worker_threads(workers=1 if orch.dask_address else cfg.pairs.workers)
         host.steady_malloc()
@@ -89,7 +89,7 @@ def simulate_shard_task(cfg: PipelineConfig, orch: Orchestration, rundir: stages
 
 
 @task(name="finish-pairs", task_run_name="finish-{stage.name}", cache_policy=NO_CACHE)
-def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage, tracker: MlflowTracker,
+def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.Stage, tracker: Tracker,
                       shard_results: list[dict]) -> stages.StageOutput:
     def after(out: stages.StageOutput, run_id: str) -> None:
         done = [r for r in shard_results if not r.get("skipped")]
@@ -105,7 +105,7 @@ def finish_pairs_task(cfg: PipelineConfig, rundir: stages.RunDir, stage: stages.
 
 
 def stage_tasks(cfg: PipelineConfig, orch: Orchestration, rundir: stages.RunDir, step: stages.Step,
-                tracker: MlflowTracker, logger) -> stages.StageOutput:
+                tracker: Tracker, logger) -> stages.StageOutput:
     """One stage instance of the walk as tasks: a sharded stage (pairs) with work to do as plan, one task per
     pending shard (at most pairs.workers in flight) and finish; any other stage (or a finished sharded one) as one
     stage task."""

@@ -6,6 +6,9 @@ only modules that import mlflow. It talks to the store through an explicit `mlfl
 
 Resume: the parent run id is kept at `<run dir>/mlflow_run.json`, so a re-run of the same pipeline run logs into
 the same parent run; a stage's child run is found again by its tags (`mlflow.parentRunId`, `reflow.stage`).
+
+mlflow is imported when a tracker first talks to the store, not with this module: the flow process of `reflow run`
+leaves MLflow to its tracking process (`flows.tracking_queue`) and never imports it.
 """
 from __future__ import annotations
 
@@ -19,16 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import fsspec
-import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-)
 
 from flows.tracking_store import RUN_FILE, read_run_file
 from reflow_core import storage
@@ -37,6 +30,55 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "reflow.stage"
 _SECRET = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")  # mlflow.entities.RunStatus
+
+
+def _limits():
+    """MLflow's limits on keys, values and batch sizes (`mlflow.utils.validation`), imported when first needed."""
+    from mlflow.utils import validation
+
+    return validation
+
+
+def _mlflow_error() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def import_mlflow(store: bool = True) -> None:
+    """Import mlflow now, and with store the modules of its sqlite/SQL stores (~1 s: SQLAlchemy's models of MLflow's
+    tables), which opening such a store imports."""
+    import mlflow  # noqa: F401
+
+    if store:
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
+def skip_requirement_check() -> None:
+    """Logging a model, MLflow checks its pip requirements against the installed packages and warns of a mismatch,
+    twice (writing the model, then loading it to validate the input example), mapping every installed distribution
+    to its modules first (~1 s of CPU, once per process). The models `serving.log_sampler` logs require the
+    versions installed where it runs (`serving.requirements()`: each package `==` its installed version), which the
+    check cannot find mismatched. In a process that logs only these (the tracking process,
+    flows/tracking_queue.py), the check is replaced by nothing where MLflow binds it."""
+    import importlib
+
+    for name in ("mlflow.utils.environment", "mlflow.pyfunc"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "warn_dependency_requirement_mismatches"):
+            module.warn_dependency_requirement_mismatches = lambda *args, **kwargs: None
+
+
+def new_client(tracking_uri: str):
+    """An `mlflow.MlflowClient` on tracking_uri (MLflow keeps the store per URI for the rest of the process)."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,12 +103,12 @@ def loggable_params(config: Mapping[str, Any]) -> dict[str, str]:
     for key, value in flatten(config).items():
         if _SECRET.search(key):
             continue
-        params[_clean_key(key)] = str(value)[:MAX_PARAM_VAL_LENGTH]
+        params[_clean_key(key)] = str(value)[:_limits().MAX_PARAM_VAL_LENGTH]
     return params
 
 
 def _clean_key(key: str) -> str:
-    return _BAD_KEY_CHARS.sub("_", key)[:MAX_ENTITY_KEY_LENGTH]
+    return _BAD_KEY_CHARS.sub("_", key)[:_limits().MAX_ENTITY_KEY_LENGTH]
 
 
 def _now_ms() -> int:
@@ -93,24 +135,35 @@ class MlflowTracker:
         self.run_dir_url = run_dir_url.rstrip("/")
         self.run_name = run_name or self.run_dir_url.rsplit("/", 1)[-1]
         self.artifact_root = artifact_root
-        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.client = new_client(tracking_uri)
         self._lock = threading.RLock()
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
         self._children: dict[str, str] = {}
         self._callbacks: dict[str, MlflowStageCallback] = {}
+        self._monitor = None  # the system metrics monitor, while one runs
 
     def __getstate__(self) -> dict:
         # picklable for process-based task runners (prefect-dask): settings and run ids travel; the client, the
-        # lock and the per-process metric buffers are made anew on the other side
-        state = {k: v for k, v in self.__dict__.items() if k not in ("client", "_lock")}
+        # lock, the monitor and the per-process metric buffers are made anew on the other side
+        state = {k: v for k, v in self.__dict__.items() if k not in ("client", "_lock", "_monitor")}
         state["_callbacks"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        self.client = new_client(self.tracking_uri)
         self._lock = threading.RLock()
+        self._monitor = None
+
+    @classmethod
+    def resumed(cls, settings: Mapping[str, Any], experiment_id: str | None, parent_id: str | None,
+                children: Mapping[str, str]) -> "MlflowTracker":
+        """A tracker of runs another tracker opened (settings: this class's constructor arguments): its experiment,
+        parent and open stage runs known, so it logs into them without asking the store (a Dask shard process)."""
+        t = cls(**settings)
+        t._experiment_id, t._parent_id, t._children = experiment_id, parent_id, dict(children)
+        return t
 
     # -- runs ---------------------------------------------------------------------------------------------------
     @property
@@ -124,7 +177,7 @@ class MlflowTracker:
                         self._experiment_id = self.client.create_experiment(
                             self.experiment, artifact_location=self._artifact_location(),
                             tags={"mlflow.experimentKind": "custom_model_development"})
-                    except MlflowException:  # created concurrently by another process
+                    except _mlflow_error():  # created concurrently by another process
                         self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
                 else:
                     self._experiment_id = exp.experiment_id
@@ -142,7 +195,7 @@ class MlflowTracker:
     def _run_exists(self, run_id: str) -> bool:
         try:
             run = self.client.get_run(run_id)
-        except MlflowException:
+        except _mlflow_error():
             return False
         return run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
 
@@ -167,7 +220,18 @@ class MlflowTracker:
             return run_id
 
     def child_run_id(self, stage: str) -> str:
-        """The stage's child run under the parent: found by tags on resume, else created. Marks it RUNNING."""
+        """The stage's child run under the parent: found by tags on resume, else created. Marks it RUNNING. The config
+        is logged on it as params when it is opened."""
+        with self._lock:
+            if stage in self._children:
+                return self._children[stage]
+            run_id = self.open_child(stage)
+            if self.params:
+                self.log_params(run_id, self.params)
+            return run_id
+
+    def open_child(self, stage: str) -> str:
+        """`child_run_id` less the params (a queued tracker logs them without waiting)."""
         with self._lock:
             if stage in self._children:
                 return self._children[stage]
@@ -182,8 +246,6 @@ class MlflowTracker:
                     self.experiment_id, run_name=stage,
                     tags={PARENT_TAG: parent, STAGE_TAG: stage, "reflow.run_dir": self.run_dir_url})
                 run_id = run.info.run_id
-            if self.params:
-                self.log_params(run_id, self.params)
             self._children[stage] = run_id
             return run_id
 
@@ -203,7 +265,8 @@ class MlflowTracker:
     def finish(self, stage: str | None, status: str = "FINISHED") -> None:
         """Flush a stage's pending metrics and set its terminal status (stage None: the parent run)."""
         status = status.upper()
-        RunStatus.from_string(status)  # validates
+        if status not in STATUSES:
+            raise ValueError(f"unknown MLflow run status {status!r} (one of {', '.join(STATUSES)})")
         with self._lock:
             if stage is None:
                 self.client.set_terminated(self.parent_run_id(), status=status)
@@ -222,7 +285,7 @@ class MlflowTracker:
             for stage in list(self._children):
                 try:
                     self.finish(stage, status)
-                except MlflowException:
+                except _mlflow_error():
                     pass
             if self._parent_id is not None:
                 self.finish(None, status)
@@ -231,25 +294,37 @@ class MlflowTracker:
     def log_params(self, run_id: str, config: Mapping[str, Any]) -> dict[str, str]:
         """Log a (nested) config as flattened params. MLflow params are immutable: a key already logged with another
         value (a resumed run whose non-identity settings changed) is recorded as tag `reflow.changed.<key>`."""
+        from mlflow.entities import Param, RunTag
+
+        lim = _limits()
         params = loggable_params(config)
         existing = self.client.get_run(run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]
-        changed = [RunTag(_clean_key(f"reflow.changed.{k}"), v[:MAX_TAG_VAL_LENGTH])
+        changed = [RunTag(_clean_key(f"reflow.changed.{k}"), v[:lim.MAX_TAG_VAL_LENGTH])
                    for k, v in params.items() if k in existing and existing[k] != v]
-        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(run_id, params=new[i:i + MAX_PARAMS_TAGS_PER_BATCH])
-        for i in range(0, len(changed), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(run_id, tags=changed[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(new), lim.MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i:i + lim.MAX_PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(changed), lim.MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=changed[i:i + lim.MAX_PARAMS_TAGS_PER_BATCH])
         return params
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        ts = _now_ms()
-        batch = [Metric(_clean_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
-        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+        self.log_metric_rows(run_id, metric_rows(metrics, step))
+
+    def log_metric_rows(self, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
+        """Metrics as (key, value, timestamp in ms, step) rows, in batches of MLflow's size."""
+        from mlflow.entities import Metric
+
+        batch = [Metric(_clean_key(k), v, ts, step) for k, v, ts, step in rows]
+        size = _limits().MAX_METRICS_PER_BATCH
+        for i in range(0, len(batch), size):
+            self.client.log_batch(run_id, metrics=batch[i:i + size])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        batch = [RunTag(_clean_key(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items() if not _SECRET.search(k)]
+        from mlflow.entities import RunTag
+
+        limit = _limits().MAX_TAG_VAL_LENGTH
+        batch = [RunTag(_clean_key(k), str(v)[:limit]) for k, v in tags.items() if not _SECRET.search(k)]
         if batch:
             self.client.log_batch(run_id, tags=batch)
 
@@ -264,6 +339,25 @@ class MlflowTracker:
             fs.get_file(fpath, local)
             self.client.log_artifact(run_id, local, artifact_path)
 
+
+    def has_metric(self, run_id: str, prefix: str) -> bool:
+        """Whether run_id has a metric whose key starts with prefix."""
+        return any(k.startswith(prefix) for k in self.client.get_run(run_id).data.metrics)
+
+    def resolve(self, run_id: str) -> str:
+        """The id of a run (a queued tracker names runs before they exist; this one has their ids at once)."""
+        return run_id
+
+    def when_opened(self, run_id: str, then) -> None:
+        """then(run_id): the run exists (a queued tracker calls it once its executor has opened the run)."""
+        then(run_id)
+
+    def call(self, fn, *args, **kwargs):
+        """fn(this tracker, *args, **kwargs): work on the store that a queued tracker runs where its store is."""
+        return fn(self, *args, **kwargs)
+
+    def close(self) -> None:
+        """Nothing to wait for: every call above has reached the store when it returns."""
 
     # -- pipeline results ----------------------------------------------------------------------------------------
     def eval_run_ids(self, models: list[str]) -> dict[str, str]:
@@ -293,19 +387,31 @@ class MlflowTracker:
     def system_metrics(self, run_id: str, every_s: float = 5.0):
         """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network, GPU when present)
         sampled every `every_s` seconds into run_id while the block runs."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, tracking_uri=self.tracking_uri)
-        monitor.start()
+        self.start_system_metrics(run_id, every_s)
         try:
             yield
         finally:
+            self.stop_system_metrics()
+
+    def start_system_metrics(self, run_id: str, every_s: float = 5.0) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with self._lock:
+            self.stop_system_metrics()
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, tracking_uri=self.tracking_uri)
+            self._monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        with self._lock:
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:
             monitor.finish()
 
     @contextlib.contextmanager
     def active_run(self, run_id: str):
         """run_id as MLflow's active run in this thread (for `mlflow.<flavor>.log_model`, which logs into the
         active run), on this tracker's store; left FINISHED afterwards, as it was (start_run re-opens it)."""
+        import mlflow
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         with self._lock, _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True,
@@ -366,6 +472,12 @@ def source_tags(repo: str | os.PathLike | None = None) -> dict[str, str]:
     return tags
 
 
+def metric_rows(metrics: Mapping[str, Any], step: int = 0, ts: int | None = None) -> list[tuple[str, float, int, int]]:
+    """The numbers of metrics as (key, value, timestamp in ms, step) rows, stamped now (or at ts)."""
+    ts = _now_ms() if ts is None else ts
+    return [(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+
+
 def _is_number(v: Any) -> bool:
     try:
         float(v)
@@ -390,7 +502,7 @@ class MlflowStageCallback:
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.progress_every = progress_every
-        self._buffer: list[Metric] = []
+        self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, ms, step), written by log_metric_rows
         self._last_flush = time.monotonic()
         self._last_progress: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -398,8 +510,7 @@ class MlflowStageCallback:
     def on_metrics(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         ts = _now_ms()
         with self._lock:
-            self._buffer.extend(Metric(_clean_key(k), float(v), ts, int(step))
-                                for k, v in metrics.items() if _is_number(v))
+            self._buffer.extend(metric_rows(metrics, step, ts))
             due = len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds
         if due:
             self.flush()
@@ -417,7 +528,7 @@ class MlflowStageCallback:
             if frac < 1.0 and 0.0 <= frac - last < self.progress_every:
                 return
             self._last_progress[stage] = frac
-            self._buffer.append(Metric(_clean_key(f"{stage}_progress"), frac, _now_ms(), int(done)))
+            self._buffer.append((f"{stage}_progress", frac, _now_ms(), int(done)))
             # written with the next batch of metrics (each write is a store transaction, ~10 ms on sqlite), at
             # the latest flush_seconds from the last; the end of a stage at once
             due = frac >= 1.0 or time.monotonic() - self._last_flush > self.flush_seconds
@@ -428,5 +539,5 @@ class MlflowStageCallback:
         with self._lock:
             batch, self._buffer = self._buffer, []
             self._last_flush = time.monotonic()
-        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self.tracker.client.log_batch(self.run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+        if batch:
+            self.tracker.log_metric_rows(self.run_id, batch)
