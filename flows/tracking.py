@@ -33,6 +33,14 @@ _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")  # mlflow.entities.RunStatus
 
 
+def run_status(status: str) -> str:
+    """`status` as MLflow spells it (upper case); a ValueError for anything not in STATUSES."""
+    status = status.upper()
+    if status not in STATUSES:
+        raise ValueError(f"unknown MLflow run status {status!r} (one of {', '.join(STATUSES)})")
+    return status
+
+
 def _limits():
     """MLflow's limits on keys, values and batch sizes (`mlflow.utils.validation`), imported when first needed."""
     from mlflow.utils import validation
@@ -264,9 +272,7 @@ class MlflowTracker:
 
     def finish(self, stage: str | None, status: str = "FINISHED") -> None:
         """Flush a stage's pending metrics and set its terminal status (stage None: the parent run)."""
-        status = status.upper()
-        if status not in STATUSES:
-            raise ValueError(f"unknown MLflow run status {status!r} (one of {', '.join(STATUSES)})")
+        status = run_status(status)
         with self._lock:
             if stage is None:
                 self.client.set_terminated(self.parent_run_id(), status=status)

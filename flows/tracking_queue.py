@@ -58,7 +58,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
-from flows.tracking import STATUSES, MlflowStageCallback, MlflowTracker, metric_rows
+from flows.tracking import MlflowStageCallback, MlflowTracker, metric_rows, run_status
 from flows.tracking_store import RUN_FILE, read_run_file
 from reflow_core import storage
 
@@ -444,9 +444,7 @@ class QueuedTracker:
             return self._callbacks[stage]
 
     def finish(self, stage: str | None, status: str = "FINISHED") -> None:
-        status = status.upper()
-        if status not in STATUSES:
-            raise ValueError(f"unknown MLflow run status {status!r} (one of {', '.join(STATUSES)})")
+        status = run_status(status)
         with self._lock:
             if stage is not None:
                 cb = self._callbacks.pop(stage, None)

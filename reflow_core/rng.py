@@ -40,6 +40,11 @@ def label_seed(seed: int) -> int:
     return seed + 1
 
 
+def draw_seed(seed: int, k: int) -> int:
+    """The seed of source draw k of a super-resolution evaluation seeded by `seed`."""
+    return seed + k + 1
+
+
 def reference_seed(seed: int) -> int:
     """The seed of the real-data reference an evaluation seeded by `seed` compares against."""
     return seed + 2

@@ -17,8 +17,8 @@ from .. import metrics, plots, storage
 from ..config import ConfigError, PipelineConfig
 from ..metrics.sr import lpips_available, sr_row
 from ..nets import count_params
-from ..rng import label_seed
-from ..sr import degrade, lift, source
+from ..rng import draw_seed
+from ..sr import degrade, lift, measure, source
 from ..sr_sample import STUDENT, knob_output  # (knob_output re-exported)
 from ..velocity import VelocityModel, generate
 from .base import Context, Stage, StageOutput, dataset, default_device, heldout
@@ -42,11 +42,10 @@ def inputs_for(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.T
     ec, sr = cfg.eval, cfg.data.sr
     test = heldout(cfg)
     x = test.x[: min(len(test), max(1, ec.n_samples // ec.draws))]
-    g = torch.Generator().manual_seed(ec.seed)
-    lr = degrade(x, sr.scale, sr.degradation)
-    y = lr + sr.sigma_y * torch.randn(lr.shape, generator=g)
+    n = torch.randn(degrade(x, sr.scale, sr.degradation).shape, generator=torch.Generator().manual_seed(ec.seed))
+    y = measure(x, n, sr.scale, sr.degradation, sr.sigma_y)
     c = lift(y, sr.scale, sr.degradation)
-    src = torch.stack([source(c, torch.randn(x.shape, generator=torch.Generator().manual_seed(label_seed(ec.seed + k))),
+    src = torch.stack([source(c, torch.randn(x.shape, generator=torch.Generator().manual_seed(draw_seed(ec.seed, k))),
                               sr.sigma_p) for k in range(ec.draws)])
     return x, y, c, src
 
