@@ -65,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # on another core meanwhile
     server = None if args.local else _start_api_server()
     if not args.local:  # and MLflow's (imports, store, the model's logging) in a process of its own, meanwhile
-        from flows.tracking_queue import start_process
+        from flows.tracking_process import start_process
         start_process()
     from reflow_core.stages import check_run_name, check_stage_names
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
 # mlflow, pandas and numpy are imported by the functions that use them: the flow process imports this module for
-# `headline` and `version_description`, and logs the model where its MLflow store is (flows/tracking_queue.py)
+# `headline` and `version_description`, and logs the model where its MLflow store is (flows/tracking_process.py)
 
 SAMPLER_FILE = Path(__file__).with_name("sampler_model.py")
 CHAMPION = "champion"

@@ -8,7 +8,7 @@ Resume: the parent run id is kept at `<run dir>/mlflow_run.json`, so a re-run of
 the same parent run; a stage's child run is found again by its tags (`mlflow.parentRunId`, `reflow.stage`).
 
 mlflow is imported when a tracker first talks to the store, not with this module: the flow process of `reflow run`
-leaves MLflow to its tracking process (`flows.tracking_queue`) and never imports it.
+leaves MLflow to its tracking process (`flows.tracking_process`) and never imports it.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import os
 import re
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import fsspec
 
+from flows.stage_metrics import MlflowStageCallback, headline_metrics, metric_rows, per_model_metrics
 from flows.tracking_store import RUN_FILE, read_run_file
 from reflow_core import storage
 
@@ -70,7 +70,7 @@ def skip_requirement_check() -> None:
     to its modules first (~1 s of CPU, once per process). The models `serving.log_sampler` logs require the
     versions installed where it runs (`serving.requirements()`: each package `==` its installed version), which the
     check cannot find mismatched. In a process that logs only these (the tracking process,
-    flows/tracking_queue.py), the check is replaced by nothing where MLflow binds it."""
+    flows/tracking_process.py), the check is replaced by nothing where MLflow binds it."""
     import importlib
 
     for name in ("mlflow.utils.environment", "mlflow.pyfunc"):
@@ -117,10 +117,6 @@ def loggable_params(config: Mapping[str, Any]) -> dict[str, str]:
 
 def _clean_key(key: str) -> str:
     return _BAD_KEY_CHARS.sub("_", key)[:_limits().MAX_ENTITY_KEY_LENGTH]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +259,7 @@ class MlflowTracker:
             filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id()}' and tags.`{STAGE_TAG}` = '{stage}'",
             order_by=["attributes.start_time ASC"], max_results=1)
 
-    def stage_callback(self, stage: str) -> "MlflowStageCallback":
+    def stage_callback(self, stage: str) -> MlflowStageCallback:
         """The callback reflow_core reports a stage's events to (one per stage; shared by its shard tasks)."""
         with self._lock:
             if stage not in self._callbacks:
@@ -426,35 +422,6 @@ class MlflowTracker:
         self.client.update_run(run_id, status="FINISHED")
 
 
-def headline_metrics(rows: list[dict]) -> dict[str, float]:
-    """Parent-run keys of the evaluation rows: `<column>.<model>.<solver>.nfe<N>`, `straightness.<model>`,
-    `params.<model>`."""
-    out: dict[str, float] = {}
-    for model, metrics in per_model_metrics(rows).items():
-        for key, value in metrics.items():
-            head, _, rest = key.partition(".")
-            out[f"{head}.{model}.{rest}" if rest else f"{head}.{model}"] = value
-    return out
-
-
-_ROW_INFO = {"model", "solver", "nfe", "steps", "grid", "rho", "guidance", "guidance_weight", "seconds", "params",
-             "straightness"}
-
-
-def per_model_metrics(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """{model: {`<column>.<solver>.nfe<N>`: value, `straightness`: s, `params`: n}} of the evaluation rows."""
-    out: dict[str, dict[str, float]] = {}
-    for r in rows:
-        m = out.setdefault(r["model"], {})
-        for k, v in r.items():
-            if k not in _ROW_INFO and _is_number(v) and not isinstance(v, bool):
-                m[f"{k}.{r['solver']}.nfe{r['nfe']}"] = float(v)
-        m["straightness"] = float(r["straightness"])
-        if "params" in r:
-            m["params"] = float(r["params"])
-    return out
-
-
 def source_tags(repo: str | os.PathLike | None = None) -> dict[str, str]:
     """Where the code that ran came from: the git commit (MLflow's own `mlflow.source.git.commit` tag, shown in the
     run page), whether the tree had local changes, and the package version."""
@@ -476,74 +443,3 @@ def source_tags(repo: str | os.PathLike | None = None) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         tags["reflow.git_commit"] = "unknown (not a git checkout)"
     return tags
-
-
-def metric_rows(metrics: Mapping[str, Any], step: int = 0, ts: int | None = None) -> list[tuple[str, float, int, int]]:
-    """The numbers of metrics as (key, value, timestamp in ms, step) rows, stamped now (or at ts)."""
-    ts = _now_ms() if ts is None else ts
-    return [(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(v, (str, bytes))
-
-
-class MlflowStageCallback:
-    """reflow_core's Callback protocol for one stage's child run.
-
-    Metrics are buffered and written with `log_batch` (every `flush_every` metrics or `flush_seconds`, and on
-    artifacts / finish); progress becomes the metric `<stage>_progress` at most every `progress_every` of the total,
-    buffered the same way (the final 1.0 written at once).
-    """
-
-    def __init__(self, tracker: MlflowTracker, stage: str, run_id: str, flush_every: int = 200,
-                 flush_seconds: float = 10.0, progress_every: float = 0.05):
-        self.tracker = tracker
-        self.stage = stage
-        self.run_id = run_id
-        self.flush_every = flush_every
-        self.flush_seconds = flush_seconds
-        self.progress_every = progress_every
-        self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, ms, step), written by log_metric_rows
-        self._last_flush = time.monotonic()
-        self._last_progress: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def on_metrics(self, stage: str, step: int, metrics: dict[str, float]) -> None:
-        ts = _now_ms()
-        with self._lock:
-            self._buffer.extend(metric_rows(metrics, step, ts))
-            due = len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds
-        if due:
-            self.flush()
-
-    def on_artifact(self, stage: str, path: str) -> None:
-        self.flush()
-        self.tracker.log_artifact(self.run_id, path)
-
-    def on_progress(self, stage: str, done: int, total: int) -> None:
-        if total <= 0:
-            return
-        frac = done / total
-        with self._lock:  # keyed by the reported stage: shards report "pairs/shard3"
-            last = self._last_progress.get(stage, -1.0)
-            if frac < 1.0 and 0.0 <= frac - last < self.progress_every:
-                return
-            self._last_progress[stage] = frac
-            self._buffer.append((f"{stage}_progress", frac, _now_ms(), int(done)))
-            # written with the next batch of metrics (each write is a store transaction, ~10 ms on sqlite), at
-            # the latest flush_seconds from the last; the end of a stage at once
-            due = frac >= 1.0 or time.monotonic() - self._last_flush > self.flush_seconds
-        if due:
-            self.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-            self._last_flush = time.monotonic()
-        if batch:
-            self.tracker.log_metric_rows(self.run_id, batch)

@@ -73,10 +73,10 @@ def resolve_tracking_uri(config_uri: str | None, root: str) -> str:
 def open_store(uri: str) -> None:
     """Open (for a new sqlite file: create) the tracking store now. MLflow keeps the store per URI for the rest of
     the process, so the run's own client finds it ready. With a tracking process started (`reflow run`,
-    flows/tracking_queue.py) that process opens it, in the background, and this process never imports mlflow."""
-    from flows import tracking_queue
+    flows/tracking_process.py) that process opens it, in the background, and this process never imports mlflow."""
+    from flows import tracking_process
 
-    if tracking_queue.open_store_in_process(uri):
+    if tracking_process.open_store_in_process(uri):
         return
     import mlflow
 

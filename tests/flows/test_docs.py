@@ -106,3 +106,14 @@ def test_the_checks_find_what_they_look_for():
     assert not _is_field("eval.rhos") and _is_field("pairs.grid.rho") and _is_field("pairs.engine")
     with pytest.raises(SystemExit):
         build_parser().parse_args(shlex.split("run --preset toy2d --no-such-flag"))
+
+
+# a line that is only a `str.format` field (`{ov1}`): a template whose values were never filled in
+_TEMPLATE_FIELD = re.compile(r"^\{[A-Za-z_][A-Za-z_0-9]*\}$")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_no_unfilled_template_field(doc):
+    bad = [n for n, line in enumerate(doc.read_text().splitlines(), 1) if _TEMPLATE_FIELD.match(line.strip())]
+    assert not bad, f"{doc.name}: lines {bad} are unfilled template fields (a measurement's output was never pasted)"
+    assert _TEMPLATE_FIELD.match("{ov1}") and not _TEMPLATE_FIELD.match('{"flow_vs_local": 0.9}')
