@@ -157,7 +157,8 @@ def train(*, net: nn.Module, batches: Callable[[int], Batch], cfg: TrainConfig, 
             return base
         t = torch.full((b.x_data.shape[0],), 0.5, device=device)
         with amp:
-            return accel.prepare_model(base, compile=True, example=(b.x_data, t, b.label), probe_backward=True)
+            example = (b.x_data, t, b.label) if b.cond is None else (b.x_data, t, b.label, b.cond)
+            return accel.prepare_model(base, compile=True, example=example, probe_backward=True)
 
     net.train()
     ema_step = _EMA(ema, net)

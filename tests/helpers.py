@@ -1,6 +1,8 @@
 """Helpers shared by test files (importable by name: pyproject's pytest `pythonpath`)."""
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -53,3 +55,16 @@ def assert_same(a, b, where="state"):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def wait_for_line(proc: subprocess.Popen, wanted: str, *, exact: bool = False, timeout: float = 120) -> str:
+    """The first line of a worker's stdout that starts with `wanted` (exact: that is `wanted`, stripped); an
+    AssertionError with the worker's stderr if it exits first, or after `timeout` seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"worker exited before {wanted!r}: rc={proc.wait()} {proc.stderr.read()[-3000:]}")
+        if (line.strip() == wanted) if exact else line.startswith(wanted):
+            return line
+    raise AssertionError(f"no {wanted!r} from the worker within {timeout}s")

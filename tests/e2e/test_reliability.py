@@ -25,7 +25,7 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from helpers import tiny
+from helpers import tiny, wait_for_line
 
 from flows import cli
 from reflow_core import checkpoint, pairs, stages, storage
@@ -56,17 +56,6 @@ def _env(**extra) -> dict:
 def _spawn(code: str, *args: str, **env) -> subprocess.Popen:
     return subprocess.Popen([PY, "-c", code, *args], cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"worker exited before {prefix!r}: rc={proc.wait()} {proc.stderr.read()[-3000:]}")
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"no {prefix!r} from the worker within {timeout}s")
 
 
 def _kill9(proc: subprocess.Popen) -> None:
@@ -114,7 +103,7 @@ def test_kill9_during_checkpoint_writes(tmp_path):
     last = 0
     while kills < 4 or (mid_write < 2 and kills < 8):
         proc = _spawn(CKPT_WORKER, d)
-        ready = _wait_line(proc, "ready")
+        ready = wait_for_line(proc, "ready")
         assert int(ready.split()[1]) == last  # resumed from the last good checkpoint
         time.sleep(rng.uniform(0.05, 0.6))
         _kill9(proc)
@@ -176,7 +165,7 @@ def test_kill9_during_shard_write(tmp_path):
 
     url = str(tmp_path / "pairs.zarr")
     proc = _spawn(SHARD_WORKER, url, json.dumps(SHARD_CFG))
-    _wait_line(proc, "progress 2 250 ")  # half of shard 2 integrated, its first chunks on their way to disk
+    wait_for_line(proc, "progress 2 250 ")  # half of shard 2 integrated, its first chunks on their way to disk
     time.sleep(random.Random(11).uniform(0.0, 0.03))
     _kill9(proc)
 
@@ -250,7 +239,7 @@ def test_kill9_during_mlflow_logging(tmp_path):
     overrides = json.dumps(TINY | {"teacher.train.steps": 150, "teacher.train.log_every": 1,
                                    "reflow.train.log_every": 1})
     proc = _spawn(TRACKED_WORKER, root, "killed", overrides, "1")
-    parent = _wait_line(proc, "parent").split()[1]
+    parent = wait_for_line(proc, "parent").split()[1]
     time.sleep(random.Random(5).uniform(0.5, 1.5))  # inside the teacher's per-step metric logging
     _kill9(proc)
     assert storage.read_json(f"{root}/killed/{tracking_store.RUN_FILE}")["run_id"] == parent

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same
+from helpers import assert_same, wait_for_line
 
 from reflow_core import checkpoint, stages, storage
 from reflow_core.config import ConfigError
@@ -153,17 +153,6 @@ def _spawn(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_line(proc: subprocess.Popen, line_wanted: str, timeout: float = 240) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"worker exited before {line_wanted!r}: rc={proc.wait()} {proc.stderr.read()[-3000:]}")
-        if line.strip() == line_wanted:
-            return
-    raise AssertionError(f"no {line_wanted!r} from the worker within {timeout}s")
-
-
 def _files(d: str) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
 
@@ -172,7 +161,7 @@ def test_kill9_mid_distill_then_rerun_equals_an_uninterrupted_run(root, tiny):
     cfg = load_preset(PRESET, LONGER)
     proc = _spawn(root, "killed", json.dumps(LONGER))
     try:
-        _wait_line(proc, "progress distill 12")  # past the first distill checkpoint (step 10)
+        wait_for_line(proc, "progress distill 12", exact=True, timeout=240)  # past the first distill checkpoint (step 10)
         time.sleep(random.Random(3).uniform(0.0, 0.4))
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
