@@ -24,6 +24,8 @@
       time-stamped into its log, and `flow_parts_s` gives, per flow run (medians): the command's start to the flow's
       first line (imports, the temporary API server, the flow run's creation), the plan to the teacher's first step,
       the evaluation's end to the publish task's (MLflow results, the model logged and registered), that to exit.
+      `--flow-server running` points every flow run at one lasting `prefect server start` (started before, untimed,
+      on the same PREFECT_HOME) as on a worker's host, instead of each `reflow run` starting its temporary server.
 
 Ours and plain alternate (ours first on even repeats, plain first on odd ones) so drift hits both; every figure is a
 median over repeats with the min and max. Ratios are ours / plain (higher is better; 1 = no overhead), for training
@@ -33,16 +35,20 @@ The last line is `RESULT {json}`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -306,14 +312,58 @@ def _median_of(xs: list) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+@contextlib.contextmanager
+def _lasting_server(env: dict, log: str):
+    """`prefect server start` on a free port (UI off), as on a worker's host; yields its API URL once it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port)], env={**env, "PREFECT_UI_ENABLED": "false",
+                                                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server start did not answer; log:\n{Path(log).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: bool = False,
-               store: str = "shared", preset: str = "toy2d") -> dict:
+               store: str = "shared", preset: str = "toy2d", server: str = "temporary") -> dict:
     """store='shared': every run of a runner goes under one root, whose MLflow store the untimed warm-up run made
     (a team's root: MLflow creates a store's tables once); 'new': a fresh root per run, so each flow run also
-    creates its MLflow tables (the first run into a new root)."""
+    creates its MLflow tables (the first run into a new root). server='running': the flow runs use one lasting
+    Prefect server (`_lasting_server`); 'temporary': each `reflow run` starts its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({"OMP_NUM_THREADS": str(threads), "PREFECT_HOME": os.path.join(tmp, "prefect_home"),
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    with contextlib.ExitStack() as stack:
+        if server == "running":
+            env["PREFECT_API_URL"] = stack.enter_context(_lasting_server(env, os.path.join(tmp, "server.log")))
+        out = _bench_flow_runs(size, reps, tmp, env, preset_as_shipped, store, preset)
+    return {**out, "server": server}
+
+
+def _bench_flow_runs(size: str, reps: int, tmp: str, env: dict, preset_as_shipped: bool, store: str,
+                     preset: str) -> dict:
     sets = [] if preset_as_shipped else [a for s in FLOW_SETS[size] for a in ("--set", s)]
     runs = [0]
     parts: list[dict] = []
@@ -334,7 +384,7 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
 
     # warm-up, untimed, as in the other parts: the first flow on a machine also creates Prefect's database under
     # PREFECT_HOME (~10 s, once per machine), and with a shared root the MLflow store; every timed flow run still
-    # starts its temporary API server
+    # starts its temporary API server (with --flow-server temporary)
     smoke = [a for s in FLOW_SETS["smoke"] for a in ("--set", s)]
     for local in (True, False):
         _run_cli(["run", "--preset", "toy2d", "--root", root_of(local, 0), "--run", "warm-up", *smoke]
@@ -368,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--flow-store", choices=["shared", "new"], default="shared", help="the flow part's roots: "
                     "one per runner whose MLflow store exists (default), or a new root per run (each flow run "
                     "creates its MLflow tables)")
+    ap.add_argument("--flow-server", choices=["temporary", "running"], default="temporary", help="the flow "
+                    "part's Prefect API: each `reflow run` starts its temporary server (default), or all use one "
+                    "lasting `prefect server start`, as on a worker's host")
     ap.add_argument("--json", default=None, help="also write the RESULT dict to this file")
     args = ap.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -419,11 +472,12 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
             fl = detail["flow"] = bench_flow(size, flow_reps, threads, tmp,
                                              preset_as_shipped=args.flow_config in ("preset", "tiny"),
                                              store=args.flow_store,
-                                             preset="toy2d_tiny" if args.flow_config == "tiny" else "toy2d")
+                                             preset="toy2d_tiny" if args.flow_config == "tiny" else "toy2d",
+                                             server=args.flow_server)
             res["flow_vs_local"] = _r(fl["ratio"])
             res["flow_spread"] = [_r(fl["ratio_min"]), _r(fl["ratio_max"])]
             res["wall_s"] = {"local": _r(fl["local_wall_s"]["median"], 1), "flow": _r(fl["flow_wall_s"]["median"], 1)}
-            res["flow_config"], res["flow_store"] = args.flow_config, args.flow_store
+            res["flow_config"], res["flow_store"], res["flow_server"] = args.flow_config, args.flow_store, fl["server"]
             res["flow_parts_s"] = {k: _r(v, 2) for k, v in fl["parts"].items()}
         else:
             res["flow_vs_local"] = None

@@ -76,9 +76,12 @@ def run(worker_args: list[str], grace: float = DEFAULT_GRACE_S) -> int:
     """Run `prefect worker start worker_args` until it exits, or until SIGTERM / SIGINT stops runs then worker."""
     if not sys.platform.startswith("linux"):
         raise SystemExit("reflow worker needs Linux (/proc); elsewhere use `prefect worker start`")
-    prefect = str(Path(sys.executable).parent / "prefect")
-    # its own session: a signal to our group reaches us, and we decide what the worker's runs get first
-    worker = subprocess.Popen([prefect, "worker", "start", *worker_args], start_new_session=True)
+    return supervise([str(Path(sys.executable).parent / "prefect"), "worker", "start", *worker_args], grace)
+
+
+def supervise(cmd: list[str], grace: float = DEFAULT_GRACE_S) -> int:
+    """Run the worker command `cmd` in a session of its own until it exits (its status), or until SIGTERM / SIGINT
+    (128 + the signal) stops its flow runs, then it (`stop_runs_then_worker`)."""
     stop = threading.Event()
     received: list[int] = []
 
@@ -86,8 +89,13 @@ def run(worker_args: list[str], grace: float = DEFAULT_GRACE_S) -> int:
         received.append(signum)
         stop.set()
 
+    # ours before the worker starts: it then starts with both signals at their defaults (a handler is not inherited),
+    # even when this process was started with SIGINT ignored (a background job: `reflow worker ... &`, nohup),
+    # which the worker would inherit, and with it ignore the SIGINT that Prefect stops it with
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # its own session: a signal to our group reaches us, and we decide what the worker's runs get first
+    worker = subprocess.Popen(cmd, start_new_session=True)
     while worker.poll() is None and not stop.wait(0.5):
         pass
     if stop.is_set() and worker.poll() is None:

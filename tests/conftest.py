@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ def pytest_sessionstart(session):
     # (measured: a 300-step MLP run took 6.8 s with 1 thread, 45 s with 2 under load).
     import torch
     torch.set_num_threads(1)
+    # A test run started in the background (`make test &`, `nohup`) inherits SIGINT ignored, and so would every
+    # process it starts: a `reflow run` that ignores Ctrl-C. The tests that stop runs with Ctrl-C need it as a
+    # terminal gives it, so the session takes SIGINT back (its children then start with the default).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ session of its own) get SIGTERM and are waited for before the worker is stopped.
 `reflow worker` with a real Prefect worker and flow run.)"""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -65,3 +66,26 @@ def test_a_run_that_ignores_sigterm_does_not_hold_the_worker_past_the_grace(tmp_
     assert (tmp_path / "worker").read_text() == "None None"  # still running when the worker was stopped
     for pid in runs:  # (clean up the stubborn runs)
         subprocess.run(["kill", "-KILL", str(pid)], check=False)
+
+
+def _ignored(status: str) -> set[int]:
+    """The signals a /proc/<pid>/status text says are ignored."""
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_a_worker_started_in_the_background_still_gets_sigint(tmp_path):
+    """`reflow worker ... &` from a script starts with SIGINT ignored; the worker it starts must not inherit that, as
+    Prefect stops a process worker with SIGINT (one that ignored it kept taking flow runs until it was killed)."""
+    report = tmp_path / "worker-status"
+    child = f"import pathlib; pathlib.Path({str(report)!r}).write_text(open('/proc/self/status').read())"
+    supervisor = textwrap.dedent(f"""
+        import signal, sys
+        from flows.worker import supervise
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # as a background job starts
+        sys.exit(supervise([sys.executable, "-c", {child!r}], grace=5))
+    """)
+    out = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert out.returncode == 0, out.stderr
+    assert signal.SIGINT not in _ignored(report.read_text())
