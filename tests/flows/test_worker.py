@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+from helpers import REPO
+
 from flows.worker import child_pids, stop_runs_then_worker
 
 # a flow run: on SIGTERM it takes a moment to record its state (here: a file), then exits
@@ -85,7 +87,7 @@ def test_a_worker_started_in_the_background_still_gets_sigint(tmp_path):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # as a background job starts
         sys.exit(supervise([sys.executable, "-c", {child!r}], grace=5))
     """)
-    out = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, timeout=60,
+    out = subprocess.run([sys.executable, "-c", supervisor], cwd=REPO, capture_output=True, text=True, timeout=60,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert out.returncode == 0, out.stderr
     assert signal.SIGINT not in _ignored(report.read_text())
