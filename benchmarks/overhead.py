@@ -41,14 +41,11 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prefect_stack import PREFECT, free_port, stop, wait_healthy  # noqa: E402 (benchmarks/, beside this file)
 from reflow_core import host, solvers  # noqa: E402
 from reflow_core.preset import load_preset  # noqa: E402
 from reflow_core.pairs import PairStore, simulate_shard, store_for_config  # noqa: E402
@@ -315,35 +313,17 @@ def _median_of(xs: list) -> float | None:
 @contextlib.contextmanager
 def _lasting_server(env: dict, log: str):
     """`prefect server start` on a free port (UI off), as on a worker's host; yields its API URL once it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                                 str(port)], env={**env, "PREFECT_UI_ENABLED": "false",
-                                                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env={**env, "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server start did not answer; log:\n{Path(log).read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(url, proc, Path(log))
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: bool = False,

@@ -71,7 +71,8 @@ def tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
-def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until `prefect server start`'s API at api answers /health; RuntimeError (with its log) if it exits or not."""
     deadline = time.monotonic() + timeout
     while True:
         if server.poll() is not None:
@@ -119,7 +120,7 @@ def prefect_stack(tmp: Path, worker_limit: int | None = None, worker_env: dict |
         with open(logs["server"], "w") as log:
             server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                       env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_healthy(api, server, logs["server"])
+        wait_healthy(api, server, logs["server"])
         env["PREFECT_API_URL"] = api
         prefect(["work-pool", "create", "reflow-process", "--type", "process"], env, REPO)
         # REFLOW_REPO is deliberately unset here: the pull step's {{ $REFLOW_REPO }} is resolved by the worker
