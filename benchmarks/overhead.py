@@ -331,15 +331,19 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
     """store='shared': every run of a runner goes under one root, whose MLflow store the untimed warm-up run made
     (a team's root: MLflow creates a store's tables once); 'new': a fresh root per run, so each flow run also
     creates its MLflow tables (the first run into a new root). server='running': the flow runs use one lasting
-    Prefect server (`_lasting_server`); 'temporary': each `reflow run` starts its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({"OMP_NUM_THREADS": str(threads), "PREFECT_HOME": os.path.join(tmp, "prefect_home"),
+    Prefect server (`_lasting_server`); 'temporary': each `reflow run` starts its own. Both runners get
+    OMP_NUM_THREADS only for a count other than the cores' (a count it fixes, reflow_core/cores.py); at the cores'
+    count they run as `make demo` does, with the threads the cores' registry gives them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "OMP_NUM_THREADS"))}
+    env.update({"PREFECT_HOME": os.path.join(tmp, "prefect_home"),
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    if threads != host.available_cores():
+        env["OMP_NUM_THREADS"] = str(threads)
     with contextlib.ExitStack() as stack:
         if server == "running":
             env["PREFECT_API_URL"] = stack.enter_context(_lasting_server(env, os.path.join(tmp, "server.log")))
         out = _bench_flow_runs(size, reps, tmp, env, preset_as_shipped, store, preset)
-    return {**out, "server": server}
+    return {**out, "server": server, "omp_num_threads": env.get("OMP_NUM_THREADS", "unset")}
 
 
 def _bench_flow_runs(size: str, reps: int, tmp: str, env: dict, preset_as_shipped: bool, store: str,
@@ -459,6 +463,7 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
             res["wall_s"] = {"local": _r(fl["local_wall_s"]["median"], 1), "flow": _r(fl["flow_wall_s"]["median"], 1)}
             res["flow_config"], res["flow_store"], res["flow_server"] = args.flow_config, args.flow_store, fl["server"]
             res["flow_parts_s"] = {k: _r(v, 2) for k, v in fl["parts"].items()}
+            res["flow_omp_num_threads"] = fl["omp_num_threads"]
         else:
             res["flow_vs_local"] = None
     res.update({"size": size, "reps": reps, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

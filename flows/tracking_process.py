@@ -337,10 +337,8 @@ def serve(fd_in: int, fd_out: int) -> None:
                 if warm and op[1] == "open_child" and runner.tracker is not None:
                     # the first stage has its run: the model's logging is prepared now (a thread: the ops go on)
                     warm = False
-                    from flows import serving  # (torch, through reflow_core.export)
-
-                    threading.Thread(target=serving.prepare, args=(runner.tracker.tracking_uri,), name="warm-up",
-                                     daemon=True).start()
+                    threading.Thread(target=prepare_model_logging, args=(runner.tracker.tracking_uri,),
+                                     name="warm-up", daemon=True).start()
             elif kind == "close":
                 runner.stop()
                 _answer(out, "answer", seq, (True, None))
@@ -356,6 +354,22 @@ def serve(fd_in: int, fd_out: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def prepare_model_logging(tracking_uri: str) -> None:
+    """`serving.prepare` (torch, mlflow's pyfunc, the registry's store: ~2.5 s of CPU, while the first stage trains)
+    as a helper holding one core in the host's registry (reflow_core.cores): for those seconds the stage trains on
+    the other cores instead of losing one of its threads' cores to this process (docs/performance.md, "Sharing")."""
+    from reflow_core import cores
+
+    reg = cores.registry()
+    reg.register(cores=1)
+    try:
+        from flows import serving  # (torch, through reflow_core.export)
+
+        serving.prepare(tracking_uri)
+    finally:
+        reg.unregister()
 
 
 def _answer(send: Connection | None, kind: str, seq: int | None, answer: Answer) -> Connection | None:
