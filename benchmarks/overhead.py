@@ -98,7 +98,8 @@ def _ab(reps: int, ours, plain) -> dict:
             a.append(ours())
     ratios = [x / y for x, y in zip(a, b)]
     return {"ours": _stats(a), "plain": _stats(b), "ratio": statistics.median(a) / statistics.median(b),
-            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "ratio_paired": statistics.median(ratios),
+            "ours_all": a, "plain_all": b}
 
 
 # --- (i) training ---------------------------------------------------------------------------------------------------
@@ -331,19 +332,15 @@ def bench_flow(size: str, reps: int, threads: int, tmp: str, preset_as_shipped: 
     """store='shared': every run of a runner goes under one root, whose MLflow store the untimed warm-up run made
     (a team's root: MLflow creates a store's tables once); 'new': a fresh root per run, so each flow run also
     creates its MLflow tables (the first run into a new root). server='running': the flow runs use one lasting
-    Prefect server (`_lasting_server`); 'temporary': each `reflow run` starts its own. Both runners get
-    OMP_NUM_THREADS only for a count other than the cores' (a count it fixes, reflow_core/cores.py); at the cores'
-    count they run as `make demo` does, with the threads the cores' registry gives them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "OMP_NUM_THREADS"))}
-    env.update({"PREFECT_HOME": os.path.join(tmp, "prefect_home"),
+    Prefect server (`_lasting_server`); 'temporary': each `reflow run` starts its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({"OMP_NUM_THREADS": str(threads), "PREFECT_HOME": os.path.join(tmp, "prefect_home"),
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    if threads != host.available_cores():
-        env["OMP_NUM_THREADS"] = str(threads)
     with contextlib.ExitStack() as stack:
         if server == "running":
             env["PREFECT_API_URL"] = stack.enter_context(_lasting_server(env, os.path.join(tmp, "server.log")))
         out = _bench_flow_runs(size, reps, tmp, env, preset_as_shipped, store, preset)
-    return {**out, "server": server, "omp_num_threads": env.get("OMP_NUM_THREADS", "unset")}
+    return {**out, "server": server}
 
 
 def _bench_flow_runs(size: str, reps: int, tmp: str, env: dict, preset_as_shipped: bool, store: str,
@@ -377,6 +374,8 @@ def _bench_flow_runs(size: str, reps: int, tmp: str, env: dict, preset_as_shippe
     res = _ab(reps, lambda: 1.0 / one(True), lambda: 1.0 / one(False))
     inv = lambda s: {"median": 1 / s["median"], "min": 1 / s["max"], "max": 1 / s["min"], "n": s["n"]}  # noqa: E731
     return {"local_wall_s": inv(res["ours"]), "flow_wall_s": inv(res["plain"]), "ratio": 1 / res["ratio"],
+            "walls": {"local": [1 / r for r in res["ours_all"]], "flow": [1 / r for r in res["plain_all"]]},
+            "ratio_paired": 1 / res["ratio_paired"],
             "ratio_min": 1 / res["ratio_max"], "ratio_max": 1 / res["ratio_min"],
             "sets": [] if preset_as_shipped else FLOW_SETS[size], "store": store, "preset": preset,
             "parts": {k: _median_of([p[k] for p in parts]) for k in (parts[0] if parts else {})}}
@@ -460,10 +459,12 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
                                              server=args.flow_server)
             res["flow_vs_local"] = _r(fl["ratio"])
             res["flow_spread"] = [_r(fl["ratio_min"]), _r(fl["ratio_max"])]
+            # the median of the pairs' ratios (each pair: two runs next to each other), robust to the box's drift
+            res["flow_vs_local_paired"] = _r(fl["ratio_paired"])
             res["wall_s"] = {"local": _r(fl["local_wall_s"]["median"], 1), "flow": _r(fl["flow_wall_s"]["median"], 1)}
             res["flow_config"], res["flow_store"], res["flow_server"] = args.flow_config, args.flow_store, fl["server"]
             res["flow_parts_s"] = {k: _r(v, 2) for k, v in fl["parts"].items()}
-            res["flow_omp_num_threads"] = fl["omp_num_threads"]
+            res["flow_walls_s"] = {k: [_r(w, 1) for w in v] for k, v in fl["walls"].items()}  # in run order, pairs
         else:
             res["flow_vs_local"] = None
     res.update({"size": size, "reps": reps, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -477,7 +478,8 @@ def _run(args, size: str, sz: dict, reps: int, threads: int, steady: bool) -> di
             unit = "pairs/s" if k.startswith("sim") else "wall s" if k == "flow" else "steps/s"
             if k == "flow":
                 print(f"  {k:<18} local {m['local_wall_s']['median']:.1f} s  flow {m['flow_wall_s']['median']:.1f} s"
-                      f"  local/flow {m['ratio']:.3f} [{m['ratio_min']:.3f}, {m['ratio_max']:.3f}]")
+                      f"  local/flow {m['ratio']:.3f} [{m['ratio_min']:.3f}, {m['ratio_max']:.3f}]"
+                      f"  paired {m['ratio_paired']:.3f}")
                 print("  flow parts (s)     " + "  ".join(f"{name} {'-' if v is None else f'{v:.2f}'}"
                                                        for name, v in m["parts"].items()))
                 continue

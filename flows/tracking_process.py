@@ -7,10 +7,10 @@ were made, in either of:
 - `ProcessExecutor`, the tracking process (`python -m flows.tracking_process`): `reflow run` starts it first thing
   (`start_process`), so importing mlflow (~1.5 s), opening the store (~1 s), every write and preparing and doing
   the model's logging (torch, mlflow's pyfunc: ~2 s, while the first stage runs) are not work of the flow process,
-  which never imports mlflow. It runs at a lower CPU priority (`PROCESS_NICE`; `REFLOW_TRACKING_NICE` sets
-  another), in the cycles the flow process and its Prefect API server leave. A child of `reflow run` in its own
-  session (a terminal's Ctrl-C goes to the flow, which ends its runs through it) that dies with it
-  (PR_SET_PDEATHSIG) once it has written everything it received.
+  which never imports mlflow. It runs at nice `PROCESS_NICE` (`REFLOW_TRACKING_NICE` sets another), which orders
+  it only against its own session's processes where Linux groups sessions (autogroup; docs/performance.md). A
+  child of `reflow run` in its own session (a terminal's Ctrl-C goes to the flow, which ends its runs through it)
+  that dies with it (PR_SET_PDEATHSIG) once it has written everything it received.
 - `ThreadExecutor`, a thread of this process: a flow run without a tracking process (a deployment's flow run, a
   flow called from Python).
 
@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 REF = "mlflow-run:"  # a run named before it exists: `mlflow-run:parent`, `mlflow-run:teacher#2`
 # the tracking process's CPU priority: below the flow process and its Prefect API server, whose start-up it would
-# otherwise slow down on a 2-core machine, where the three start together
+# otherwise slow down on a 2-core machine, where the three start together (without autogroup: with it, the nice of a
+# process alone in its session ranks it against nobody)
 PROCESS_NICE = 5
 
 # (kind, name, args, kwargs, ref): kind "init" (make the executor's tracker), "attr", "method" (of that tracker) or
@@ -337,8 +338,10 @@ def serve(fd_in: int, fd_out: int) -> None:
                 if warm and op[1] == "open_child" and runner.tracker is not None:
                     # the first stage has its run: the model's logging is prepared now (a thread: the ops go on)
                     warm = False
-                    threading.Thread(target=prepare_model_logging, args=(runner.tracker.tracking_uri,),
-                                     name="warm-up", daemon=True).start()
+                    from flows import serving  # (torch, through reflow_core.export)
+
+                    threading.Thread(target=serving.prepare, args=(runner.tracker.tracking_uri,), name="warm-up",
+                                     daemon=True).start()
             elif kind == "close":
                 runner.stop()
                 _answer(out, "answer", seq, (True, None))
@@ -354,22 +357,6 @@ def serve(fd_in: int, fd_out: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
-
-
-def prepare_model_logging(tracking_uri: str) -> None:
-    """`serving.prepare` (torch, mlflow's pyfunc, the registry's store: ~2.5 s of CPU, while the first stage trains)
-    as a helper holding one core in the host's registry (reflow_core.cores): for those seconds the stage trains on
-    the other cores instead of losing one of its threads' cores to this process (docs/performance.md, "Sharing")."""
-    from reflow_core import cores
-
-    reg = cores.registry()
-    reg.register(cores=1)
-    try:
-        from flows import serving  # (torch, through reflow_core.export)
-
-        serving.prepare(tracking_uri)
-    finally:
-        reg.unregister()
 
 
 def _answer(send: Connection | None, kind: str, seq: int | None, answer: Answer) -> Connection | None:

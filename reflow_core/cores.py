@@ -6,10 +6,8 @@ exclusively fcntl-locked by its process for as long as it lives, so a killed pro
 pruned by the next reader). At step boundaries, at most every RECHECK_SECONDS, it sets its torch threads to its
 share, max(1, cores // live processes), never above what it would use alone: two runs started together on two cores
 train with one thread each instead of two threads each spinning against the other's, and when one ends the survivor
-goes back up. A run alone keeps its threads. A helper (a run's tracking process while it loads torch) registers
-with the cores it holds, and the peers share the rest. REFLOW_THREADS, or OMP_NUM_THREADS in the environment (the
-user's, a torchrun rank's or a Dask worker's, `host.worker_threads`), fixes the count instead (docs/performance.md,
-"Sharing").
+goes back up. A run alone keeps its threads. REFLOW_THREADS, or OMP_NUM_THREADS in the environment (the user's, a
+torchrun rank's or a Dask worker's, `host.worker_threads`), fixes the count instead (docs/performance.md, "Sharing").
 """
 from __future__ import annotations
 
@@ -56,13 +54,11 @@ class Registry:
         self.path = Path(path) if path is not None else registry_dir()
         self._fd: int | None = None
         self._name = ""
-        self._cores = 0
         self._lock = threading.Lock()
 
-    def register(self, cores: int | None = None) -> None:
-        """Join (once per process; free when already joined) as a peer, or as a helper that holds `cores` cores of
-        its own (single-threaded work: 1) instead of an equal share. The file is locked before it gets its visible
-        name, so no reader ever sees it unlocked while this process lives."""
+    def register(self) -> None:
+        """Join (once per process; free when already joined). The file is locked before it gets its visible name,
+        so no reader ever sees it unlocked while this process lives."""
         with self._lock:
             if self._fd is not None:
                 return
@@ -71,10 +67,9 @@ class Registry:
             tmp = self.path / f".{name}"
             fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            entry = {"pid": os.getpid(), "started": time.time(), **({"cores": int(cores)} if cores else {})}
-            os.write(fd, json.dumps(entry).encode())
+            os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time()}).encode())
             os.rename(tmp, self.path / name)
-            self._fd, self._name, self._cores = fd, name, int(cores or 0)
+            self._fd, self._name = fd, name
 
     def unregister(self) -> None:
         with self._lock:
@@ -85,34 +80,29 @@ class Registry:
             except FileNotFoundError:
                 pass
             os.close(self._fd)
-            self._fd, self._name, self._cores = None, "", 0
+            self._fd, self._name = None, ""
 
     def forget(self) -> None:
         """In a forked child: drop the parent's entry without touching it (the lock stays the parent's)."""
         if self._fd is not None:
             os.close(self._fd)
-        self._fd, self._name, self._cores, self._lock = None, "", 0, threading.Lock()
+        self._fd, self._name, self._lock = None, "", threading.Lock()
 
     @property
     def registered(self) -> bool:
         return self._fd is not None
 
     def live(self) -> int:
-        """How many registered processes are alive (this one included when registered)."""
-        c = self.census()
-        return c.peers + c.helpers
-
-    def census(self) -> Census:
-        """The live registered processes (this one included when registered), peers and helpers; a dead one's file
-        is deleted on the way."""
+        """How many registered processes are alive (this one included when registered); a dead one's file is
+        deleted on the way."""
         try:
             entries = [e for e in os.scandir(self.path) if not e.name.startswith(".")]
         except FileNotFoundError:
-            return Census()
-        held_by: list[int] = []  # per live process: the cores it holds as a helper, 0 for a peer
+            return 0
+        n = 0
         for e in entries:
             if e.name == self._name:
-                held_by.append(self._cores)
+                n += 1
                 continue
             try:
                 fd = os.open(e.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -120,8 +110,8 @@ class Registry:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # held: its process lives
-                held_by.append(_held_cores(fd))
+            except BlockingIOError:
+                n += 1  # held: its process lives
             else:
                 try:
                     os.unlink(e.path)  # its process is gone (a kill -9 leaves the file, never the lock)
@@ -129,25 +119,7 @@ class Registry:
                     pass
             finally:
                 os.close(fd)
-        helpers = [n for n in held_by if n]
-        return Census(len(held_by) - len(helpers), len(helpers), sum(helpers))
-
-
-def _held_cores(fd: int) -> int:
-    """The cores a registry entry holds as a helper (0: a peer, or an entry that does not say)."""
-    try:
-        return max(0, int(json.loads(os.read(fd, 4096) or b"{}").get("cores") or 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
-
-
-@dataclass(frozen=True)
-class Census:
-    """Live registered processes: `peers` share the cores equally (runs training or simulating); `helpers` (a
-    run's tracking process while it loads torch) hold `held` cores of their own."""
-    peers: int = 0
-    helpers: int = 0
-    held: int = 0
+        return n
 
 
 _registries: dict[Path, Registry] = {}
@@ -202,9 +174,9 @@ def min_work(env=os.environ) -> float:
     return float(env.get(MIN_WORK_ENV) or MIN_WORK)
 
 
-def choose(base: int, *, cores: int, live: int, held: int = 0, work: float | None = None, env=os.environ) -> Choice:
-    """The intra-op threads of a process that would use `base` alone, one of `live` peers on `cores` cores of
-    which helpers hold `held`, running steps of `work` (None: unknown). Pure: the rule, with its reason."""
+def choose(base: int, *, cores: int, live: int, work: float | None = None, env=os.environ) -> Choice:
+    """The intra-op threads of a process that would use `base` alone, one of `live` registered processes on
+    `cores` cores, running steps of `work` (None: unknown). Pure: the rule, with its reason."""
     fixed = fixed_threads(env)
     if fixed is not None:
         return Choice(fixed, f"{THREADS_ENV}={fixed}", live)
@@ -213,10 +185,6 @@ def choose(base: int, *, cores: int, live: int, held: int = 0, work: float | Non
     crossover = min_work(env)
     if work is not None and 0 < work < crossover:
         return Choice(1, f"a step's work {work:.3g} is below the crossover {crossover:.3g} ({MIN_WORK_ENV})", live)
-    if held > 0:
-        free = max(1, cores - held)
-        return Choice(min(base, max(1, free // max(1, live))),
-                      f"{held} of {cores} cores held by a helper, {live} reflow processes on the rest", live)
     if live <= 1:
         return Choice(base, f"alone on {cores} cores", live)
     return Choice(min(base, max(1, cores // live)), f"{live} reflow processes share {cores} cores", live)
@@ -275,8 +243,7 @@ class Share:
         if now != self.applied:  # the first tick, or the caller set its own count since
             self.base = now
         self._work, self._next = work, time.monotonic() + self.every
-        census = self.reg.census()
-        c = self.choice = choose(self.base, cores=self.cores, live=census.peers, held=census.held, work=work)
+        c = self.choice = choose(self.base, cores=self.cores, live=self.reg.live(), work=work)
         if c.threads != now:
             torch.set_num_threads(c.threads)
         self.applied = c.threads

@@ -16,15 +16,14 @@ from reflow_core.callbacks import NullCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 # a member of the registry that imports no torch: joins, says so, waits for its stdin to close
-MEMBER = ("import sys; from reflow_core.cores import registry; registry().register({held}); "
+MEMBER = ("import sys; from reflow_core.cores import registry; registry().register(); "
           "print('joined', flush=True); sys.stdin.read()")
 
 
-def _member(path, held: int | None = None) -> subprocess.Popen:
-    """A peer, or with `held` a helper holding that many cores."""
+def _member(path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), cores.DIR_ENV: str(path)}
-    p = subprocess.Popen([sys.executable, "-c", MEMBER.format(held=held or "")], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, env=env, text=True)
+    p = subprocess.Popen([sys.executable, "-c", MEMBER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=env, text=True)
     assert p.stdout.readline().strip() == "joined"
     return p
 
@@ -71,27 +70,6 @@ def test_registry_counts_live_processes_and_prunes_a_killed_one(tmp_path):
             p.wait()
 
 
-def test_the_census_tells_helpers_from_peers(tmp_path):
-    reg = cores.Registry(tmp_path)
-    peer, helper = _member(tmp_path), _member(tmp_path, held=1)
-    try:
-        reg.register()
-        assert reg.census() == cores.Census(peers=2, helpers=1, held=1) and reg.live() == 3
-        _end(helper)
-        assert reg.census() == cores.Census(peers=2, helpers=0, held=0)
-    finally:
-        reg.unregister()
-        for p in (peer, helper):
-            p.kill()
-            p.wait()
-    own = cores.Registry(tmp_path / "own")
-    own.register(cores=2)  # this process as a helper
-    try:
-        assert own.census() == cores.Census(peers=0, helpers=1, held=2)
-    finally:
-        own.unregister()
-
-
 def test_the_rule():
     env = {}
     assert cores.choose(4, cores=4, live=1, env=env) == cores.Choice(4, "alone on 4 cores", 1)  # a lone run
@@ -100,13 +78,6 @@ def test_the_rule():
     assert cores.choose(8, cores=8, live=3, env=env).threads == 2
     assert cores.choose(2, cores=2, live=5, env=env).threads == 1  # never below one
     assert cores.choose(1, cores=8, live=2, env=env).threads == 1  # never above its own count
-    # a helper's cores are its own; the peers share the rest
-    c = cores.choose(2, cores=2, live=1, held=1, env=env)
-    assert (c.threads, c.reason) == (1, "1 of 2 cores held by a helper, 1 reflow processes on the rest")
-    assert cores.choose(16, cores=16, live=1, held=1, env=env).threads == 15
-    assert cores.choose(16, cores=16, live=2, held=1, env=env).threads == 7
-    assert cores.choose(2, cores=2, live=2, held=3, env=env).threads == 1  # never below one
-    assert cores.choose(2, cores=2, live=1, held=1, env={"OMP_NUM_THREADS": "2"}).threads == 2  # fixed stays fixed
     # overrides win over the share
     c = cores.choose(2, cores=2, live=4, env={"REFLOW_THREADS": "3"})
     assert (c.threads, c.reason) == (3, "REFLOW_THREADS=3")
@@ -246,17 +217,3 @@ def test_training_takes_its_share_and_reports_it(tmp_path, threads, auto, monkey
     assert reported == [(0, {"threads": 1.0, "threads_live": 1.0})]
     assert torch.get_num_threads() == 2  # given back when the loop ends
     assert cores.registry().registered  # a member while it lives; unregistered at exit
-
-
-def test_a_helper_takes_its_core_from_a_lone_run_and_gives_it_back(tmp_path, threads, auto):
-    torch.set_num_threads(4)
-    share = cores.Share("teacher", reg=cores.Registry(tmp_path), cores=4, every=0.0)
-    assert share.tick(0) == 4
-    helper = _member(tmp_path, held=1)
-    try:
-        assert share.tick(1) == 3 == torch.get_num_threads()
-        assert share.choice.reason == "1 of 4 cores held by a helper, 1 reflow processes on the rest"
-    finally:
-        _end(helper)
-    assert share.tick(2) == 4 == torch.get_num_threads()
-    share.close()

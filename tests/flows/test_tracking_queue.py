@@ -115,22 +115,3 @@ def test_sigkilled_flow_process_loses_no_queued_call(tmp_path):
     hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
     assert hist == [(s, float(s)) for s in range(300)]
     assert client.get_run(run_id).data.tags["last"] == "written"
-
-
-def test_the_tracking_process_holds_a_core_while_it_prepares_the_model_logging(tmp_path, monkeypatch):
-    """What the first stage's trainer sees in the host's registry while the tracking process loads torch and
-    mlflow's pyfunc for the model's logging: a helper holding one core, gone once it is done."""
-    from flows import serving
-    from flows.tracking_process import prepare_model_logging
-    from reflow_core import cores
-
-    monkeypatch.setenv(cores.DIR_ENV, str(tmp_path / "cores"))
-    seen = []
-
-    def prepare(uri):
-        seen.append((uri, cores.Registry(tmp_path / "cores").census()))
-
-    monkeypatch.setattr(serving, "prepare", prepare)
-    prepare_model_logging("sqlite:///m.db")
-    assert seen == [("sqlite:///m.db", cores.Census(peers=0, helpers=1, held=1))]
-    assert cores.Registry(tmp_path / "cores").census() == cores.Census()
