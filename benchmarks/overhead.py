@@ -373,9 +373,9 @@ def _bench_flow_runs(size: str, reps: int, tmp: str, env: dict, preset_as_shippe
     # as rates (1 / wall) so _ab alternates the two; local wall / flow wall = flow rate / local rate
     res = _ab(reps, lambda: 1.0 / one(True), lambda: 1.0 / one(False))
     inv = lambda s: {"median": 1 / s["median"], "min": 1 / s["max"], "max": 1 / s["min"], "n": s["n"]}  # noqa: E731
+    walls = {"local": [1 / r for r in res["ours_all"]], "flow": [1 / r for r in res["plain_all"]]}
     return {"local_wall_s": inv(res["ours"]), "flow_wall_s": inv(res["plain"]), "ratio": 1 / res["ratio"],
-            "walls": {"local": [1 / r for r in res["ours_all"]], "flow": [1 / r for r in res["plain_all"]]},
-            "ratio_paired": 1 / res["ratio_paired"],
+            "walls": walls, "ratio_paired": statistics.median(lo / fl for lo, fl in zip(walls["local"], walls["flow"])),
             "ratio_min": 1 / res["ratio_max"], "ratio_max": 1 / res["ratio_min"],
             "sets": [] if preset_as_shipped else FLOW_SETS[size], "store": store, "preset": preset,
             "parts": {k: _median_of([p[k] for p in parts]) for k in (parts[0] if parts else {})}}
