@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/worker_sharing.py              # alone, then 2 at once (a few minutes on 2 cores)
     .venv/bin/python benchmarks/worker_sharing.py --ks 1 2 4   # also 4 at once
-    .venv/bin/python benchmarks/worker_sharing.py --smoke      # the code path only (tests/e2e/test_benchmarks.py)
+    .venv/bin/python benchmarks/worker_sharing.py --smoke      # the code path only, no warm-up (tests/e2e/test_benchmarks.py)
 
 A real stack (benchmarks/prefect_stack.py: `prefect server`, the shipped deployments, a process worker started
 with `--limit` the largest k), as a team runs it. For each k, k flow runs of `reflow/toy2d` with different run
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.update(env)
         try:
             with prefect_stack(Path(tmp), worker_limit=max(ks), worker_env=worker_env) as stack:
-                run_group(stack, 1, SIZES["smoke"], "warm-up")  # untimed: the first run creates the MLflow store
+                if not a.smoke:  # (the smoke's times are not read: the code path only)
+                    run_group(stack, 1, SIZES["smoke"], "warm-up")  # untimed: the first run creates the MLflow store
                 times = {k: run_group(stack, k, SIZES[size], "bench") for k in ks}
         finally:
             os.environ.clear()
