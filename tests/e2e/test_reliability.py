@@ -69,10 +69,18 @@ def _kill9(proc: subprocess.Popen) -> None:
 # kill -9 during a checkpoint write
 
 CKPT_WORKER = r"""
-import sys, torch
+import os, sys, time, torch
 torch.set_num_threads(1)
 from reflow_core import checkpoint
-d = sys.argv[1]
+d, hold = sys.argv[1], float(sys.argv[2])
+if hold:  # widen the window between the temp file's write and its rename, and say when the worker is in it
+    rename = os.replace
+    def held_replace(src, dst):
+        if ".tmp-" in src:
+            print("renaming", flush=True)
+            time.sleep(hold)
+        rename(src, dst)
+    os.replace = held_replace
 latest = checkpoint.latest(d)
 step = checkpoint.load(latest)["step"] if latest else 0
 print("ready", step, flush=True)
@@ -95,25 +103,32 @@ def _check_latest(d: str) -> int:
 
 
 def test_kill9_during_checkpoint_writes(tmp_path):
-    """Random SIGKILLs of a process writing 12 MB checkpoints in a loop: after every kill checkpoint.latest +
-    checkpoint.load return a complete, hash-verified checkpoint, never a temp file; the next worker resumes."""
+    """SIGKILLs of a process writing 12 MB checkpoints in a loop: after every kill checkpoint.latest +
+    checkpoint.load return a complete, hash-verified checkpoint, never a temp file; the next worker resumes.
+    Even kills come at random moments. Odd kills come while the worker holds a finished temp file before its
+    rename: on fast disks that window is too short for random kills to hit it reliably."""
     d = str(tmp_path / "ckpt")
     rng = random.Random(7)
-    kills = mid_write = 0
-    last = 0
-    while kills < 4 or (mid_write < 2 and kills < 8):
-        proc = _spawn(CKPT_WORKER, d)
+    last = mid_write = 0
+    for kill in range(8):
+        held = kill % 2 == 1
+        proc = _spawn(CKPT_WORKER, d, "0.5" if held else "0")
         ready = wait_for_line(proc, "ready")
         assert int(ready.split()[1]) == last  # resumed from the last good checkpoint
-        time.sleep(rng.uniform(0.05, 0.6))
+        if held:
+            for _ in range(1 + rng.randrange(2)):  # the first or the second checkpoint write of this worker
+                wait_for_line(proc, "renaming")
+            time.sleep(0.1)
+        else:
+            time.sleep(rng.uniform(0.05, 0.6))
         _kill9(proc)
-        kills += 1
-        mid_write += bool(list(Path(d).glob("*.tmp-*")))  # killed between the temp write and its rename
+        left = list(Path(d).glob("*.tmp-*"))  # killed between the temp write and its rename
+        assert left or not held
+        mid_write += bool(left)
         step = _check_latest(d)
         assert step >= last
         last = step
-    assert mid_write >= 1, "no kill landed inside a checkpoint write"
-    assert last > 0
+    assert mid_write >= 4 and last > 0
     # a later (clean) save sweeps the temp files a killed writer left behind
     checkpoint.save(d, {"step": last + 1, "w": torch.full((3_000_000,), float(last + 1))})
     assert not list(Path(d).glob("*.tmp-*")) and _check_latest(d) == last + 1
