@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at a tiny size and print consistent results (their speed is not tested:
 ratios are measured on purpose-sized runs and recorded in docs/performance.md)."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,25 @@ def test_sharing_benchmark_smoke(tmp_path, capsys, monkeypatch):
         assert res[key] > 0, key
     assert res["policy"] == "share" and len(res["toy2d_threads_k1"]) == 1
     assert res["toy2d_threads_k2"] and max(res["toy2d_threads_k1"] + res["toy2d_threads_k2"]) <= res["cores"]
+
+
+def test_process_cpu_counts_a_command_tree(capsys, monkeypatch):
+    """benchmarks/process_cpu.py on a parent that spins and starts a child that spins: both processes are in the
+    RESULT, each with its CPU, and --every gives each a series of CPU-so-far that never decreases."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import process_cpu
+    spin = "import time; t = time.process_time(); [0 for _ in iter(lambda: time.process_time() - t > 0.6, True)]"
+    parent = f"import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', {spin!r}]); {spin}; c.wait()"
+    monkeypatch.setattr("sys.argv", ["process_cpu.py", "--every", "0.3", "--", sys.executable, "-c", parent])
+    process_cpu.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last.removeprefix("RESULT "))
+    assert res["returncode"] == 0 and len(res["processes"]) == 2
+    for p in res["processes"]:
+        assert p["cpu_s"] >= 0.4, p  # each spun for 0.6 s of its own CPU (minus at most one 0.2 s sample)
+        cpus = [c for _, c in p["series"]]
+        assert cpus == sorted(cpus) and cpus[-1] <= p["cpu_s"]
+    assert res["cpu_s"] == pytest.approx(sum(p["cpu_s"] for p in res["processes"]), abs=0.02)
 
 
 @pytest.mark.slow
