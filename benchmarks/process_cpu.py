@@ -73,13 +73,13 @@ def main() -> None:
                 mark += a.every
             time.sleep(0.2)
     wall = time.perf_counter() - t0
-    for pid, (what, cpu) in sorted(seen.items(), key=lambda kv: -kv[1][1]):
+    rows = sorted(seen.items(), key=lambda kv: -kv[1][1])
+    for pid, (what, cpu) in rows:
         print(f"{cpu:8.2f} s  {pid:>7}  {what}")
         if series.get(pid):
             print("          " + "  ".join(f"{t:g}s:{c:.1f}" for t, c in series[pid]))
     total = sum(cpu for _, cpu in seen.values())
     print(f"wall {wall:.2f} s, CPU {total:.2f} s, exit status {proc.returncode}")
-    rows = sorted(seen.items(), key=lambda kv: -kv[1][1])
     print("RESULT " + json.dumps({"wall_s": round(wall, 2), "cpu_s": round(total, 2), "returncode": proc.returncode,
                                   "processes": [{"cmd": w, "cpu_s": round(c, 2)} | ({"series": series[pid]} if
                                                 series.get(pid) else {}) for pid, (w, c) in rows]}))
